@@ -1,0 +1,82 @@
+//! Mounting a [`LayerStack`] as overlayfs with the new mount API.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use rustix::mount::{
+    fsconfig_create, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount, FsMountFlags,
+    FsOpenFlags, MountAttrFlags, MoveMountFlags,
+};
+
+use crate::{Error, Result};
+
+/// overlayfs refuses more lower layers than this.
+pub const MAX_LOWER_LAYERS: usize = 500;
+
+/// An ordered stack of layers: read-only `lowers` (top first) under one writable `upper`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayerStack {
+    /// Read-only layers, topmost first.
+    pub lowers: Vec<PathBuf>,
+    /// The writable layer.
+    pub upper: PathBuf,
+    /// overlayfs's scratch directory; same filesystem as `upper`.
+    pub work: PathBuf,
+}
+
+impl LayerStack {
+    /// Creates the overlay superblock and returns a detached mount of it (an `fsmount` fd).
+    ///
+    /// `userxattr`: the mount is made inside a user namespace, where `trusted.*` xattrs are not settable.
+    /// `volatile`: skip syncs of the upper layer; a sandbox's writable layer does not outlive a crash anyway, and
+    /// unmounting a non-volatile ext4 upper costs a 20–40 ms sync.
+    pub fn fsmount(&self, userxattr: bool) -> Result<OwnedFd> {
+        if self.lowers.is_empty() || self.lowers.len() > MAX_LOWER_LAYERS {
+            return Err(Error::Mount {
+                target: self.upper.clone(),
+                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+                detail: format!(" ({} lower layers; 1..={MAX_LOWER_LAYERS} allowed)", self.lowers.len()),
+            });
+        }
+        let err = |fs: Option<&OwnedFd>, e: rustix::io::Errno| Error::Mount {
+            target: self.upper.clone(),
+            source: e.into(),
+            detail: fs.map(read_fs_log).unwrap_or_default(),
+        };
+        let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).map_err(|e| err(None, e))?;
+        for lower in &self.lowers {
+            fsconfig_set_string(fs.as_fd(), "lowerdir+", lower).map_err(|e| err(Some(&fs), e))?;
+        }
+        fsconfig_set_string(fs.as_fd(), "upperdir", &self.upper).map_err(|e| err(Some(&fs), e))?;
+        fsconfig_set_string(fs.as_fd(), "workdir", &self.work).map_err(|e| err(Some(&fs), e))?;
+        if userxattr {
+            fsconfig_set_flag(fs.as_fd(), "userxattr").map_err(|e| err(Some(&fs), e))?;
+        }
+        fsconfig_set_flag(fs.as_fd(), "volatile").map_err(|e| err(Some(&fs), e))?;
+        fsconfig_create(fs.as_fd()).map_err(|e| err(Some(&fs), e))?;
+        fsmount(fs.as_fd(), FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty()).map_err(|e| err(Some(&fs), e))
+    }
+
+    /// Mounts the stack at `target`.
+    pub fn mount_at(&self, target: &Path, userxattr: bool) -> Result<()> {
+        let mnt = self.fsmount(userxattr)?;
+        move_mount(mnt.as_fd(), "", rustix::fs::CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH).map_err(|e| {
+            Error::Mount { target: target.to_path_buf(), source: e.into(), detail: String::new() }
+        })
+    }
+}
+
+/// Reads the kernel's messages for a failed fs_context ("e overlayfs: ..."), which say far more than errno.
+fn read_fs_log(fs: &OwnedFd) -> String {
+    let mut out = String::new();
+    let mut buf = [0u8; 512];
+    while let Ok(n) = rustix::io::read(fs, &mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.push_str(" [");
+        out.push_str(String::from_utf8_lossy(&buf[..n]).trim());
+        out.push(']');
+    }
+    out
+}

@@ -1,0 +1,12 @@
+//! Raw Linux system calls and ioctls that the safe crates (`rustix`, `nix`) do not cover.
+//!
+//! This is the only DeltaBox crate with non-trivial `unsafe`: everything here is a small, safe wrapper whose
+//! soundness argument sits next to the call. Higher crates build policy on top and never call `libc` for these.
+
+pub mod caps;
+pub mod clone;
+pub mod fdpass;
+pub mod netdev;
+pub mod seccomp;
+
+pub use clone::{clone_process, CloneResult};

@@ -1,0 +1,399 @@
+//! Persistent sessions: long-lived `bash` and `python3` processes whose state (cwd, environment, variables,
+//! functions, imported modules) survives between commands, as agent frameworks use them.
+//!
+//! Command boundaries never depend on what the program prints: each command carries a random nonce, and the
+//! shell or interpreter reports `<nonce> <status>` on a private status pipe (fd 200). Output on stdout/stderr is
+//! only ever data, so a program printing a marker cannot fool us.
+//!
+//! - bash runs interactive (`-i`, no readline) so that SIGINT aborts the whole command line and returns to the
+//!   prompt, exactly like Ctrl-C in a terminal; `PROMPT_COMMAND` reports the status. Each command arrives as one
+//!   line, `__dbx_run NONCE $'…'`, and is `eval`ed in the shell itself with stdin from `/dev/null`.
+//! - python3 runs a small driver (`session_python.py`) that reads length-prefixed code from fd 201, executes it
+//!   in one persistent `__main__` namespace, echoes a trailing expression's value like the REPL, and prints
+//!   tracebacks to stderr.
+//!
+//! A timeout sends SIGINT to the session's process group; if the command is still running after a grace period,
+//! SIGKILL to every group member except the shell itself, and only if that fails too is the session killed.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::exec::{dev_null, pipe_pair, push_bounded, receiver, sender};
+use crate::protocol::ExitStatus;
+use crate::{Error, Result, SandboxHandle};
+
+const STATUS_FD: i32 = 200;
+const PY_CMD_FD: i32 = 201;
+const PYTHON_DRIVER: &str = include_str!("session_python.py");
+const BASH_SETUP: &str = concat!(
+    "set +o history +H; unset HISTFILE MAILCHECK PROMPT_COMMAND; PS1=''; PS2=''; PS0=''\n",
+    "__dbx_nonce=ready\n",
+    "__dbx_done() { local rc=$?; printf '%s %s\\n' \"$__dbx_nonce\" \"$rc\" >&200; }\n",
+    "__dbx_run() { __dbx_nonce=$1; eval \"$2\" </dev/null; }\n",
+    "PROMPT_COMMAND=__dbx_done\n",
+);
+/// How long a session may take to start and report ready.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// After SIGINT (and after each SIGKILL round), how long to wait for the command to finish.
+const GRACE: Duration = Duration::from_millis(1500);
+
+/// Which interpreter a session runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionKind {
+    /// GNU bash.
+    Bash,
+    /// CPython 3.
+    Python3,
+}
+
+impl std::str::FromStr for SessionKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "bash" => Ok(SessionKind::Bash),
+            "python3" | "python" => Ok(SessionKind::Python3),
+            _ => Err(Error::Invalid(format!("unknown session kind {s:?} (bash or python3)"))),
+        }
+    }
+}
+
+impl std::fmt::Display for SessionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SessionKind::Bash => "bash",
+            SessionKind::Python3 => "python3",
+        })
+    }
+}
+
+/// The result of one session command.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOutput {
+    /// Captured stdout.
+    pub stdout: Vec<u8>,
+    /// Captured stderr.
+    pub stderr: Vec<u8>,
+    /// stdout exceeded the bound.
+    pub stdout_truncated: bool,
+    /// stderr exceeded the bound.
+    pub stderr_truncated: bool,
+    /// Status: bash's `$?`; python 0, 1 on an exception, 130 when interrupted. For a session that ended during
+    /// the command, the process's exit code. `None` if unknown.
+    pub exit_code: Option<i32>,
+    /// The timeout fired.
+    pub timed_out: bool,
+    /// Whether the session is still usable.
+    pub alive: bool,
+    /// Wall time.
+    pub duration: Duration,
+}
+
+struct Command {
+    text: String,
+    timeout: Duration,
+    max_output: usize,
+    reply: oneshot::Sender<Result<SessionOutput>>,
+}
+
+/// A running session. Dropping it ends the process.
+#[derive(Debug)]
+pub struct Session {
+    kind: SessionKind,
+    pid: i32,
+    tx: mpsc::Sender<Command>,
+}
+
+impl Session {
+    /// Starts a session in the sandbox.
+    pub async fn start(h: &SandboxHandle, kind: SessionKind, env: Vec<String>, cwd: String) -> Result<Session> {
+        let (out_r, out_w) = pipe_pair()?;
+        let (err_r, err_w) = pipe_pair()?;
+        let (st_r, st_w) = pipe_pair()?;
+        let (cmd_r, cmd_w) = pipe_pair()?;
+        let (argv, fds) = match kind {
+            SessionKind::Bash => (
+                vec!["bash".into(), "--noprofile".into(), "--norc".into(), "--noediting".into(), "-i".into()],
+                vec![(cmd_r, 0), (out_w, 1), (err_w, 2), (st_w, STATUS_FD)],
+            ),
+            SessionKind::Python3 => (
+                vec!["python3".into(), "-u".into(), "-c".into(), PYTHON_DRIVER.into()],
+                vec![(dev_null()?, 0), (out_w, 1), (err_w, 2), (st_w, STATUS_FD), (cmd_r, PY_CMD_FD)],
+            ),
+        };
+        let p = h.spawn(argv, env, cwd, fds).await?;
+        let mut io = SessionIo {
+            out: receiver(out_r)?,
+            err: receiver(err_r)?,
+            status: receiver(st_r)?,
+            status_buf: Vec::new(),
+            exit: Some(p.exit),
+            status_open: true,
+            out_open: true,
+            err_open: true,
+        };
+        let mut cmd = sender(cmd_w)?;
+        if kind == SessionKind::Bash {
+            cmd.write_all(BASH_SETUP.as_bytes()).await.map_err(|_| Error::SessionDead)?;
+        }
+        // Wait for the interpreter to say it is ready; anything printed while starting is dropped.
+        let ready = tokio::time::timeout(START_TIMEOUT, async {
+            loop {
+                match io.next().await {
+                    Event::Status(nonce, _) if nonce == "ready" => return Ok(()),
+                    Event::Exited(st) => {
+                        return Err(Error::Spawn(format!("{kind} exited while starting (status {})", st.shell_code())))
+                    }
+                    Event::Closed => return Err(Error::SessionDead),
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        match ready {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                let _ = h.signal(p.pid, libc::SIGKILL).await;
+                return Err(Error::Spawn(format!("{kind} did not start within {START_TIMEOUT:?}")));
+            }
+        }
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(session_task(h.clone(), kind, p.pid, io, cmd, rx));
+        Ok(Session { kind, pid: p.pid, tx })
+    }
+
+    /// Which interpreter.
+    pub fn kind(&self) -> SessionKind {
+        self.kind
+    }
+
+    /// The interpreter's pid inside the sandbox.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Whether the session still runs.
+    pub fn is_alive(&self) -> bool {
+        !self.tx.is_closed()
+    }
+
+    /// Runs one command and waits for it (commands on one session run one at a time, in order).
+    pub async fn run(&self, text: String, timeout: Duration, max_output: usize) -> Result<SessionOutput> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command { text, timeout, max_output, reply }).await.map_err(|_| Error::SessionDead)?;
+        rx.await.map_err(|_| Error::SessionDead)?
+    }
+}
+
+enum Event {
+    Out(Vec<u8>),
+    Err(Vec<u8>),
+    Status(String, i32),
+    Exited(ExitStatus),
+    /// Every stream closed and the exit already reported: nothing more will happen.
+    Closed,
+}
+
+struct SessionIo {
+    out: pipe::Receiver,
+    err: pipe::Receiver,
+    status: pipe::Receiver,
+    status_buf: Vec<u8>,
+    exit: Option<oneshot::Receiver<ExitStatus>>,
+    status_open: bool,
+    out_open: bool,
+    err_open: bool,
+}
+
+impl SessionIo {
+    /// Next thing that happened. Cancel-safe: every branch either completes or loses nothing.
+    async fn next(&mut self) -> Event {
+        loop {
+            if let Some(pos) = self.status_buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.status_buf.drain(..=pos).collect();
+                let line = String::from_utf8_lossy(&line);
+                let mut it = line.split_whitespace();
+                if let (Some(n), Some(rc)) = (it.next(), it.next().and_then(|r| r.parse().ok())) {
+                    return Event::Status(n.to_string(), rc);
+                }
+                continue;
+            }
+            if !self.status_open && self.exit.is_none() {
+                return Event::Closed;
+            }
+            let mut ob = [0u8; 16384];
+            let mut eb = [0u8; 16384];
+            let mut sb = [0u8; 512];
+            tokio::select! {
+                // EOF on stdout/stderr while alive is possible (the program closed it): stop reading that one.
+                r = self.out.read(&mut ob), if self.out_open => match r {
+                    Ok(n @ 1..) => return Event::Out(ob[..n].to_vec()),
+                    _ => self.out_open = false,
+                },
+                r = self.err.read(&mut eb), if self.err_open => match r {
+                    Ok(n @ 1..) => return Event::Err(eb[..n].to_vec()),
+                    _ => self.err_open = false,
+                },
+                r = self.status.read(&mut sb), if self.status_open => match r {
+                    Ok(n @ 1..) => self.status_buf.extend_from_slice(&sb[..n]),
+                    _ => self.status_open = false,
+                },
+                r = async { self.exit.as_mut().expect("guarded").await }, if self.exit.is_some() => {
+                    self.exit = None;
+                    return match r { Ok(st) => Event::Exited(st), Err(_) => Event::Closed };
+                },
+            }
+        }
+    }
+
+    /// Takes whatever output is already in the pipes without waiting.
+    fn drain_now(&mut self, res: &mut SessionOutput, max: usize) {
+        let mut buf = [0u8; 65536];
+        while let Ok(n @ 1..) = self.out.try_read(&mut buf) {
+            push_bounded(&mut res.stdout, &buf[..n], max, &mut res.stdout_truncated);
+        }
+        while let Ok(n @ 1..) = self.err.try_read(&mut buf) {
+            push_bounded(&mut res.stderr, &buf[..n], max, &mut res.stderr_truncated);
+        }
+    }
+}
+
+fn nonce() -> String {
+    let mut b = [0u8; 12];
+    let _ = getrandom::fill(&mut b);
+    hex::encode(b)
+}
+
+/// Bash ANSI-C quoting (`$'…'`) of arbitrary text: the command stays on one input line whatever it contains.
+fn bash_quote(s: &str) -> String {
+    let mut q = String::with_capacity(s.len() + 3);
+    q.push_str("$'");
+    for &b in s.as_bytes() {
+        match b {
+            b'\\' => q.push_str("\\\\"),
+            b'\'' => q.push_str("\\'"),
+            0x20..=0x7e => q.push(b as char),
+            _ => q.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    q.push('\'');
+    q
+}
+
+async fn session_task(
+    h: SandboxHandle,
+    kind: SessionKind,
+    pid: i32,
+    mut io: SessionIo,
+    mut cmd: pipe::Sender,
+    mut rx: mpsc::Receiver<Command>,
+) {
+    let mut dead = false;
+    while !dead {
+        tokio::select! {
+            c = rx.recv() => {
+                let Some(c) = c else { break };
+                let (res, alive) = run_one(&h, kind, pid, &mut io, &mut cmd, &c).await;
+                dead = !alive;
+                let _ = c.reply.send(res);
+            }
+            ev = io.next() => match ev {
+                // Output between commands (background jobs) is dropped.
+                Event::Out(_) | Event::Err(_) | Event::Status(..) => {}
+                Event::Exited(_) | Event::Closed => dead = true,
+            },
+        }
+    }
+    // Dropping `rx` tells callers the session is gone; make sure the process is too.
+    drop(rx);
+    let _ = h.signal_group(pid, libc::SIGKILL, None).await;
+}
+
+async fn run_one(
+    h: &SandboxHandle,
+    kind: SessionKind,
+    pid: i32,
+    io: &mut SessionIo,
+    cmd: &mut pipe::Sender,
+    c: &Command,
+) -> (Result<SessionOutput>, bool) {
+    let start = Instant::now();
+    let mut res = SessionOutput { alive: true, ..Default::default() };
+    // Drop leftovers from background jobs so they are not attributed to this command.
+    let mut scratch = SessionOutput::default();
+    io.drain_now(&mut scratch, 0);
+    let n = nonce();
+    let frame = match kind {
+        SessionKind::Bash => format!("__dbx_run {n} {}\n", bash_quote(&c.text)).into_bytes(),
+        SessionKind::Python3 => {
+            let mut f = format!("{n} {}\n", c.text.len()).into_bytes();
+            f.extend_from_slice(c.text.as_bytes());
+            f
+        }
+    };
+    if cmd.write_all(&frame).await.is_err() {
+        return (Err(Error::SessionDead), false);
+    }
+    let mut deadline = tokio::time::Instant::now() + c.timeout;
+    // 0: running; 1: SIGINT sent; 2..: SIGKILL rounds to the group (shell spared).
+    let mut stage = 0u32;
+    loop {
+        tokio::select! {
+            ev = io.next() => match ev {
+                Event::Out(d) => push_bounded(&mut res.stdout, &d, c.max_output, &mut res.stdout_truncated),
+                Event::Err(d) => push_bounded(&mut res.stderr, &d, c.max_output, &mut res.stderr_truncated),
+                Event::Status(nonce, rc) if nonce == n => {
+                    io.drain_now(&mut res, c.max_output);
+                    res.exit_code = Some(rc);
+                    break;
+                }
+                Event::Status(..) => {}
+                Event::Exited(st) => {
+                    io.drain_now(&mut res, c.max_output);
+                    res.exit_code = Some(st.shell_code());
+                    res.alive = false;
+                    break;
+                }
+                Event::Closed => {
+                    io.drain_now(&mut res, c.max_output);
+                    res.alive = false;
+                    break;
+                }
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                res.timed_out = true;
+                stage += 1;
+                deadline = tokio::time::Instant::now() + GRACE;
+                let r = match stage {
+                    1 => h.signal_group(pid, libc::SIGINT, None).await,
+                    2..=4 => h.signal_group(pid, libc::SIGKILL, Some(pid)).await,
+                    _ => h.signal_group(pid, libc::SIGKILL, None).await,
+                };
+                if r.is_err() {
+                    res.alive = false;
+                    break;
+                }
+            }
+        }
+    }
+    res.duration = start.elapsed();
+    let alive = res.alive;
+    (Ok(res), alive)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_keeps_one_line() {
+        let q = bash_quote("echo 'hi'\nprintf \"\\t%s\" x\u{e9}");
+        assert!(!q.contains('\n'));
+        assert_eq!(q, "$'echo \\'hi\\'\\x0aprintf \"\\\\t%s\" x\\xc3\\xa9'");
+    }
+}

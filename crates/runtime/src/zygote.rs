@@ -1,0 +1,199 @@
+//! The zygote: a single-threaded helper that creates sandboxes, so the multi-threaded daemon never forks.
+//!
+//! It runs in a private mount namespace of its own that holds the read-only, non-recursive bind of the host root
+//! every default sandbox uses as its lowest layer: when the zygote dies, that mount goes with it.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rustix::mount::{mount_bind, mount_change, mount_remount, MountFlags, MountPropagationFlags};
+
+use crate::protocol::{NetworkMode, SandboxSpec, ZygoteReply, ZygoteRequest};
+use crate::{Error, Result};
+
+/// The descriptor number the zygote finds its socket at.
+pub const ZYGOTE_FD: i32 = 3;
+
+fn send_reply(sock: &OwnedFd, reply: &ZygoteReply, fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<()> {
+    let payload = serde_json::to_vec(reply).map_err(io::Error::other)?;
+    deltabox_sys::fdpass::send_frame(sock, &payload, fds)
+}
+
+/// Zygote entry point (the process must be single-threaded). Returns when the daemon closes the socket.
+pub fn run(sock: OwnedFd, host_root: &Path) -> io::Result<()> {
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+    // Sandbox inits are our children; nobody waits for them individually (the daemon sees their sockets close).
+    // SAFETY: SIG_IGN installs no handler code.
+    unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGCHLD, nix::sys::signal::SigHandler::SigIgn) }
+        .map_err(io::Error::other)?;
+    // SAFETY: single-threaded process; unsharing NEWNS changes no memory-safety invariant.
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }?;
+    // Host mounts still propagate in; ours never propagate out.
+    mount_change("/", MountPropagationFlags::REC | MountPropagationFlags::DOWNSTREAM)?;
+    std::fs::create_dir_all(host_root)?;
+    mount_bind("/", host_root)?;
+    mount_remount(host_root, MountFlags::BIND | MountFlags::RDONLY, c"")?;
+    send_reply(&sock, &ZygoteReply::Ready, &[])?;
+    while let Some((payload, _fds)) = deltabox_sys::fdpass::recv_frame(&sock)? {
+        let req: ZygoteRequest = serde_json::from_slice(&payload).map_err(io::Error::other)?;
+        match req {
+            ZygoteRequest::Create(spec) => match create(&spec) {
+                Ok((pid, ctrl)) => send_reply(&sock, &ZygoteReply::Created { pid }, &[ctrl.as_fd()])?,
+                Err(error) => send_reply(&sock, &ZygoteReply::Failed { error }, &[])?,
+            },
+        }
+    }
+    Ok(())
+}
+
+fn create(spec: &SandboxSpec) -> std::result::Result<(i32, OwnedFd), String> {
+    let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    let (go_r, go_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let (rep_r, rep_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let mut flags = libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+    if spec.network == NetworkMode::None {
+        flags |= libc::CLONE_NEWNET;
+    }
+    // SAFETY: the zygote is single-threaded (it is its own exec'd process and starts no threads).
+    let pid = match unsafe { deltabox_sys::clone_process(flags) }.map_err(|e| format!("clone: {e}"))? {
+        deltabox_sys::CloneResult::Child => {
+            drop(ours);
+            drop(go_w);
+            drop(rep_r);
+            crate::init::sandbox_main(spec, OwnedFd::from(theirs), go_r, rep_w)
+        }
+        deltabox_sys::CloneResult::Parent(pid) => pid.as_raw_nonzero().get(),
+    };
+    drop(theirs);
+    drop(go_r);
+    drop(rep_w);
+    let kill = || {
+        // SAFETY: kill(2) on our own child; plain integers.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    };
+    // Identity map: sandbox root is uid 0 of its own user namespace (capabilities reach only its namespaces).
+    let setup = || -> io::Result<()> {
+        std::fs::write(format!("/proc/{pid}/uid_map"), "0 0 4294967295")?;
+        std::fs::write(format!("/proc/{pid}/gid_map"), "0 0 4294967295")?;
+        for f in &spec.cgroup_procs {
+            std::fs::write(f, pid.to_string()).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", f.display())))?;
+        }
+        rustix::io::write(&go_w, b"g")?;
+        Ok(())
+    };
+    if let Err(e) = setup() {
+        kill();
+        return Err(format!("prepare sandbox init: {e}"));
+    }
+    drop(go_w);
+    let mut report = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match rustix::io::read(&rep_r, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => report.extend_from_slice(&buf[..n]),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                kill();
+                return Err(format!("read setup report: {e}"));
+            }
+        }
+        if report == b"OK" {
+            break;
+        }
+    }
+    if report != b"OK" {
+        kill();
+        let msg = String::from_utf8_lossy(&report).into_owned();
+        return Err(if msg.is_empty() { "sandbox init died during setup".into() } else { msg });
+    }
+    Ok((pid, OwnedFd::from(ours)))
+}
+
+/// The daemon's side of the zygote.
+#[derive(Debug)]
+pub struct Zygote {
+    sock: Mutex<UnixStream>,
+    child: Mutex<std::process::Child>,
+    host_root: PathBuf,
+}
+
+impl Zygote {
+    /// Starts `exe __zygote --host-root HOST_ROOT` and waits until it is ready.
+    ///
+    /// Call this from a thread that lives as long as the daemon (the main thread): the zygote's parent-death
+    /// signal fires when the *thread* that spawned it exits.
+    pub fn spawn(exe: &Path, host_root: &Path) -> Result<Zygote> {
+        use std::os::unix::process::CommandExt;
+        let (ours, theirs) = UnixStream::pair().map_err(Error::io("socketpair"))?;
+        let theirs_fd = theirs.as_raw_fd();
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg("__zygote").arg("--host-root").arg(host_root).stdin(std::process::Stdio::null());
+        // SAFETY: the closure runs between fork and exec and only calls dup2, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(theirs_fd, ZYGOTE_FD) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(Error::io("start zygote"))?;
+        drop(theirs);
+        let z = Zygote { sock: Mutex::new(ours), child: Mutex::new(child), host_root: host_root.to_path_buf() };
+        match z.recv()? {
+            (ZygoteReply::Ready, _) => Ok(z),
+            (other, _) => Err(Error::Zygote(format!("unexpected first message {other:?}"))),
+        }
+    }
+
+    /// The zygote's bind mount of the host root (the default image's lowest layer).
+    pub fn host_root(&self) -> &Path {
+        &self.host_root
+    }
+
+    fn recv(&self) -> Result<(ZygoteReply, Vec<OwnedFd>)> {
+        let sock = self.sock.lock().map_err(|_| Error::Zygote("lock poisoned".into()))?;
+        Self::recv_locked(&sock)
+    }
+
+    fn recv_locked(sock: &UnixStream) -> Result<(ZygoteReply, Vec<OwnedFd>)> {
+        let (payload, fds) = deltabox_sys::fdpass::recv_frame(sock)
+            .map_err(|e| Error::Zygote(e.to_string()))?
+            .ok_or_else(|| Error::Zygote("exited".into()))?;
+        let reply = serde_json::from_slice(&payload).map_err(|e| Error::Zygote(e.to_string()))?;
+        Ok((reply, fds))
+    }
+
+    /// Creates a sandbox (blocking). Returns init's host pid and its control socket.
+    pub fn create(&self, spec: &SandboxSpec) -> Result<(i32, UnixStream)> {
+        let sock = self.sock.lock().map_err(|_| Error::Zygote("lock poisoned".into()))?;
+        let payload = serde_json::to_vec(&ZygoteRequest::Create(spec.clone())).map_err(|e| Error::Zygote(e.to_string()))?;
+        deltabox_sys::fdpass::send_frame(&*sock, &payload, &[]).map_err(|e| Error::Zygote(format!("exited? {e}")))?;
+        match Self::recv_locked(&sock)? {
+            (ZygoteReply::Created { pid }, mut fds) if fds.len() == 1 => {
+                let fd = fds.remove(0);
+                Ok((pid, UnixStream::from(fd)))
+            }
+            (ZygoteReply::Failed { error }, _) => Err(Error::Setup(error)),
+            (other, _) => Err(Error::Zygote(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Whether the zygote process is still running.
+    pub fn is_alive(&self) -> bool {
+        self.child.lock().map(|mut c| matches!(c.try_wait(), Ok(None))).unwrap_or(false)
+    }
+}
+
+/// Takes the zygote socket the daemon passed at [`ZYGOTE_FD`].
+///
+/// # Safety
+/// Call once, in the zygote process, before anything else could have claimed descriptor 3.
+pub unsafe fn inherited_socket() -> OwnedFd {
+    // SAFETY: the daemon installed the socket at ZYGOTE_FD before exec; the caller guarantees single ownership.
+    unsafe { OwnedFd::from_raw_fd(ZYGOTE_FD) }
+}

@@ -1,0 +1,226 @@
+//! Client commands: thin wrappers over the daemon's API.
+
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use base64::Engine;
+use deltabox_daemon::api::{self, CreateSandbox, ExecBody, ExecResult, SandboxInfo, SessionInfo, SessionResult, StreamEvent};
+use deltabox_daemon::Client;
+use hyper::Method;
+
+use crate::cli::{BenchCmd, Cli, Command, SessionCmd};
+use crate::daemon_cmd::ensure_daemon;
+use crate::output;
+
+/// Runs a parsed command line; returns the process exit code.
+pub fn run(cli: Cli) -> Result<i32> {
+    if let Command::Daemon(args) = cli.command {
+        init_tracing();
+        return crate::daemon_cmd::run_daemon(cli.socket, cli.state_dir, args);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let client = ensure_daemon(&cli.socket, &cli.state_dir).await?;
+        dispatch(&client, cli.command, cli.json).await
+    })
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DELTABOX_LOG").unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn secs_to_ms(s: Option<f64>) -> Result<Option<u64>> {
+    match s {
+        Some(s) if !(s.is_finite() && s > 0.0) => bail!("timeout must be a positive number of seconds"),
+        Some(s) => Ok(Some((s * 1000.0) as u64)),
+        None => Ok(None),
+    }
+}
+
+async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32> {
+    match command {
+        Command::Create(a) => {
+            let body = CreateSandbox { image: a.image, memory: a.memory, pids: a.pids, cpus: a.cpus, network: a.network };
+            let info: SandboxInfo = client.call(Method::POST, "/v1/sandboxes", Some(&body)).await?;
+            if json {
+                print_json(&info)?;
+            } else {
+                println!("{}", info.id);
+            }
+            Ok(0)
+        }
+        Command::Ls => {
+            let list: Vec<SandboxInfo> = client.call(Method::GET, "/v1/sandboxes", None::<&()>).await?;
+            if json {
+                print_json(&list)?;
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s.id.clone(),
+                            s.status.clone(),
+                            s.image.clone(),
+                            output::size(s.memory_bytes),
+                            s.pids.map(|p| p.to_string()).unwrap_or("-".into()),
+                            s.cpus.map(|c| c.to_string()).unwrap_or("-".into()),
+                            s.sessions.to_string(),
+                            s.reason.clone().unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                output::table(&["ID", "STATUS", "IMAGE", "MEMORY", "PIDS", "CPUS", "SESSIONS", "NOTE"], &rows);
+            }
+            Ok(0)
+        }
+        Command::Info { id } => {
+            let info: SandboxInfo = client.call(Method::GET, &format!("/v1/sandboxes/{id}"), None::<&()>).await?;
+            print_json(&info)?;
+            Ok(0)
+        }
+        Command::Exec(a) => {
+            let mut env = std::collections::BTreeMap::new();
+            for kv in &a.env {
+                let (k, v) = kv.split_once('=').with_context(|| format!("--env wants KEY=VALUE, got {kv:?}"))?;
+                env.insert(k.to_string(), v.to_string());
+            }
+            let stdin = if a.stdin {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+                Some(s)
+            } else {
+                None
+            };
+            let body = ExecBody { argv: a.argv, env, cwd: a.cwd, stdin, timeout_ms: secs_to_ms(a.timeout)?, max_output_bytes: None };
+            if json {
+                let r: ExecResult = client.call(Method::POST, &format!("/v1/sandboxes/{}/exec", a.id), Some(&body)).await?;
+                print_json(&r)?;
+                return Ok(r.shell_code());
+            }
+            exec_streaming(client, &a.id, &body).await
+        }
+        Command::Session(cmd) => session(client, cmd, json).await,
+        Command::Rm { ids } => {
+            let mut failed = false;
+            for id in &ids {
+                match client.call::<()>(Method::DELETE, &format!("/v1/sandboxes/{id}"), None::<&()>).await {
+                    Ok(()) if json => println!("{}", serde_json::json!({"id": id, "removed": true})),
+                    Ok(()) => println!("{id}"),
+                    Err(e) => {
+                        eprintln!("deltabox: {id}: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            Ok(i32::from(failed))
+        }
+        Command::Pause { id } => lifecycle(client, &id, "pause", json).await,
+        Command::Resume { id } => lifecycle(client, &id, "resume", json).await,
+        Command::Demo => crate::demo::run(client).await,
+        Command::Bench(BenchCmd::Runtime { iterations }) => crate::bench::runtime(client, iterations, json).await,
+        Command::Daemon(_) => unreachable!("handled before connecting"),
+    }
+}
+
+async fn lifecycle(client: &Client, id: &str, verb: &str, json: bool) -> Result<i32> {
+    let info: SandboxInfo = client.call(Method::POST, &format!("/v1/sandboxes/{id}/{verb}"), None::<&()>).await?;
+    if json {
+        print_json(&info)?;
+    } else {
+        println!("{} {}", info.id, info.status);
+    }
+    Ok(0)
+}
+
+/// Streams a command's output through to ours; returns its exit code.
+async fn exec_streaming(client: &Client, id: &str, body: &ExecBody) -> Result<i32> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut result: Option<Result<ExecResult>> = None;
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    client
+        .stream(&format!("/v1/sandboxes/{id}/exec/stream"), body, |line| match serde_json::from_slice::<StreamEvent>(line) {
+            Ok(StreamEvent::Stdout { data }) => {
+                let _ = stdout.lock().write_all(&b64.decode(data).unwrap_or_default());
+                let _ = stdout.lock().flush();
+            }
+            Ok(StreamEvent::Stderr { data }) => {
+                let _ = stderr.lock().write_all(&b64.decode(data).unwrap_or_default());
+            }
+            Ok(StreamEvent::Exit(r)) => result = Some(Ok(r)),
+            Ok(StreamEvent::Error { message, .. }) => result = Some(Err(anyhow::anyhow!(message))),
+            Err(e) => result = Some(Err(anyhow::anyhow!("bad stream line: {e}"))),
+        })
+        .await?;
+    match result {
+        Some(Ok(r)) => {
+            if r.timed_out {
+                eprintln!("deltabox: command timed out and was killed");
+            } else if r.oom_killed {
+                eprintln!("deltabox: command was killed: the sandbox ran out of memory");
+            }
+            if r.stdout_truncated || r.stderr_truncated {
+                tracing::debug!("output was larger than the capture bound (streamed in full)");
+            }
+            Ok(r.shell_code())
+        }
+        Some(Err(e)) => Err(e),
+        None => bail!("the daemon closed the stream before the command finished"),
+    }
+}
+
+async fn session(client: &Client, cmd: SessionCmd, json: bool) -> Result<i32> {
+    match cmd {
+        SessionCmd::Start { id, kind, cwd } => {
+            let body = api::StartSession { kind, cwd, env: Default::default() };
+            let s: SessionInfo = client.call(Method::POST, &format!("/v1/sandboxes/{id}/sessions"), Some(&body)).await?;
+            if json {
+                print_json(&s)?;
+            } else {
+                println!("{}", s.id);
+            }
+            Ok(0)
+        }
+        SessionCmd::Run { id, session, command, timeout } => {
+            let body = api::RunInSession { command, timeout_ms: secs_to_ms(timeout)?, max_output_bytes: None };
+            let r: SessionResult = client.call(Method::POST, &format!("/v1/sandboxes/{id}/sessions/{session}/run"), Some(&body)).await?;
+            if json {
+                print_json(&r)?;
+            } else {
+                print!("{}", r.stdout);
+                eprint!("{}", r.stderr);
+                let _ = std::io::stdout().flush();
+                if r.timed_out {
+                    eprintln!("deltabox: command timed out and was interrupted");
+                }
+                if !r.session_alive {
+                    eprintln!("deltabox: the session has ended");
+                }
+            }
+            Ok(if r.timed_out { 124 } else { r.exit_code.unwrap_or(1) })
+        }
+        SessionCmd::Ls { id } => {
+            let list: Vec<SessionInfo> = client.call(Method::GET, &format!("/v1/sandboxes/{id}/sessions"), None::<&()>).await?;
+            if json {
+                print_json(&list)?;
+            } else {
+                let rows: Vec<Vec<String>> = list.iter().map(|s| vec![s.id.clone(), s.kind.clone(), s.pid.to_string(), s.alive.to_string()]).collect();
+                output::table(&["SESSION", "KIND", "PID", "ALIVE"], &rows);
+            }
+            Ok(0)
+        }
+        SessionCmd::Stop { id, session } => {
+            client.call::<()>(Method::DELETE, &format!("/v1/sandboxes/{id}/sessions/{session}"), None::<&()>).await?;
+            if json {
+                println!("{}", serde_json::json!({"session": session, "stopped": true}));
+            }
+            Ok(0)
+        }
+    }
+}

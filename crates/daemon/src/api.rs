@@ -1,0 +1,205 @@
+//! Request and response bodies of the HTTP API (`/v1/…`), shared by the daemon and its clients.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Default bound on captured output per stream.
+pub const DEFAULT_MAX_OUTPUT: usize = 1 << 20;
+/// Largest bound a request may ask for.
+pub const MAX_MAX_OUTPUT: usize = 64 << 20;
+
+/// `POST /v1/sandboxes`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    /// `host` (default), a directory, an OCI layout directory, or an OCI/docker archive.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Memory limit like `2G`, or `max`. Default 2G.
+    #[serde(default)]
+    pub memory: Option<String>,
+    /// Process limit. Default 512.
+    #[serde(default)]
+    pub pids: Option<u64>,
+    /// CPU cores (fractional). Default unlimited.
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// `none` (loopback only, default) or `host`.
+    #[serde(default)]
+    pub network: Option<String>,
+}
+
+/// A sandbox as listed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxInfo {
+    /// Id.
+    pub id: String,
+    /// `running`, `paused`, `exited` (its init died) or `lost` (the daemon restarted).
+    pub status: String,
+    /// Why it is not running, when it is not.
+    pub reason: Option<String>,
+    /// Image reference.
+    pub image: String,
+    /// Image digest.
+    pub image_digest: String,
+    /// Creation time, seconds since the epoch.
+    pub created_at: i64,
+    /// Memory limit in bytes.
+    pub memory_bytes: Option<u64>,
+    /// Process limit.
+    pub pids: Option<u64>,
+    /// CPU limit.
+    pub cpus: Option<f64>,
+    /// Network mode.
+    pub network: String,
+    /// Host pid of the sandbox's init (while running).
+    pub init_pid: Option<i32>,
+    /// Running sessions.
+    pub sessions: usize,
+}
+
+/// `POST /v1/sandboxes/{id}/exec` and `/exec/stream`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecBody {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default: the image's, else `/root`).
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Text for stdin (default: none, `/dev/null`).
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// Kill after this many milliseconds.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Bound on captured output per stream.
+    #[serde(default)]
+    pub max_output_bytes: Option<usize>,
+}
+
+/// Result of a one-shot command.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ExecResult {
+    /// stdout (UTF-8, invalid bytes replaced). Empty in the final event of a stream.
+    pub stdout: String,
+    /// stderr (likewise).
+    pub stderr: String,
+    /// stdout exceeded the bound.
+    pub stdout_truncated: bool,
+    /// stderr exceeded the bound.
+    pub stderr_truncated: bool,
+    /// Exit code, if it exited.
+    pub exit_code: Option<i32>,
+    /// Signal, if it was killed.
+    pub signal: Option<i32>,
+    /// Killed by the timeout.
+    pub timed_out: bool,
+    /// Killed by the kernel's OOM killer (the sandbox hit its memory limit).
+    pub oom_killed: bool,
+    /// Wall time in milliseconds.
+    pub duration_ms: f64,
+}
+
+impl ExecResult {
+    /// The exit status a shell would give: code, 124 on timeout, else 128 + signal.
+    pub fn shell_code(&self) -> i32 {
+        if self.timed_out {
+            return 124;
+        }
+        self.exit_code.unwrap_or_else(|| 128 + self.signal.unwrap_or(0))
+    }
+}
+
+/// One line of an `/exec/stream` response (NDJSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum StreamEvent {
+    /// Output bytes, base64.
+    Stdout { data: String },
+    /// Output bytes, base64.
+    Stderr { data: String },
+    /// The end; output fields empty (it was streamed).
+    Exit(ExecResult),
+    /// The command could not run or the sandbox died.
+    Error { code: String, message: String },
+}
+
+/// `POST /v1/sandboxes/{id}/sessions`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartSession {
+    /// `bash` or `python3`.
+    pub kind: String,
+    /// Working directory.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// A session as listed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// Id.
+    pub id: String,
+    /// `bash` or `python3`.
+    pub kind: String,
+    /// Pid inside the sandbox.
+    pub pid: i32,
+    /// Still running.
+    pub alive: bool,
+}
+
+/// `POST /v1/sandboxes/{id}/sessions/{sid}/run`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunInSession {
+    /// Command text (bash) or code (python3).
+    pub command: String,
+    /// Interrupt after this many milliseconds (default 60 s).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Bound on captured output per stream.
+    #[serde(default)]
+    pub max_output_bytes: Option<usize>,
+}
+
+/// Result of a session command.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionResult {
+    /// stdout.
+    pub stdout: String,
+    /// stderr.
+    pub stderr: String,
+    /// stdout exceeded the bound.
+    pub stdout_truncated: bool,
+    /// stderr exceeded the bound.
+    pub stderr_truncated: bool,
+    /// Status (see the runtime's `SessionOutput`).
+    pub exit_code: Option<i32>,
+    /// The timeout fired (the command was interrupted).
+    pub timed_out: bool,
+    /// Whether the session is still usable.
+    pub session_alive: bool,
+    /// Wall time in milliseconds.
+    pub duration_ms: f64,
+}
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Health {
+    /// `ok`.
+    pub status: String,
+    /// Daemon version.
+    pub version: String,
+    /// `v1` or `v2`.
+    pub cgroup: String,
+    /// Sandboxes known.
+    pub sandboxes: usize,
+}

@@ -1,0 +1,65 @@
+//! A live sandbox as the daemon holds it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use deltabox_fs::ImageConfig;
+use deltabox_runtime::{Cgroup, SandboxHandle, Session};
+use tokio::sync::Mutex;
+
+/// A running (or paused) sandbox.
+#[derive(Debug)]
+pub struct Sandbox {
+    /// Id.
+    pub id: String,
+    /// Connection to its init.
+    pub handle: SandboxHandle,
+    /// Its cgroup.
+    pub cgroup: Cgroup,
+    /// Its state directory (writable layer, work dir, mountpoint).
+    pub dir: PathBuf,
+    /// Image defaults (environment, working directory).
+    pub image_config: ImageConfig,
+    /// Hostname.
+    pub hostname: String,
+    /// Sessions by id.
+    pub sessions: Mutex<HashMap<String, Arc<Session>>>,
+    /// Serialises pause/resume/remove.
+    pub lifecycle: Mutex<()>,
+}
+
+impl Sandbox {
+    /// The environment a command starts with: sane defaults, then the image's, then the request's.
+    pub fn base_env(&self, extra: &std::collections::BTreeMap<String, String>) -> Vec<String> {
+        let mut env: Vec<(String, String)> = vec![
+            ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+            ("HOME".into(), "/root".into()),
+            ("LANG".into(), "C.UTF-8".into()),
+            ("TERM".into(), "dumb".into()),
+            ("HOSTNAME".into(), self.hostname.clone()),
+            ("USER".into(), "root".into()),
+        ];
+        let mut set = |k: &str, v: &str| {
+            if let Some(e) = env.iter_mut().find(|(ek, _)| ek == k) {
+                e.1 = v.to_string();
+            } else {
+                env.push((k.to_string(), v.to_string()));
+            }
+        };
+        for kv in &self.image_config.env {
+            if let Some((k, v)) = kv.split_once('=') {
+                set(k, v);
+            }
+        }
+        for (k, v) in extra {
+            set(k, v);
+        }
+        env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+    }
+
+    /// Default working directory.
+    pub fn default_cwd(&self) -> String {
+        self.image_config.working_dir.clone().unwrap_or_else(|| "/root".into())
+    }
+}

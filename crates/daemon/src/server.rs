@@ -1,0 +1,215 @@
+//! HTTP routes (`/v1/…`) over the daemon's operations.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+use crate::api::{CreateSandbox, ExecBody, RunInSession, StartSession, StreamEvent};
+use crate::{ApiError, Daemon};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 16 << 20;
+
+/// JSON body extractor whose rejections use the API's error format.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError { status: e.status(), code: "invalid_request", message: e.body_text() })?;
+        serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+    }
+}
+
+type D = State<Arc<Daemon>>;
+
+/// The router.
+pub fn router(d: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/sandboxes", get(list).post(create))
+        .route("/v1/sandboxes/{id}", get(info).delete(remove))
+        .route("/v1/sandboxes/{id}/pause", post(pause))
+        .route("/v1/sandboxes/{id}/resume", post(resume))
+        .route("/v1/sandboxes/{id}/exec", post(exec))
+        .route("/v1/sandboxes/{id}/exec/stream", post(exec_stream))
+        .route("/v1/sandboxes/{id}/sessions", get(list_sessions).post(start_session))
+        .route("/v1/sandboxes/{id}/sessions/{sid}", axum::routing::delete(stop_session))
+        .route("/v1/sandboxes/{id}/sessions/{sid}/run", post(run_in_session))
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(d)
+}
+
+async fn health(State(d): D) -> impl IntoResponse {
+    Json(d.health().await)
+}
+
+async fn list(State(d): D) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(d.list().await?))
+}
+
+async fn create(State(d): D, ApiJson(body): ApiJson<CreateSandbox>) -> Result<impl IntoResponse, ApiError> {
+    Ok((StatusCode::CREATED, Json(d.create(body).await?)))
+}
+
+async fn info(State(d): D, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(d.get(&id).await?))
+}
+
+async fn remove(State(d): D, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    d.remove(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn pause(State(d): D, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(d.pause(&id).await?))
+}
+
+async fn resume(State(d): D, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(d.resume(&id).await?))
+}
+
+async fn exec(State(d): D, Path(id): Path<String>, ApiJson(body): ApiJson<ExecBody>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(d.exec(&id, body, None).await?))
+}
+
+fn ndjson(ev: &StreamEvent) -> Bytes {
+    let mut v = serde_json::to_vec(ev).unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+/// Streams output as NDJSON lines (`stdout`/`stderr` with base64 data, then `exit` or `error`). If the client
+/// disconnects, the command's process group is killed.
+async fn exec_stream(State(d): D, Path(id): Path<String>, ApiJson(body): ApiJson<ExecBody>) -> Result<Response, ApiError> {
+    // Fail fast (with a proper status code) on what can be checked before streaming starts.
+    d.get(&id).await?;
+    let (out_tx, mut out_rx) = mpsc::channel::<deltabox_runtime::OutputEvent>(64);
+    let (line_tx, line_rx) = mpsc::channel::<Bytes>(64);
+    let relay_tx = line_tx.clone();
+    let relay = tokio::spawn(async move {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        while let Some(ev) = out_rx.recv().await {
+            let line = match ev {
+                deltabox_runtime::OutputEvent::Stdout(d) => ndjson(&StreamEvent::Stdout { data: b64.encode(d) }),
+                deltabox_runtime::OutputEvent::Stderr(d) => ndjson(&StreamEvent::Stderr { data: b64.encode(d) }),
+            };
+            if relay_tx.send(line).await.is_err() {
+                // The client went away: dropping out_rx makes exec kill the command.
+                return;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let res = d.exec(&id, body, Some(out_tx)).await;
+        let _ = relay.await;
+        let last = match res {
+            Ok(mut r) => {
+                r.stdout.clear();
+                r.stderr.clear();
+                StreamEvent::Exit(r)
+            }
+            Err(e) => StreamEvent::Error { code: e.code.into(), message: e.message },
+        };
+        let _ = line_tx.send(ndjson(&last)).await;
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(line_rx).map(Ok::<_, std::convert::Infallible>);
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .map_err(ApiError::internal)?)
+}
+
+async fn start_session(State(d): D, Path(id): Path<String>, ApiJson(body): ApiJson<StartSession>) -> Result<impl IntoResponse, ApiError> {
+    Ok((StatusCode::CREATED, Json(d.start_session(&id, body).await?)))
+}
+
+async fn list_sessions(State(d): D, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(d.list_sessions(&id).await?))
+}
+
+async fn run_in_session(
+    State(d): D,
+    Path((id, sid)): Path<(String, String)>,
+    ApiJson(body): ApiJson<RunInSession>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(d.run_in_session(&id, &sid, body).await?))
+}
+
+async fn stop_session(State(d): D, Path((id, sid)): Path<(String, String)>) -> Result<impl IntoResponse, ApiError> {
+    d.stop_session(&id, &sid).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Requires `Authorization: Bearer <token>` (used on the TCP listener).
+pub async fn require_token(
+    State(token): State<Arc<String>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Result<Response, ApiError> {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
+    if !ok {
+        return Err(ApiError { status: StatusCode::UNAUTHORIZED, code: "unauthorized", message: "missing or wrong bearer token".into() });
+    }
+    Ok(next.run(req).await)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serves the API until `shutdown` resolves: always on the unix socket, and on TCP (token required) if
+/// configured.
+pub async fn serve(d: Arc<Daemon>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let sock = d.config.socket.clone();
+    if let Some(parent) = sock.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    // We hold the daemon lock, so a socket file left here belongs to a dead daemon.
+    let _ = std::fs::remove_file(&sock);
+    let listener = tokio::net::UnixListener::bind(&sock)?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
+    let app = router(d.clone());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let tcp_task = match (d.config.tcp, d.config.token.clone()) {
+        (Some(addr), Some(token)) => {
+            let tcp = tokio::net::TcpListener::bind(addr).await?;
+            let app = app.clone().layer(axum::middleware::from_fn_with_state(Arc::new(token), require_token));
+            let mut rx = stop_rx.clone();
+            Some(tokio::spawn(async move {
+                let _ = axum::serve(tcp, app).with_graceful_shutdown(async move { let _ = rx.wait_for(|s| *s).await; }).await;
+            }))
+        }
+        (Some(_), None) => return Err(std::io::Error::other("TCP listening needs a token")),
+        _ => None,
+    };
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut rx = stop_rx.clone();
+    axum::serve(listener, app).with_graceful_shutdown(async move { let _ = rx.wait_for(|s| *s).await; }).await?;
+    if let Some(t) = tcp_task {
+        let _ = t.await;
+    }
+    let _ = std::fs::remove_file(&sock);
+    Ok(())
+}

@@ -25,6 +25,7 @@ const FD_STAGING: RawFd = 256;
 /// `OK` or the error that stopped the setup.
 pub fn sandbox_main(spec: &SandboxSpec, ctrl: OwnedFd, go: OwnedFd, report: OwnedFd) -> ! {
     let mut report = std::fs::File::from(report);
+    let _ = rustix::thread::set_name(c"deltabox-init");
     // Die with the zygote (and so with the daemon) instead of lingering unowned.
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
     let mut b = [0u8; 1];

@@ -12,6 +12,13 @@ use crate::cli::{BenchCmd, Cli, Command, SessionCmd};
 use crate::daemon_cmd::ensure_daemon;
 use crate::output;
 
+/// Percent-encodes a user-supplied path segment (an id), so `../x` cannot walk the API's URL space.
+pub fn seg(s: &str) -> String {
+    s.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
 /// Runs a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> Result<i32> {
     if let Command::Daemon(args) = cli.command {
@@ -80,7 +87,7 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32> 
             Ok(0)
         }
         Command::Info { id } => {
-            let info: SandboxInfo = client.call(Method::GET, &format!("/v1/sandboxes/{id}"), None::<&()>).await?;
+            let info: SandboxInfo = client.call(Method::GET, &format!("/v1/sandboxes/{}", seg(&id)), None::<&()>).await?;
             print_json(&info)?;
             Ok(0)
         }
@@ -99,7 +106,7 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32> 
             };
             let body = ExecBody { argv: a.argv, env, cwd: a.cwd, stdin, timeout_ms: secs_to_ms(a.timeout)?, max_output_bytes: None };
             if json {
-                let r: ExecResult = client.call(Method::POST, &format!("/v1/sandboxes/{}/exec", a.id), Some(&body)).await?;
+                let r: ExecResult = client.call(Method::POST, &format!("/v1/sandboxes/{}/exec", seg(&a.id)), Some(&body)).await?;
                 print_json(&r)?;
                 return Ok(r.shell_code());
             }
@@ -109,7 +116,7 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32> 
         Command::Rm { ids } => {
             let mut failed = false;
             for id in &ids {
-                match client.call::<()>(Method::DELETE, &format!("/v1/sandboxes/{id}"), None::<&()>).await {
+                match client.call::<()>(Method::DELETE, &format!("/v1/sandboxes/{}", seg(&id)), None::<&()>).await {
                     Ok(()) if json => println!("{}", serde_json::json!({"id": id, "removed": true})),
                     Ok(()) => println!("{id}"),
                     Err(e) => {
@@ -129,7 +136,7 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32> 
 }
 
 async fn lifecycle(client: &Client, id: &str, verb: &str, json: bool) -> Result<i32> {
-    let info: SandboxInfo = client.call(Method::POST, &format!("/v1/sandboxes/{id}/{verb}"), None::<&()>).await?;
+    let info: SandboxInfo = client.call(Method::POST, &format!("/v1/sandboxes/{}/{verb}", seg(id)), None::<&()>).await?;
     if json {
         print_json(&info)?;
     } else {
@@ -145,7 +152,7 @@ async fn exec_streaming(client: &Client, id: &str, body: &ExecBody) -> Result<i3
     let stdout = std::io::stdout();
     let stderr = std::io::stderr();
     client
-        .stream(&format!("/v1/sandboxes/{id}/exec/stream"), body, |line| match serde_json::from_slice::<StreamEvent>(line) {
+        .stream(&format!("/v1/sandboxes/{}/exec/stream", seg(id)), body, |line| match serde_json::from_slice::<StreamEvent>(line) {
             Ok(StreamEvent::Stdout { data }) => {
                 let _ = stdout.lock().write_all(&b64.decode(data).unwrap_or_default());
                 let _ = stdout.lock().flush();
@@ -179,7 +186,7 @@ async fn session(client: &Client, cmd: SessionCmd, json: bool) -> Result<i32> {
     match cmd {
         SessionCmd::Start { id, kind, cwd } => {
             let body = api::StartSession { kind, cwd, env: Default::default() };
-            let s: SessionInfo = client.call(Method::POST, &format!("/v1/sandboxes/{id}/sessions"), Some(&body)).await?;
+            let s: SessionInfo = client.call(Method::POST, &format!("/v1/sandboxes/{}/sessions", seg(&id)), Some(&body)).await?;
             if json {
                 print_json(&s)?;
             } else {
@@ -189,7 +196,7 @@ async fn session(client: &Client, cmd: SessionCmd, json: bool) -> Result<i32> {
         }
         SessionCmd::Run { id, session, command, timeout } => {
             let body = api::RunInSession { command, timeout_ms: secs_to_ms(timeout)?, max_output_bytes: None };
-            let r: SessionResult = client.call(Method::POST, &format!("/v1/sandboxes/{id}/sessions/{session}/run"), Some(&body)).await?;
+            let r: SessionResult = client.call(Method::POST, &format!("/v1/sandboxes/{}/sessions/{}/run", seg(&id), seg(&session)), Some(&body)).await?;
             if json {
                 print_json(&r)?;
             } else {
@@ -206,7 +213,7 @@ async fn session(client: &Client, cmd: SessionCmd, json: bool) -> Result<i32> {
             Ok(if r.timed_out { 124 } else { r.exit_code.unwrap_or(1) })
         }
         SessionCmd::Ls { id } => {
-            let list: Vec<SessionInfo> = client.call(Method::GET, &format!("/v1/sandboxes/{id}/sessions"), None::<&()>).await?;
+            let list: Vec<SessionInfo> = client.call(Method::GET, &format!("/v1/sandboxes/{}/sessions", seg(&id)), None::<&()>).await?;
             if json {
                 print_json(&list)?;
             } else {
@@ -216,7 +223,7 @@ async fn session(client: &Client, cmd: SessionCmd, json: bool) -> Result<i32> {
             Ok(0)
         }
         SessionCmd::Stop { id, session } => {
-            client.call::<()>(Method::DELETE, &format!("/v1/sandboxes/{id}/sessions/{session}"), None::<&()>).await?;
+            client.call::<()>(Method::DELETE, &format!("/v1/sandboxes/{}/sessions/{}", seg(&id), seg(&session)), None::<&()>).await?;
             if json {
                 println!("{}", serde_json::json!({"session": session, "stopped": true}));
             }

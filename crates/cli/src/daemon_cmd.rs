@@ -94,6 +94,9 @@ pub async fn ensure_daemon(socket: &Path, state_dir: &Path) -> Result<Client> {
     if client.call::<serde_json::Value>(hyper::Method::GET, "/v1/health", None::<&()>).await.is_ok() {
         return Ok(client);
     }
+    if std::env::var_os("DELTABOX_NO_AUTOSTART").is_some() {
+        bail!("no daemon is listening at {} (and DELTABOX_NO_AUTOSTART is set)", socket.display());
+    }
     std::fs::create_dir_all(state_dir).with_context(|| format!("create {}", state_dir.display()))?;
     let log = state_dir.join("daemon.log");
     let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;

@@ -98,7 +98,12 @@ impl Daemon {
                 Some(m) => limits::parse_size(m)?,
                 None => defaults.memory_bytes,
             },
-            pids: req.pids.or(defaults.pids),
+            // 0 means no limit.
+            pids: match req.pids {
+                Some(0) => None,
+                Some(p) => Some(p),
+                None => defaults.pids,
+            },
             cpus: req.cpus,
         };
         limits.validate()?;

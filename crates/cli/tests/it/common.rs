@@ -1,0 +1,194 @@
+//! A daemon per test, and helpers to drive the real `deltabox` binary against it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_deltabox");
+
+pub struct TestDaemon {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    child: Option<Child>,
+    env: Vec<(String, String)>,
+}
+
+fn unique_dir() -> PathBuf {
+    let mut b = [0u8; 6];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b)).unwrap();
+    let tag: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    PathBuf::from(format!("/var/tmp/dbx-it-{tag}"))
+}
+
+impl TestDaemon {
+    pub fn start() -> TestDaemon {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(env: &[(&str, &str)]) -> TestDaemon {
+        let dir = unique_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut d = TestDaemon {
+            socket: dir.join("api.sock"),
+            dir,
+            child: None,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        d.spawn();
+        d
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.env("DELTABOX_SOCKET", &self.socket)
+            .env("DELTABOX_STATE_DIR", &self.dir)
+            .env("DELTABOX_NO_AUTOSTART", "1")
+            .env("DELTABOX_STORE_SIZE", "3G");
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
+        let child = self.command().arg("daemon").stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.cli(&["ls"]).status.success() {
+            if Instant::now() > deadline {
+                panic!("daemon did not start: {}", std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: the daemon stops every sandbox and unmounts its store.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while c.try_wait().unwrap().is_none() {
+                assert!(Instant::now() < deadline, "daemon did not stop on SIGTERM");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.command().args(args).stdin(Stdio::null()).output().unwrap()
+    }
+
+    pub fn cli_spawn(&self, args: &[&str]) -> Child {
+        self.command().args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    }
+
+    /// Runs a CLI command that must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(out.status.success(), "deltabox {args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.cli(&a);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    pub fn create(&self, extra: &[&str]) -> String {
+        let mut a = vec!["create"];
+        a.extend_from_slice(extra);
+        let id = self.ok(&a).trim().to_string();
+        assert_eq!(id.len(), 12, "create prints only the id: {id:?}");
+        id
+    }
+
+    /// `sh -c SCRIPT` in the sandbox; returns (exit code, stdout, stderr).
+    pub fn sh(&self, id: &str, script: &str) -> (i32, String, String) {
+        let out = self.cli(&["exec", id, "--", "sh", "-c", script]);
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// Stops the daemon and checks that nothing is left: no mounts under our state dir, no cgroups for `ids`.
+    pub fn stop_and_check(mut self, ids: &[String]) {
+        self.stop();
+        assert_no_leaks(&self.dir, ids);
+    }
+}
+
+pub fn cgroup_dirs_of(id: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for ctrl in ["memory", "pids", "cpu", "freezer", "unified"] {
+        let base = Path::new("/sys/fs/cgroup").join(ctrl).join("deltabox");
+        if let Ok(tags) = std::fs::read_dir(&base) {
+            for t in tags.flatten() {
+                let p = t.path().join(id);
+                if p.exists() {
+                    found.push(p);
+                }
+            }
+        }
+    }
+    found
+}
+
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(dir.to_str().unwrap()))
+        .map(str::to_string)
+        .collect()
+}
+
+pub fn assert_no_leaks(dir: &Path, ids: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mounts = mounts_under(dir);
+        let cgroups: Vec<_> = ids.iter().flat_map(|i| cgroup_dirs_of(i)).collect();
+        if mounts.is_empty() && cgroups.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "leaked mounts {mounts:?} / cgroups {cgroups:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Processes on the host whose command line contains `needle`.
+pub fn host_processes_with(needle: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle)).unwrap_or(false))
+        .collect()
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        self.stop();
+        let store = self.dir.join("store");
+        let _ = rustix_free_unmount(&store);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn rustix_free_unmount(p: &Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: umount2 with a valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -1,0 +1,11 @@
+//! Integration tests: real daemons, real sandboxes, real programs. Each test starts its own daemon with its own
+//! state directory; run them with cargo-nextest (one process per test), as root.
+
+mod common;
+
+mod bad_input;
+mod daemon_lifecycle;
+mod images;
+mod isolation;
+mod limits;
+mod sessions;

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what DeltaBox needs on a Debian 12 machine and builds it. Idempotent: installs only what is missing.
+#   apt:       bubblewrap (the benchmark's baseline), xfsprogs (the layer store), python3, git, procps, util-linux
+#   crates.io: cargo-nextest (the test runner: one process per test, needed for namespace work)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: DeltaBox manages namespaces, mounts and cgroups: run as root" >&2
+    exit 1
+fi
+
+missing=()
+for pair in bubblewrap:bwrap xfsprogs:mkfs.xfs python3:python3 git:git procps:ps util-linux:losetup; do
+    command -v "${pair#*:}" >/dev/null 2>&1 || missing+=("${pair%%:*}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "setup: cargo not found (install Rust with rustup first)" >&2
+    exit 1
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "setup: installing cargo-nextest"
+    cargo install cargo-nextest --locked
+fi
+
+# Kernel features DeltaBox relies on; fail early with a clear reason.
+grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null || { echo "setup: overlayfs is not available" >&2; exit 1; }
+[ -e /proc/self/ns/user ] || { echo "setup: user namespaces are not available" >&2; exit 1; }
+
+cargo build --release --workspace --bins
+echo "setup: ok (binary: target/release/deltabox)"

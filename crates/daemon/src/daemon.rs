@@ -415,6 +415,7 @@ impl Daemon {
             let _ = blocking(move || cg.destroy()).await;
             let _ = self.store.set_status(&id, "lost", Some("the daemon stopped; its processes were stopped"));
         }
+        self.cgroups.remove_parent();
     }
 
     /// Where a sandbox's files live on the host (for tests and debugging).

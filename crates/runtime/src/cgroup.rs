@@ -184,6 +184,14 @@ impl CgroupManager {
         Ok(())
     }
 
+    /// Removes our (empty) parent directories: a daemon that stops leaves no cgroup behind. Best effort: a
+    /// parent that still has children stays.
+    pub fn remove_parent(&self) {
+        for (_, dir) in &self.parents {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+
     /// Names of the cgroups that exist under our parent (to clean up after a crash).
     pub fn list(&self) -> Vec<String> {
         let Some((_, parent)) = self.parents.first() else { return vec![] };

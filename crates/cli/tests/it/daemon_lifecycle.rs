@@ -42,10 +42,14 @@ fn daemon_killed_mid_command_leaves_nothing_behind() {
 
 #[test]
 fn graceful_stop_and_restart() {
+    let before = instance_cgroups();
     let mut d = TestDaemon::start();
     let id = d.create(&[]);
+    let ours: Vec<_> = instance_cgroups().difference(&before).cloned().collect();
+    assert!(!ours.is_empty(), "the daemon has a cgroup parent of its own");
     d.stop();
     assert_no_leaks(&d.dir, std::slice::from_ref(&id));
+    assert!(ours.iter().all(|p| !p.exists()), "a stopped daemon leaves no cgroup: {ours:?}");
     d.spawn();
     let list = d.json(&["ls"]);
     assert_eq!(list[0]["status"], "lost");

@@ -10,7 +10,10 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use deltabox_daemon::api::{CreateSandbox, ExecBody, ExecResult, RunInSession, SandboxInfo, SessionInfo, SessionResult, StartSession};
+use deltabox_daemon::api::{
+    CreateSandbox, ExecBody, ExecResult, RunInSession, SandboxInfo, SessionInfo, SessionResult,
+    StartSession,
+};
 use deltabox_daemon::Client;
 use hyper::Method;
 
@@ -27,40 +30,84 @@ struct Stat {
 fn stat(name: &str, system: &str, mut v: Vec<f64>) -> Stat {
     v.sort_by(|a, b| a.total_cmp(b));
     let pick = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
-    Stat { name: name.into(), system: system.into(), n: v.len(), median_ms: pick(0.5), p99_ms: pick(0.99), min_ms: v[0] }
+    Stat {
+        name: name.into(),
+        system: system.into(),
+        n: v.len(),
+        median_ms: pick(0.5),
+        p99_ms: pick(0.99),
+        min_ms: v[0],
+    }
 }
 
 fn bwrap_base() -> Vec<String> {
-    let mut a: Vec<String> = ["--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut a: Vec<String> = [
+        "--unshare-all",
+        "--die-with-parent",
+        "--new-session",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+        "--ro-bind",
+        "/etc",
+        "/etc",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     for d in ["bin", "sbin", "lib", "lib64", "lib32", "libx32"] {
         let p = std::path::Path::new("/").join(d);
         if let Ok(target) = std::fs::read_link(&p) {
-            a.extend(["--symlink".into(), target.to_string_lossy().into_owned(), format!("/{d}")]);
+            a.extend([
+                "--symlink".into(),
+                target.to_string_lossy().into_owned(),
+                format!("/{d}"),
+            ]);
         } else if p.is_dir() {
-            a.extend(["--ro-bind".into(), p.to_string_lossy().into_owned(), format!("/{d}")]);
+            a.extend([
+                "--ro-bind".into(),
+                p.to_string_lossy().into_owned(),
+                format!("/{d}"),
+            ]);
         }
     }
-    a.extend(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/root", "--chdir", "/root"].iter().map(|s| s.to_string()));
+    a.extend(
+        [
+            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/root", "--chdir",
+            "/root",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
     a
 }
 
 fn bwrap_available() -> bool {
-    Command::new("bwrap").arg("--version").output().is_ok_and(|o| o.status.success())
+    Command::new("bwrap")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn bwrap_run_true(base: &[String]) -> Result<f64> {
     let t = Instant::now();
-    let st = Command::new("bwrap").args(base).arg("true").stdin(Stdio::null()).status()?;
+    let st = Command::new("bwrap")
+        .args(base)
+        .arg("true")
+        .stdin(Stdio::null())
+        .status()?;
     anyhow::ensure!(st.success(), "bwrap true failed: {st}");
     Ok(t.elapsed().as_secs_f64() * 1e3)
 }
 
 /// Round trips through a persistent interpreter inside bwrap: send one command, read the acknowledgement line.
 fn bwrap_session(base: &[String], argv: &[&str], cmd: &str, n: usize) -> Result<Vec<f64>> {
-    let mut child = Command::new("bwrap").args(base).args(argv).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+    let mut child = Command::new("bwrap")
+        .args(base)
+        .args(argv)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
     let mut stdin = child.stdin.take().context("stdin")?;
     let mut out = BufReader::new(child.stdout.take().context("stdout")?);
     let mut line = String::new();
@@ -95,16 +142,35 @@ pub async fn runtime(client: &Client, n: usize, json: bool) -> Result<i32> {
     let mut create = Vec::new();
     let mut ids = Vec::new();
     for _ in 0..n {
-        let body = CreateSandbox { ..Default::default() };
-        let (info, ms) = timed(async { Ok(client.call::<SandboxInfo>(Method::POST, "/v1/sandboxes", Some(&body)).await?) }).await?;
+        let body = CreateSandbox {
+            ..Default::default()
+        };
+        let (info, ms) = timed(async {
+            Ok(client
+                .call::<SandboxInfo>(Method::POST, "/v1/sandboxes", Some(&body))
+                .await?)
+        })
+        .await?;
         create.push(ms);
         ids.push(info.id);
     }
     let id = ids[0].clone();
     let mut exec = Vec::new();
-    let body = ExecBody { argv: vec!["true".into()], ..Default::default() };
+    let body = ExecBody {
+        argv: vec!["true".into()],
+        ..Default::default()
+    };
     for i in 0..=n {
-        let (r, ms) = timed(async { Ok(client.call::<ExecResult>(Method::POST, &format!("/v1/sandboxes/{id}/exec"), Some(&body)).await?) }).await?;
+        let (r, ms) = timed(async {
+            Ok(client
+                .call::<ExecResult>(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{id}/exec"),
+                    Some(&body),
+                )
+                .await?)
+        })
+        .await?;
         anyhow::ensure!(r.exit_code == Some(0), "exec true failed");
         if i > 0 {
             exec.push(ms);
@@ -112,13 +178,33 @@ pub async fn runtime(client: &Client, n: usize, json: bool) -> Result<i32> {
     }
     let mut sessions = Vec::new();
     for (kind, cmd) in [("bash", ":"), ("python3", "pass")] {
-        let start = StartSession { kind: kind.into(), cwd: None, env: Default::default() };
-        let s: SessionInfo = client.call(Method::POST, &format!("/v1/sandboxes/{id}/sessions"), Some(&start)).await?;
-        let body = RunInSession { command: cmd.into(), timeout_ms: None, max_output_bytes: None };
+        let start = StartSession {
+            kind: kind.into(),
+            cwd: None,
+            env: Default::default(),
+        };
+        let s: SessionInfo = client
+            .call(
+                Method::POST,
+                &format!("/v1/sandboxes/{id}/sessions"),
+                Some(&start),
+            )
+            .await?;
+        let body = RunInSession {
+            command: cmd.into(),
+            timeout_ms: None,
+            max_output_bytes: None,
+        };
         let mut v = Vec::new();
         for i in 0..=n {
             let (_r, ms) = timed(async {
-                Ok(client.call::<SessionResult>(Method::POST, &format!("/v1/sandboxes/{id}/sessions/{}/run", s.id), Some(&body)).await?)
+                Ok(client
+                    .call::<SessionResult>(
+                        Method::POST,
+                        &format!("/v1/sandboxes/{id}/sessions/{}/run", s.id),
+                        Some(&body),
+                    )
+                    .await?)
             })
             .await?;
             if i > 0 {
@@ -129,13 +215,22 @@ pub async fn runtime(client: &Client, n: usize, json: bool) -> Result<i32> {
     }
     let mut remove = Vec::new();
     for id in &ids {
-        let (_, ms) = timed(async { Ok(client.call::<()>(Method::DELETE, &format!("/v1/sandboxes/{id}"), None::<&()>).await?) }).await?;
+        let (_, ms) = timed(async {
+            Ok(client
+                .call::<()>(Method::DELETE, &format!("/v1/sandboxes/{id}"), None::<&()>)
+                .await?)
+        })
+        .await?;
         remove.push(ms);
     }
     stats.push(stat("create→ready", "deltabox", create));
     stats.push(stat("exec `true` round trip", "deltabox", exec));
     for (kind, v) in sessions.iter() {
-        stats.push(stat(&format!("{kind} session round trip"), "deltabox", v.clone()));
+        stats.push(stat(
+            &format!("{kind} session round trip"),
+            "deltabox",
+            v.clone(),
+        ));
     }
     stats.push(stat("remove", "deltabox", remove));
 
@@ -158,15 +253,29 @@ pub async fn runtime(client: &Client, n: usize, json: bool) -> Result<i32> {
         return Ok(0);
     }
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    println!("deltabox bench runtime: n={n} per row, kernel {}, {} cpus", kernel.trim(), std::thread::available_parallelism().map(|p| p.get()).unwrap_or(0));
-    println!("{:<28} {:>9} {:>12} {:>10} {:>10} {:>10}", "metric", "system", "median ms", "p99 ms", "min ms", "ratio");
+    println!(
+        "deltabox bench runtime: n={n} per row, kernel {}, {} cpus",
+        kernel.trim(),
+        std::thread::available_parallelism()
+            .map(|p| p.get())
+            .unwrap_or(0)
+    );
+    println!(
+        "{:<28} {:>9} {:>12} {:>10} {:>10} {:>10}",
+        "metric", "system", "median ms", "p99 ms", "min ms", "ratio"
+    );
     for s in &stats {
-        let base = stats.iter().find(|b| b.system == "bwrap" && b.name == s.name);
+        let base = stats
+            .iter()
+            .find(|b| b.system == "bwrap" && b.name == s.name);
         let ratio = match (s.system.as_str(), base) {
             ("deltabox", Some(b)) => format!("{:.2}x", s.median_ms / b.median_ms),
             _ => String::new(),
         };
-        println!("{:<28} {:>9} {:>12.3} {:>10.3} {:>10.3} {:>10}", s.name, s.system, s.median_ms, s.p99_ms, s.min_ms, ratio);
+        println!(
+            "{:<28} {:>9} {:>12.3} {:>10.3} {:>10.3} {:>10}",
+            s.name, s.system, s.median_ms, s.p99_ms, s.min_ms, ratio
+        );
     }
     if !bwrap_available() {
         println!("(bwrap is not installed: scripts/setup.sh installs bubblewrap for the side-by-side rows)");

@@ -4,7 +4,9 @@ use std::io::Write;
 
 use anyhow::{bail, Context, Result};
 use base64::Engine;
-use deltabox_daemon::api::{self, CreateSandbox, ExecBody, ExecResult, SandboxInfo, SessionInfo, SessionResult, StreamEvent};
+use deltabox_daemon::api::{
+    self, CreateSandbox, ExecBody, ExecResult, SandboxInfo, SessionInfo, SessionResult, StreamEvent,
+};
 use deltabox_daemon::Client;
 use hyper::Method;
 
@@ -15,7 +17,13 @@ use crate::output;
 /// Percent-encodes a user-supplied path segment (an id), so `../x` cannot walk the API's URL space.
 pub fn seg(s: &str) -> String {
     s.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
@@ -25,7 +33,9 @@ pub fn run(cli: Cli) -> Result<i32> {
         init_tracing();
         return crate::daemon_cmd::run_daemon(cli.socket, cli.state_dir, args);
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let client = ensure_daemon(&cli.socket, &cli.state_dir).await?;
         dispatch(&client, cli.command, cli.json).await
@@ -33,8 +43,12 @@ pub fn run(cli: Cli) -> Result<i32> {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DELTABOX_LOG").unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DELTABOX_LOG")
+        .unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn print_json(v: &impl serde::Serialize) -> Result<()> {
@@ -44,7 +58,9 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
 
 fn secs_to_ms(s: Option<f64>) -> Result<Option<u64>> {
     match s {
-        Some(s) if !(s.is_finite() && s > 0.0) => bail!("timeout must be a positive number of seconds"),
+        Some(s) if !(s.is_finite() && s > 0.0) => {
+            bail!("timeout must be a positive number of seconds")
+        }
         Some(s) => Ok(Some((s * 1000.0) as u64)),
         None => Ok(None),
     }
@@ -53,8 +69,16 @@ fn secs_to_ms(s: Option<f64>) -> Result<Option<u64>> {
 async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32> {
     match command {
         Command::Create(a) => {
-            let body = CreateSandbox { image: a.image, memory: a.memory, pids: a.pids, cpus: a.cpus, network: a.network };
-            let info: SandboxInfo = client.call(Method::POST, "/v1/sandboxes", Some(&body)).await?;
+            let body = CreateSandbox {
+                image: a.image,
+                memory: a.memory,
+                pids: a.pids,
+                cpus: a.cpus,
+                network: a.network,
+            };
+            let info: SandboxInfo = client
+                .call(Method::POST, "/v1/sandboxes", Some(&body))
+                .await?;
             if json {
                 print_json(&info)?;
             } else {
@@ -63,7 +87,9 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32> 
             Ok(0)
         }
         Command::Ls => {
-            let list: Vec<SandboxInfo> = client.call(Method::GET, "/v1/sandboxes", None::<&()>).await?;
+            let list: Vec<SandboxInfo> = client
+                .call(Method::GET, "/v1/sandboxes", None::<&()>)
+                .await?;
             if json {
                 print_json(&list)?;
             } else {
@@ -82,19 +108,32 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32> 
                         ]
                     })
                     .collect();
-                output::table(&["ID", "STATUS", "IMAGE", "MEMORY", "PIDS", "CPUS", "SESSIONS", "NOTE"], &rows);
+                output::table(
+                    &[
+                        "ID", "STATUS", "IMAGE", "MEMORY", "PIDS", "CPUS", "SESSIONS", "NOTE",
+                    ],
+                    &rows,
+                );
             }
             Ok(0)
         }
         Command::Info { id } => {
-            let info: SandboxInfo = client.call(Method::GET, &format!("/v1/sandboxes/{}", seg(&id)), None::<&()>).await?;
+            let info: SandboxInfo = client
+                .call(
+                    Method::GET,
+                    &format!("/v1/sandboxes/{}", seg(&id)),
+                    None::<&()>,
+                )
+                .await?;
             print_json(&info)?;
             Ok(0)
         }
         Command::Exec(a) => {
             let mut env = std::collections::BTreeMap::new();
             for kv in &a.env {
-                let (k, v) = kv.split_once('=').with_context(|| format!("--env wants KEY=VALUE, got {kv:?}"))?;
+                let (k, v) = kv
+                    .split_once('=')
+                    .with_context(|| format!("--env wants KEY=VALUE, got {kv:?}"))?;
                 env.insert(k.to_string(), v.to_string());
             }
             let stdin = if a.stdin {
@@ -104,9 +143,22 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32> 
             } else {
                 None
             };
-            let body = ExecBody { argv: a.argv, env, cwd: a.cwd, stdin, timeout_ms: secs_to_ms(a.timeout)?, max_output_bytes: None };
+            let body = ExecBody {
+                argv: a.argv,
+                env,
+                cwd: a.cwd,
+                stdin,
+                timeout_ms: secs_to_ms(a.timeout)?,
+                max_output_bytes: None,
+            };
             if json {
-                let r: ExecResult = client.call(Method::POST, &format!("/v1/sandboxes/{}/exec", seg(&a.id)), Some(&body)).await?;
+                let r: ExecResult = client
+                    .call(
+                        Method::POST,
+                        &format!("/v1/sandboxes/{}/exec", seg(&a.id)),
+                        Some(&body),
+                    )
+                    .await?;
                 print_json(&r)?;
                 return Ok(r.shell_code());
             }
@@ -116,8 +168,17 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32> 
         Command::Rm { ids } => {
             let mut failed = false;
             for id in &ids {
-                match client.call::<()>(Method::DELETE, &format!("/v1/sandboxes/{}", seg(&id)), None::<&()>).await {
-                    Ok(()) if json => println!("{}", serde_json::json!({"id": id, "removed": true})),
+                match client
+                    .call::<()>(
+                        Method::DELETE,
+                        &format!("/v1/sandboxes/{}", seg(id)),
+                        None::<&()>,
+                    )
+                    .await
+                {
+                    Ok(()) if json => {
+                        println!("{}", serde_json::json!({"id": id, "removed": true}))
+                    }
                     Ok(()) => println!("{id}"),
                     Err(e) => {
                         eprintln!("deltabox: {id}: {e}");
@@ -130,13 +191,21 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32> 
         Command::Pause { id } => lifecycle(client, &id, "pause", json).await,
         Command::Resume { id } => lifecycle(client, &id, "resume", json).await,
         Command::Demo => crate::demo::run(client).await,
-        Command::Bench(BenchCmd::Runtime { iterations }) => crate::bench::runtime(client, iterations, json).await,
+        Command::Bench(BenchCmd::Runtime { iterations }) => {
+            crate::bench::runtime(client, iterations, json).await
+        }
         Command::Daemon(_) => unreachable!("handled before connecting"),
     }
 }
 
 async fn lifecycle(client: &Client, id: &str, verb: &str, json: bool) -> Result<i32> {
-    let info: SandboxInfo = client.call(Method::POST, &format!("/v1/sandboxes/{}/{verb}", seg(id)), None::<&()>).await?;
+    let info: SandboxInfo = client
+        .call(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/{verb}", seg(id)),
+            None::<&()>,
+        )
+        .await?;
     if json {
         print_json(&info)?;
     } else {
@@ -152,18 +221,28 @@ async fn exec_streaming(client: &Client, id: &str, body: &ExecBody) -> Result<i3
     let stdout = std::io::stdout();
     let stderr = std::io::stderr();
     client
-        .stream(&format!("/v1/sandboxes/{}/exec/stream", seg(id)), body, |line| match serde_json::from_slice::<StreamEvent>(line) {
-            Ok(StreamEvent::Stdout { data }) => {
-                let _ = stdout.lock().write_all(&b64.decode(data).unwrap_or_default());
-                let _ = stdout.lock().flush();
-            }
-            Ok(StreamEvent::Stderr { data }) => {
-                let _ = stderr.lock().write_all(&b64.decode(data).unwrap_or_default());
-            }
-            Ok(StreamEvent::Exit(r)) => result = Some(Ok(r)),
-            Ok(StreamEvent::Error { message, .. }) => result = Some(Err(anyhow::anyhow!(message))),
-            Err(e) => result = Some(Err(anyhow::anyhow!("bad stream line: {e}"))),
-        })
+        .stream(
+            &format!("/v1/sandboxes/{}/exec/stream", seg(id)),
+            body,
+            |line| match serde_json::from_slice::<StreamEvent>(line) {
+                Ok(StreamEvent::Stdout { data }) => {
+                    let _ = stdout
+                        .lock()
+                        .write_all(&b64.decode(data).unwrap_or_default());
+                    let _ = stdout.lock().flush();
+                }
+                Ok(StreamEvent::Stderr { data }) => {
+                    let _ = stderr
+                        .lock()
+                        .write_all(&b64.decode(data).unwrap_or_default());
+                }
+                Ok(StreamEvent::Exit(r)) => result = Some(Ok(r)),
+                Ok(StreamEvent::Error { message, .. }) => {
+                    result = Some(Err(anyhow::anyhow!(message)))
+                }
+                Err(e) => result = Some(Err(anyhow::anyhow!("bad stream line: {e}"))),
+            },
+        )
         .await?;
     match result {
         Some(Ok(r)) => {
@@ -185,8 +264,18 @@ async fn exec_streaming(client: &Client, id: &str, body: &ExecBody) -> Result<i3
 async fn session(client: &Client, cmd: SessionCmd, json: bool) -> Result<i32> {
     match cmd {
         SessionCmd::Start { id, kind, cwd } => {
-            let body = api::StartSession { kind, cwd, env: Default::default() };
-            let s: SessionInfo = client.call(Method::POST, &format!("/v1/sandboxes/{}/sessions", seg(&id)), Some(&body)).await?;
+            let body = api::StartSession {
+                kind,
+                cwd,
+                env: Default::default(),
+            };
+            let s: SessionInfo = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{}/sessions", seg(&id)),
+                    Some(&body),
+                )
+                .await?;
             if json {
                 print_json(&s)?;
             } else {
@@ -194,9 +283,24 @@ async fn session(client: &Client, cmd: SessionCmd, json: bool) -> Result<i32> {
             }
             Ok(0)
         }
-        SessionCmd::Run { id, session, command, timeout } => {
-            let body = api::RunInSession { command, timeout_ms: secs_to_ms(timeout)?, max_output_bytes: None };
-            let r: SessionResult = client.call(Method::POST, &format!("/v1/sandboxes/{}/sessions/{}/run", seg(&id), seg(&session)), Some(&body)).await?;
+        SessionCmd::Run {
+            id,
+            session,
+            command,
+            timeout,
+        } => {
+            let body = api::RunInSession {
+                command,
+                timeout_ms: secs_to_ms(timeout)?,
+                max_output_bytes: None,
+            };
+            let r: SessionResult = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{}/sessions/{}/run", seg(&id), seg(&session)),
+                    Some(&body),
+                )
+                .await?;
             if json {
                 print_json(&r)?;
             } else {
@@ -210,22 +314,51 @@ async fn session(client: &Client, cmd: SessionCmd, json: bool) -> Result<i32> {
                     eprintln!("deltabox: the session has ended");
                 }
             }
-            Ok(if r.timed_out { 124 } else { r.exit_code.unwrap_or(1) })
+            Ok(if r.timed_out {
+                124
+            } else {
+                r.exit_code.unwrap_or(1)
+            })
         }
         SessionCmd::Ls { id } => {
-            let list: Vec<SessionInfo> = client.call(Method::GET, &format!("/v1/sandboxes/{}/sessions", seg(&id)), None::<&()>).await?;
+            let list: Vec<SessionInfo> = client
+                .call(
+                    Method::GET,
+                    &format!("/v1/sandboxes/{}/sessions", seg(&id)),
+                    None::<&()>,
+                )
+                .await?;
             if json {
                 print_json(&list)?;
             } else {
-                let rows: Vec<Vec<String>> = list.iter().map(|s| vec![s.id.clone(), s.kind.clone(), s.pid.to_string(), s.alive.to_string()]).collect();
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s.id.clone(),
+                            s.kind.clone(),
+                            s.pid.to_string(),
+                            s.alive.to_string(),
+                        ]
+                    })
+                    .collect();
                 output::table(&["SESSION", "KIND", "PID", "ALIVE"], &rows);
             }
             Ok(0)
         }
         SessionCmd::Stop { id, session } => {
-            client.call::<()>(Method::DELETE, &format!("/v1/sandboxes/{}/sessions/{}", seg(&id), seg(&session)), None::<&()>).await?;
+            client
+                .call::<()>(
+                    Method::DELETE,
+                    &format!("/v1/sandboxes/{}/sessions/{}", seg(&id), seg(&session)),
+                    None::<&()>,
+                )
+                .await?;
             if json {
-                println!("{}", serde_json::json!({"session": session, "stopped": true}));
+                println!(
+                    "{}",
+                    serde_json::json!({"session": session, "stopped": true})
+                );
             }
             Ok(0)
         }

@@ -5,7 +5,10 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use deltabox_daemon::api::{CreateSandbox, ExecBody, ExecResult, RunInSession, SandboxInfo, SessionInfo, SessionResult, StartSession};
+use deltabox_daemon::api::{
+    CreateSandbox, ExecBody, ExecResult, RunInSession, SandboxInfo, SessionInfo, SessionResult,
+    StartSession,
+};
 use deltabox_daemon::Client;
 use hyper::Method;
 
@@ -46,19 +49,46 @@ impl Demo<'_> {
     }
 
     async fn session(&self, sid: &str, command: &str) -> Result<SessionResult> {
-        let body = RunInSession { command: command.into(), timeout_ms: Some(120_000), max_output_bytes: None };
+        let body = RunInSession {
+            command: command.into(),
+            timeout_ms: Some(120_000),
+            max_output_bytes: None,
+        };
         let t = Instant::now();
-        let r: SessionResult = self.client.call(Method::POST, &format!("/v1/sandboxes/{}/sessions/{sid}/run", self.id), Some(&body)).await?;
+        let r: SessionResult = self
+            .client
+            .call(
+                Method::POST,
+                &format!("/v1/sandboxes/{}/sessions/{sid}/run", self.id),
+                Some(&body),
+            )
+            .await?;
         for line in r.stdout.lines().chain(r.stderr.lines()) {
             println!("    | {line}");
         }
-        println!("    -> status {} in {:.1} ms (round trip {:.1} ms)", r.exit_code.map(|c| c.to_string()).unwrap_or("?".into()), r.duration_ms, t.elapsed().as_secs_f64() * 1e3);
+        println!(
+            "    -> status {} in {:.1} ms (round trip {:.1} ms)",
+            r.exit_code.map(|c| c.to_string()).unwrap_or("?".into()),
+            r.duration_ms,
+            t.elapsed().as_secs_f64() * 1e3
+        );
         Ok(r)
     }
 
     async fn exec(&self, argv: &[&str]) -> Result<ExecResult> {
-        let body = ExecBody { argv: argv.iter().map(|s| s.to_string()).collect(), timeout_ms: Some(60_000), ..Default::default() };
-        let r: ExecResult = self.client.call(Method::POST, &format!("/v1/sandboxes/{}/exec", self.id), Some(&body)).await?;
+        let body = ExecBody {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            timeout_ms: Some(60_000),
+            ..Default::default()
+        };
+        let r: ExecResult = self
+            .client
+            .call(
+                Method::POST,
+                &format!("/v1/sandboxes/{}/exec", self.id),
+                Some(&body),
+            )
+            .await?;
         for line in r.stdout.lines().chain(r.stderr.lines()) {
             println!("    | {line}");
         }
@@ -71,15 +101,38 @@ impl Demo<'_> {
 pub async fn run(client: &Client) -> Result<i32> {
     println!("DeltaBox demo: an agent-like trajectory in a fresh sandbox (host image, no network)");
     let t = Instant::now();
-    let body = CreateSandbox { memory: Some("1G".into()), pids: Some(256), ..Default::default() };
-    let info: SandboxInfo = client.call(Method::POST, "/v1/sandboxes", Some(&body)).await?;
-    println!("\ncreated sandbox {} in {:.1} ms (memory 1G, pids 256, loopback only)", info.id, t.elapsed().as_secs_f64() * 1e3);
-    let mut d = Demo { client, id: info.id.clone(), step: 0 };
+    let body = CreateSandbox {
+        memory: Some("1G".into()),
+        pids: Some(256),
+        ..Default::default()
+    };
+    let info: SandboxInfo = client
+        .call(Method::POST, "/v1/sandboxes", Some(&body))
+        .await?;
+    println!(
+        "\ncreated sandbox {} in {:.1} ms (memory 1G, pids 256, loopback only)",
+        info.id,
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let mut d = Demo {
+        client,
+        id: info.id.clone(),
+        step: 0,
+    };
     let result = trajectory(&mut d).await;
-    let rm = client.call::<()>(Method::DELETE, &format!("/v1/sandboxes/{}", info.id), None::<&()>).await;
+    let rm = client
+        .call::<()>(
+            Method::DELETE,
+            &format!("/v1/sandboxes/{}", info.id),
+            None::<&()>,
+        )
+        .await;
     match (&result, rm) {
         (Ok(()), Ok(())) => {
-            println!("\nremoved sandbox {}: processes, cgroup and writable layer are gone", info.id);
+            println!(
+                "\nremoved sandbox {}: processes, cgroup and writable layer are gone",
+                info.id
+            );
             println!("demo finished in {:.2} s", t.elapsed().as_secs_f64());
             Ok(0)
         }
@@ -89,23 +142,50 @@ pub async fn run(client: &Client) -> Result<i32> {
 }
 
 async fn trajectory(d: &mut Demo<'_>) -> Result<()> {
-    let start = |kind: &str| StartSession { kind: kind.into(), cwd: None, env: Default::default() };
-    let bash: SessionInfo = d.client.call(Method::POST, &format!("/v1/sandboxes/{}/sessions", d.id), Some(&start("bash"))).await?;
-    let py: SessionInfo = d.client.call(Method::POST, &format!("/v1/sandboxes/{}/sessions", d.id), Some(&start("python3"))).await?;
-    println!("started a bash session ({}) and a python3 session ({})", bash.id, py.id);
+    let start = |kind: &str| StartSession {
+        kind: kind.into(),
+        cwd: None,
+        env: Default::default(),
+    };
+    let bash: SessionInfo = d
+        .client
+        .call(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/sessions", d.id),
+            Some(&start("bash")),
+        )
+        .await?;
+    let py: SessionInfo = d
+        .client
+        .call(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/sessions", d.id),
+            Some(&start("python3")),
+        )
+        .await?;
+    println!(
+        "started a bash session ({}) and a python3 session ({})",
+        bash.id, py.id
+    );
 
     d.say("agent writes a module with a bug, and its tests");
     let write = format!("mkdir -p /work/calc && cd /work/calc && cat > calc.py <<'EOF'\n{CALC}EOF\ncat > test_calc.py <<'EOF'\n{TESTS}EOF\nls -l");
     d.session(&bash.id, &write).await?;
 
     d.say("agent runs the tests (the session remembers the working directory)");
-    let r = d.session(&bash.id, "python3 -m unittest -q 2>&1 | tail -n 4").await?;
+    let r = d
+        .session(&bash.id, "python3 -m unittest -q 2>&1 | tail -n 4")
+        .await?;
     if !r.stdout.contains("FAILED") {
         bail!("the buggy module should fail its tests");
     }
 
     d.say("agent edits the file to fix the bug");
-    d.session(&bash.id, "sed -i 's/return a - b.*/return a + b/' calc.py && grep -n 'return a' calc.py").await?;
+    d.session(
+        &bash.id,
+        "sed -i 's/return a - b.*/return a + b/' calc.py && grep -n 'return a' calc.py",
+    )
+    .await?;
 
     d.say("agent re-runs the tests");
     let r = d.session(&bash.id, "python3 -m unittest -q 2>&1 | tail -n 2; exit_code=${PIPESTATUS[0]}; (exit $exit_code)").await?;
@@ -127,9 +207,23 @@ async fn trajectory(d: &mut Demo<'_>) -> Result<()> {
     d.exec(&["sh", "-c", "echo \"pid $$ (pid 1 is $(cat /proc/1/comm)), hostname $(hostname)\"; echo \"/home entries: $(ls -A /home | wc -l); /etc/shadow: $(cat /etc/shadow 2>&1 | head -c 60)\"; echo \"network interfaces: $(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ' ')\""]).await?;
 
     d.say("a runaway command is interrupted by its timeout; the session survives");
-    let body = RunInSession { command: "sleep 600".into(), timeout_ms: Some(500), max_output_bytes: None };
-    let r: SessionResult = d.client.call(Method::POST, &format!("/v1/sandboxes/{}/sessions/{}/run", d.id, bash.id), Some(&body)).await?;
-    println!("    -> timed out: {}, session alive: {}", r.timed_out, r.session_alive);
+    let body = RunInSession {
+        command: "sleep 600".into(),
+        timeout_ms: Some(500),
+        max_output_bytes: None,
+    };
+    let r: SessionResult = d
+        .client
+        .call(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/sessions/{}/run", d.id, bash.id),
+            Some(&body),
+        )
+        .await?;
+    println!(
+        "    -> timed out: {}, session alive: {}",
+        r.timed_out, r.session_alive
+    );
     d.session(&bash.id, "echo still here in $(pwd)").await?;
     Ok(())
 }

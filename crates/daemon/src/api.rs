@@ -111,7 +111,8 @@ impl ExecResult {
         if self.timed_out {
             return 124;
         }
-        self.exit_code.unwrap_or_else(|| 128 + self.signal.unwrap_or(0))
+        self.exit_code
+            .unwrap_or_else(|| 128 + self.signal.unwrap_or(0))
     }
 }
 

@@ -14,13 +14,20 @@ use serde::Serialize;
 pub enum ClientError {
     /// No daemon is listening.
     #[error("cannot reach the daemon at {path}: {source}")]
-    Connect { path: PathBuf, source: std::io::Error },
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// The connection broke mid-request (e.g. the daemon was killed).
     #[error("lost the connection to the daemon: {0}")]
     Transport(String),
     /// The daemon answered with an error.
     #[error("{message}")]
-    Api { status: u16, code: String, message: String },
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
     /// The daemon's answer did not parse.
     #[error("bad response from the daemon: {0}")]
     Decode(String),
@@ -35,7 +42,9 @@ pub struct Client {
 impl Client {
     /// A client for the daemon at `socket`.
     pub fn new(socket: impl Into<PathBuf>) -> Client {
-        Client { socket: socket.into() }
+        Client {
+            socket: socket.into(),
+        }
     }
 
     /// The socket path.
@@ -43,10 +52,18 @@ impl Client {
         &self.socket
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
-            .map_err(|source| ClientError::Connect { path: self.socket.clone(), source })?;
+            .map_err(|source| ClientError::Connect {
+                path: self.socket.clone(),
+                source,
+            })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ClientError::Transport(e.to_string()))?;
@@ -60,7 +77,10 @@ impl Client {
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| ClientError::Transport(e.to_string()))?;
-        sender.send_request(req).await.map_err(|e| ClientError::Transport(e.to_string()))
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))
     }
 
     fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
@@ -68,31 +88,60 @@ impl Client {
         ClientError::Api {
             status: status.as_u16(),
             code: v["error"]["code"].as_str().unwrap_or("unknown").to_string(),
-            message: v["error"]["message"].as_str().map(str::to_string).unwrap_or_else(|| String::from_utf8_lossy(body).into_owned()),
+            message: v["error"]["message"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned()),
         }
     }
 
     /// A JSON request; `T = ()` for empty answers.
-    pub async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<&impl Serialize>) -> Result<T, ClientError> {
-        let body = body.map(|b| serde_json::to_vec(b)).transpose().map_err(|e| ClientError::Decode(e.to_string()))?;
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
+        let body = body
+            .map(|b| serde_json::to_vec(b))
+            .transpose()
+            .map_err(|e| ClientError::Decode(e.to_string()))?;
         let resp = self.send(method, path, body).await?;
         let status = resp.status();
-        let bytes = resp.into_body().collect().await.map_err(|e| ClientError::Transport(e.to_string()))?.to_bytes();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?
+            .to_bytes();
         if !status.is_success() {
             return Err(Self::api_error(status, &bytes));
         }
-        let bytes = if bytes.is_empty() { Bytes::from_static(b"null") } else { bytes };
+        let bytes = if bytes.is_empty() {
+            Bytes::from_static(b"null")
+        } else {
+            bytes
+        };
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
     }
 
     /// A streaming request: calls `on_line` with each NDJSON line as it arrives.
-    pub async fn stream(&self, path: &str, body: &impl Serialize, mut on_line: impl FnMut(&[u8])) -> Result<(), ClientError> {
+    pub async fn stream(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+        mut on_line: impl FnMut(&[u8]),
+    ) -> Result<(), ClientError> {
         let body = serde_json::to_vec(body).map_err(|e| ClientError::Decode(e.to_string()))?;
         let resp = self.send(Method::POST, path, Some(body)).await?;
         let status = resp.status();
         let mut body = resp.into_body();
         if !status.is_success() {
-            let bytes = body.collect().await.map_err(|e| ClientError::Transport(e.to_string()))?.to_bytes();
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| ClientError::Transport(e.to_string()))?
+                .to_bytes();
             return Err(Self::api_error(status, &bytes));
         }
         let mut buf: Vec<u8> = Vec::new();

@@ -25,8 +25,12 @@ impl Config {
     /// Defaults, overridden by `DELTABOX_STATE_DIR` and `DELTABOX_SOCKET`.
     pub fn from_env() -> Config {
         Config {
-            state_dir: std::env::var_os("DELTABOX_STATE_DIR").map(PathBuf::from).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
-            socket: std::env::var_os("DELTABOX_SOCKET").map(PathBuf::from).unwrap_or_else(|| DEFAULT_SOCKET.into()),
+            state_dir: std::env::var_os("DELTABOX_STATE_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            socket: std::env::var_os("DELTABOX_SOCKET")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| DEFAULT_SOCKET.into()),
             tcp: None,
             token: None,
         }

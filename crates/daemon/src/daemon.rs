@@ -6,13 +6,18 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deltabox_fs::{ImageStore, LayerStack};
-use deltabox_runtime::{limits, CgroupManager, ExecRequest, Limits, NetworkMode, SandboxHandle, SandboxSpec, Session, SessionKind, Zygote};
+use deltabox_runtime::{
+    limits, CgroupManager, ExecRequest, Limits, NetworkMode, SandboxHandle, SandboxSpec, Session,
+    SessionKind, Zygote,
+};
 use tokio::sync::{mpsc, RwLock};
 
-use crate::api::{self, CreateSandbox, ExecBody, ExecResult, SandboxInfo, SessionInfo, SessionResult};
+use crate::api::{
+    self, CreateSandbox, ExecBody, ExecResult, SandboxInfo, SessionInfo, SessionResult,
+};
+use crate::error::{start_err, StartError};
 use crate::sandbox::Sandbox;
 use crate::store::Store;
-use crate::error::{start_err, StartError};
 use crate::{ApiError, Config};
 
 /// Everything the daemon owns.
@@ -27,7 +32,10 @@ pub struct Daemon {
 }
 
 fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 fn random_id(prefix: &str) -> String {
@@ -36,8 +44,12 @@ fn random_id(prefix: &str) -> String {
     format!("{prefix}{}", hex::encode(b))
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(format!("worker: {e}")))
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("worker: {e}")))
 }
 
 fn valid_id(id: &str) -> bool {
@@ -47,11 +59,25 @@ fn valid_id(id: &str) -> bool {
 impl Daemon {
     /// Opens the state, cleans up what a previous daemon left, and returns the daemon.
     pub fn open(config: Config, zygote: Zygote) -> Result<Arc<Daemon>, StartError> {
-        std::fs::create_dir_all(config.store_dir().join("sandboxes")).map_err(|e| start_err("create store dirs", e))?;
-        let store = Store::open(&config.state_dir.join("deltabox.db")).map_err(|e| start_err("open database", e))?;
-        let cgroups = CgroupManager::detect(&format!("deltabox/{}", config.instance_tag())).map_err(|e| start_err("cgroups", e))?;
-        let images = ImageStore::new(config.store_dir().join("images"), zygote.host_root(), vec![config.state_dir.clone()]);
-        let d = Arc::new(Daemon { config, zygote: Arc::new(zygote), cgroups, images, store, live: RwLock::new(HashMap::new()) });
+        std::fs::create_dir_all(config.store_dir().join("sandboxes"))
+            .map_err(|e| start_err("create store dirs", e))?;
+        let store = Store::open(&config.state_dir.join("deltabox.db"))
+            .map_err(|e| start_err("open database", e))?;
+        let cgroups = CgroupManager::detect(&format!("deltabox/{}", config.instance_tag()))
+            .map_err(|e| start_err("cgroups", e))?;
+        let images = ImageStore::new(
+            config.store_dir().join("images"),
+            zygote.host_root(),
+            vec![config.state_dir.clone()],
+        );
+        let d = Arc::new(Daemon {
+            config,
+            zygote: Arc::new(zygote),
+            cgroups,
+            images,
+            store,
+            live: RwLock::new(HashMap::new()),
+        });
         d.recover();
         Ok(d)
     }
@@ -63,7 +89,11 @@ impl Daemon {
         for s in &known {
             if s.status == "running" || s.status == "paused" {
                 let _ = self.cgroups.open(&s.id).destroy();
-                let _ = self.store.set_status(&s.id, "lost", Some("the daemon restarted; its processes were stopped"));
+                let _ = self.store.set_status(
+                    &s.id,
+                    "lost",
+                    Some("the daemon restarted; its processes were stopped"),
+                );
             }
         }
         // Nothing runs yet, so every cgroup under our parent is a leftover.
@@ -83,7 +113,11 @@ impl Daemon {
     /// Health summary.
     pub async fn health(&self) -> api::Health {
         api::Health {
-            status: if self.zygote.is_alive() { "ok".into() } else { "degraded: zygote exited".into() },
+            status: if self.zygote.is_alive() {
+                "ok".into()
+            } else {
+                "degraded: zygote exited".into()
+            },
             version: env!("CARGO_PKG_VERSION").into(),
             cgroup: self.cgroup_version().into(),
             sandboxes: self.store.list().map(|l| l.len()).unwrap_or(0),
@@ -110,7 +144,11 @@ impl Daemon {
         let network = match req.network.as_deref() {
             None | Some("none") => NetworkMode::None,
             Some("host") => NetworkMode::Host,
-            Some(other) => return Err(ApiError::invalid(format!("unknown network mode {other:?} (none or host)"))),
+            Some(other) => {
+                return Err(ApiError::invalid(format!(
+                    "unknown network mode {other:?} (none or host)"
+                )))
+            }
         };
         let id = random_id("");
         let images = self.images.clone();
@@ -128,13 +166,19 @@ impl Daemon {
                 upper.join("etc/hosts"),
                 format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"),
             )?;
-            Ok(LayerStack { lowers: image.layers.clone(), upper, work: dir.join("work") })
+            Ok(LayerStack {
+                lowers: image.layers.clone(),
+                upper,
+                work: dir.join("work"),
+            })
         })();
         let layers = match prepared {
             Ok(l) => l,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(ApiError::internal(format!("prepare sandbox directory: {e}")));
+                return Err(ApiError::internal(format!(
+                    "prepare sandbox directory: {e}"
+                )));
             }
         };
         let cgroup = match self.cgroups.create(&id, &limits) {
@@ -212,7 +256,9 @@ impl Daemon {
             if removed.is_some() {
                 let cg = sb.cgroup.clone();
                 let _ = blocking(move || cg.destroy()).await;
-                let _ = d.store.set_status(&sb.id, "exited", Some("the sandbox's init process exited"));
+                let _ =
+                    d.store
+                        .set_status(&sb.id, "exited", Some("the sandbox's init process exited"));
             }
         });
         Ok(info)
@@ -228,7 +274,11 @@ impl Daemon {
         match self.store.get(id)? {
             Some(s) => Err(ApiError::conflict(
                 "sandbox_not_running",
-                format!("sandbox {id} is {}{}", s.status, s.reason.map(|r| format!(": {r}")).unwrap_or_default()),
+                format!(
+                    "sandbox {id} is {}{}",
+                    s.status,
+                    s.reason.map(|r| format!(": {r}")).unwrap_or_default()
+                ),
             )),
             None => Err(ApiError::not_found(format!("no sandbox {id:?}"))),
         }
@@ -256,7 +306,10 @@ impl Daemon {
         if !valid_id(id) {
             return Err(ApiError::not_found(format!("no sandbox {id:?}")));
         }
-        let info = self.store.get(id)?.ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))?;
+        let info = self
+            .store
+            .get(id)?
+            .ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))?;
         Ok(self.decorate(info).await)
     }
 
@@ -311,19 +364,30 @@ impl Daemon {
 
     fn check_running(sb: &Sandbox) -> Result<(), ApiError> {
         if sb.cgroup.is_frozen() {
-            return Err(ApiError::conflict("sandbox_paused", format!("sandbox {} is paused", sb.id)));
+            return Err(ApiError::conflict(
+                "sandbox_paused",
+                format!("sandbox {} is paused", sb.id),
+            ));
         }
         Ok(())
     }
 
     /// Runs a one-shot command; with `sink`, streams its output.
-    pub async fn exec(&self, id: &str, body: ExecBody, sink: Option<mpsc::Sender<deltabox_runtime::OutputEvent>>) -> Result<ExecResult, ApiError> {
+    pub async fn exec(
+        &self,
+        id: &str,
+        body: ExecBody,
+        sink: Option<mpsc::Sender<deltabox_runtime::OutputEvent>>,
+    ) -> Result<ExecResult, ApiError> {
         let sb = self.live(id).await?;
         Self::check_running(&sb)?;
         if body.argv.is_empty() || body.argv[0].is_empty() {
             return Err(ApiError::invalid("argv must name a program"));
         }
-        let max_output = body.max_output_bytes.unwrap_or(api::DEFAULT_MAX_OUTPUT).min(api::MAX_MAX_OUTPUT);
+        let max_output = body
+            .max_output_bytes
+            .unwrap_or(api::DEFAULT_MAX_OUTPUT)
+            .min(api::MAX_MAX_OUTPUT);
         let req = ExecRequest {
             env: sb.base_env(&body.env),
             cwd: body.cwd.clone().unwrap_or_else(|| sb.default_cwd()),
@@ -334,8 +398,14 @@ impl Daemon {
         };
         let ooms = sb.cgroup.oom_kills();
         let out = deltabox_runtime::exec::run(&sb.handle, req, sink).await?;
-        let status = out.status.unwrap_or(deltabox_runtime::protocol::ExitStatus { code: None, signal: None });
-        let oom_killed = status.signal == Some(libc::SIGKILL) && !out.timed_out && sb.cgroup.oom_kills() > ooms;
+        let status = out
+            .status
+            .unwrap_or(deltabox_runtime::protocol::ExitStatus {
+                code: None,
+                signal: None,
+            });
+        let oom_killed =
+            status.signal == Some(libc::SIGKILL) && !out.timed_out && sb.cgroup.oom_kills() > ooms;
         Ok(ExecResult {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -350,14 +420,23 @@ impl Daemon {
     }
 
     /// Starts a persistent session.
-    pub async fn start_session(&self, id: &str, body: api::StartSession) -> Result<SessionInfo, ApiError> {
+    pub async fn start_session(
+        &self,
+        id: &str,
+        body: api::StartSession,
+    ) -> Result<SessionInfo, ApiError> {
         let sb = self.live(id).await?;
         Self::check_running(&sb)?;
         let kind: SessionKind = body.kind.parse()?;
         let cwd = body.cwd.clone().unwrap_or_else(|| sb.default_cwd());
         let session = Session::start(&sb.handle, kind, sb.base_env(&body.env), cwd).await?;
         let sid = random_id("s-");
-        let info = SessionInfo { id: sid.clone(), kind: kind.to_string(), pid: session.pid(), alive: true };
+        let info = SessionInfo {
+            id: sid.clone(),
+            kind: kind.to_string(),
+            pid: session.pid(),
+            alive: true,
+        };
         sb.sessions.lock().await.insert(sid, Arc::new(session));
         Ok(info)
     }
@@ -368,24 +447,34 @@ impl Daemon {
         let sessions = sb.sessions.lock().await;
         let mut out: Vec<SessionInfo> = sessions
             .iter()
-            .map(|(sid, s)| SessionInfo { id: sid.clone(), kind: s.kind().to_string(), pid: s.pid(), alive: s.is_alive() })
+            .map(|(sid, s)| SessionInfo {
+                id: sid.clone(),
+                kind: s.kind().to_string(),
+                pid: s.pid(),
+                alive: s.is_alive(),
+            })
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
 
     /// Runs a command in a session.
-    pub async fn run_in_session(&self, id: &str, sid: &str, body: api::RunInSession) -> Result<SessionResult, ApiError> {
+    pub async fn run_in_session(
+        &self,
+        id: &str,
+        sid: &str,
+        body: api::RunInSession,
+    ) -> Result<SessionResult, ApiError> {
         let sb = self.live(id).await?;
         Self::check_running(&sb)?;
-        let session = sb
-            .sessions
-            .lock()
-            .await
-            .get(sid)
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(format!("no session {sid:?} in sandbox {id}")))?;
-        let max_output = body.max_output_bytes.unwrap_or(api::DEFAULT_MAX_OUTPUT).min(api::MAX_MAX_OUTPUT);
+        let session =
+            sb.sessions.lock().await.get(sid).cloned().ok_or_else(|| {
+                ApiError::not_found(format!("no session {sid:?} in sandbox {id}"))
+            })?;
+        let max_output = body
+            .max_output_bytes
+            .unwrap_or(api::DEFAULT_MAX_OUTPUT)
+            .min(api::MAX_MAX_OUTPUT);
         let timeout = Duration::from_millis(body.timeout_ms.unwrap_or(60_000));
         let out = session.run(body.command, timeout, max_output).await?;
         Ok(SessionResult {
@@ -404,7 +493,9 @@ impl Daemon {
     pub async fn stop_session(&self, id: &str, sid: &str) -> Result<(), ApiError> {
         let sb = self.live(id).await?;
         let removed = sb.sessions.lock().await.remove(sid);
-        removed.map(|_| ()).ok_or_else(|| ApiError::not_found(format!("no session {sid:?} in sandbox {id}")))
+        removed
+            .map(|_| ())
+            .ok_or_else(|| ApiError::not_found(format!("no session {sid:?} in sandbox {id}")))
     }
 
     /// Stops every sandbox (daemon shutdown); they are recorded as `lost`.
@@ -413,7 +504,11 @@ impl Daemon {
         for (id, sb) in all {
             let cg = sb.cgroup.clone();
             let _ = blocking(move || cg.destroy()).await;
-            let _ = self.store.set_status(&id, "lost", Some("the daemon stopped; its processes were stopped"));
+            let _ = self.store.set_status(
+                &id,
+                "lost",
+                Some("the daemon stopped; its processes were stopped"),
+            );
         }
         self.cgroups.remove_parent();
     }

@@ -18,19 +18,35 @@ pub struct ApiError {
 impl ApiError {
     /// 404.
     pub fn not_found(what: impl std::fmt::Display) -> ApiError {
-        ApiError { status: StatusCode::NOT_FOUND, code: "not_found", message: what.to_string() }
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            message: what.to_string(),
+        }
     }
     /// 400.
     pub fn invalid(msg: impl std::fmt::Display) -> ApiError {
-        ApiError { status: StatusCode::BAD_REQUEST, code: "invalid_request", message: msg.to_string() }
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_request",
+            message: msg.to_string(),
+        }
     }
     /// 409.
     pub fn conflict(code: &'static str, msg: impl std::fmt::Display) -> ApiError {
-        ApiError { status: StatusCode::CONFLICT, code, message: msg.to_string() }
+        ApiError {
+            status: StatusCode::CONFLICT,
+            code,
+            message: msg.to_string(),
+        }
     }
     /// 500.
     pub fn internal(msg: impl std::fmt::Display) -> ApiError {
-        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, code: "internal", message: msg.to_string() }
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal",
+            message: msg.to_string(),
+        }
     }
 }
 
@@ -39,11 +55,23 @@ impl From<deltabox_runtime::Error> for ApiError {
         use deltabox_runtime::Error as E;
         match &e {
             E::Invalid(_) => ApiError::invalid(&e),
-            E::Spawn(_) => ApiError { status: StatusCode::BAD_REQUEST, code: "spawn_failed", message: e.to_string() },
+            E::Spawn(_) => ApiError {
+                status: StatusCode::BAD_REQUEST,
+                code: "spawn_failed",
+                message: e.to_string(),
+            },
             E::SandboxDead => ApiError::conflict("sandbox_not_running", &e),
             E::SessionDead => ApiError::conflict("session_ended", &e),
-            E::Fs(deltabox_fs::Error::BadImage { .. }) => ApiError { status: StatusCode::BAD_REQUEST, code: "bad_image", message: e.to_string() },
-            E::Fs(deltabox_fs::Error::CorruptImage { .. }) => ApiError { status: StatusCode::BAD_REQUEST, code: "corrupt_image", message: e.to_string() },
+            E::Fs(deltabox_fs::Error::BadImage { .. }) => ApiError {
+                status: StatusCode::BAD_REQUEST,
+                code: "bad_image",
+                message: e.to_string(),
+            },
+            E::Fs(deltabox_fs::Error::CorruptImage { .. }) => ApiError {
+                status: StatusCode::BAD_REQUEST,
+                code: "corrupt_image",
+                message: e.to_string(),
+            },
             _ => ApiError::internal(&e),
         }
     }
@@ -70,6 +98,12 @@ pub struct StartError {
     source: Box<dyn std::error::Error + Send + Sync>,
 }
 
-pub(crate) fn start_err(what: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> StartError {
-    StartError { what, source: Box::new(e) }
+pub(crate) fn start_err(
+    what: &'static str,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> StartError {
+    StartError {
+        what,
+        source: Box::new(e),
+    }
 }

@@ -33,7 +33,10 @@ impl Sandbox {
     /// The environment a command starts with: sane defaults, then the image's, then the request's.
     pub fn base_env(&self, extra: &std::collections::BTreeMap<String, String>) -> Vec<String> {
         let mut env: Vec<(String, String)> = vec![
-            ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+            (
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            ),
             ("HOME".into(), "/root".into()),
             ("LANG".into(), "C.UTF-8".into()),
             ("TERM".into(), "dumb".into()),
@@ -60,6 +63,9 @@ impl Sandbox {
 
     /// Default working directory.
     pub fn default_cwd(&self) -> String {
-        self.image_config.working_dir.clone().unwrap_or_else(|| "/root".into())
+        self.image_config
+            .working_dir
+            .clone()
+            .unwrap_or_else(|| "/root".into())
     }
 }

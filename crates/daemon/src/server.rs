@@ -27,8 +27,14 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state)
             .await
-            .map_err(|e| ApiError { status: e.status(), code: "invalid_request", message: e.body_text() })?;
-        serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+            .map_err(|e| ApiError {
+                status: e.status(),
+                code: "invalid_request",
+                message: e.body_text(),
+            })?;
+        serde_json::from_slice(&bytes)
+            .map(ApiJson)
+            .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
     }
 }
 
@@ -44,9 +50,18 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/sandboxes/{id}/resume", post(resume))
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .route("/v1/sandboxes/{id}/exec/stream", post(exec_stream))
-        .route("/v1/sandboxes/{id}/sessions", get(list_sessions).post(start_session))
-        .route("/v1/sandboxes/{id}/sessions/{sid}", axum::routing::delete(stop_session))
-        .route("/v1/sandboxes/{id}/sessions/{sid}/run", post(run_in_session))
+        .route(
+            "/v1/sandboxes/{id}/sessions",
+            get(list_sessions).post(start_session),
+        )
+        .route(
+            "/v1/sandboxes/{id}/sessions/{sid}",
+            axum::routing::delete(stop_session),
+        )
+        .route(
+            "/v1/sandboxes/{id}/sessions/{sid}/run",
+            post(run_in_session),
+        )
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(d)
@@ -60,7 +75,10 @@ async fn list(State(d): D) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(d.list().await?))
 }
 
-async fn create(State(d): D, ApiJson(body): ApiJson<CreateSandbox>) -> Result<impl IntoResponse, ApiError> {
+async fn create(
+    State(d): D,
+    ApiJson(body): ApiJson<CreateSandbox>,
+) -> Result<impl IntoResponse, ApiError> {
     Ok((StatusCode::CREATED, Json(d.create(body).await?)))
 }
 
@@ -81,7 +99,11 @@ async fn resume(State(d): D, Path(id): Path<String>) -> Result<impl IntoResponse
     Ok(Json(d.resume(&id).await?))
 }
 
-async fn exec(State(d): D, Path(id): Path<String>, ApiJson(body): ApiJson<ExecBody>) -> Result<impl IntoResponse, ApiError> {
+async fn exec(
+    State(d): D,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ExecBody>,
+) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(d.exec(&id, body, None).await?))
 }
 
@@ -93,7 +115,11 @@ fn ndjson(ev: &StreamEvent) -> Bytes {
 
 /// Streams output as NDJSON lines (`stdout`/`stderr` with base64 data, then `exit` or `error`). If the client
 /// disconnects, the command's process group is killed.
-async fn exec_stream(State(d): D, Path(id): Path<String>, ApiJson(body): ApiJson<ExecBody>) -> Result<Response, ApiError> {
+async fn exec_stream(
+    State(d): D,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ExecBody>,
+) -> Result<Response, ApiError> {
     // Fail fast (with a proper status code) on what can be checked before streaming starts.
     d.get(&id).await?;
     let (out_tx, mut out_rx) = mpsc::channel::<deltabox_runtime::OutputEvent>(64);
@@ -103,8 +129,12 @@ async fn exec_stream(State(d): D, Path(id): Path<String>, ApiJson(body): ApiJson
         let b64 = base64::engine::general_purpose::STANDARD;
         while let Some(ev) = out_rx.recv().await {
             let line = match ev {
-                deltabox_runtime::OutputEvent::Stdout(d) => ndjson(&StreamEvent::Stdout { data: b64.encode(d) }),
-                deltabox_runtime::OutputEvent::Stderr(d) => ndjson(&StreamEvent::Stderr { data: b64.encode(d) }),
+                deltabox_runtime::OutputEvent::Stdout(d) => ndjson(&StreamEvent::Stdout {
+                    data: b64.encode(d),
+                }),
+                deltabox_runtime::OutputEvent::Stderr(d) => ndjson(&StreamEvent::Stderr {
+                    data: b64.encode(d),
+                }),
             };
             if relay_tx.send(line).await.is_err() {
                 // The client went away: dropping out_rx makes exec kill the command.
@@ -121,18 +151,26 @@ async fn exec_stream(State(d): D, Path(id): Path<String>, ApiJson(body): ApiJson
                 r.stderr.clear();
                 StreamEvent::Exit(r)
             }
-            Err(e) => StreamEvent::Error { code: e.code.into(), message: e.message },
+            Err(e) => StreamEvent::Error {
+                code: e.code.into(),
+                message: e.message,
+            },
         };
         let _ = line_tx.send(ndjson(&last)).await;
     });
-    let stream = tokio_stream::wrappers::ReceiverStream::new(line_rx).map(Ok::<_, std::convert::Infallible>);
-    Ok(Response::builder()
+    let stream =
+        tokio_stream::wrappers::ReceiverStream::new(line_rx).map(Ok::<_, std::convert::Infallible>);
+    Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(stream))
-        .map_err(ApiError::internal)?)
+        .map_err(ApiError::internal)
 }
 
-async fn start_session(State(d): D, Path(id): Path<String>, ApiJson(body): ApiJson<StartSession>) -> Result<impl IntoResponse, ApiError> {
+async fn start_session(
+    State(d): D,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<StartSession>,
+) -> Result<impl IntoResponse, ApiError> {
     Ok((StatusCode::CREATED, Json(d.start_session(&id, body).await?)))
 }
 
@@ -148,7 +186,10 @@ async fn run_in_session(
     Ok(Json(d.run_in_session(&id, &sid, body).await?))
 }
 
-async fn stop_session(State(d): D, Path((id, sid)): Path<(String, String)>) -> Result<impl IntoResponse, ApiError> {
+async fn stop_session(
+    State(d): D,
+    Path((id, sid)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
     d.stop_session(&id, &sid).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -166,7 +207,11 @@ pub async fn require_token(
         .and_then(|v| v.strip_prefix("Bearer "))
         .is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
     if !ok {
-        return Err(ApiError { status: StatusCode::UNAUTHORIZED, code: "unauthorized", message: "missing or wrong bearer token".into() });
+        return Err(ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            code: "unauthorized",
+            message: "missing or wrong bearer token".into(),
+        });
     }
     Ok(next.run(req).await)
 }
@@ -177,7 +222,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Serves the API until `shutdown` resolves: always on the unix socket, and on TCP (token required) if
 /// configured.
-pub async fn serve(d: Arc<Daemon>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn serve(
+    d: Arc<Daemon>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let sock = d.config.socket.clone();
     if let Some(parent) = sock.parent() {
@@ -192,10 +240,17 @@ pub async fn serve(d: Arc<Daemon>, shutdown: impl std::future::Future<Output = (
     let tcp_task = match (d.config.tcp, d.config.token.clone()) {
         (Some(addr), Some(token)) => {
             let tcp = tokio::net::TcpListener::bind(addr).await?;
-            let app = app.clone().layer(axum::middleware::from_fn_with_state(Arc::new(token), require_token));
+            let app = app.clone().layer(axum::middleware::from_fn_with_state(
+                Arc::new(token),
+                require_token,
+            ));
             let mut rx = stop_rx.clone();
             Some(tokio::spawn(async move {
-                let _ = axum::serve(tcp, app).with_graceful_shutdown(async move { let _ = rx.wait_for(|s| *s).await; }).await;
+                let _ = axum::serve(tcp, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    })
+                    .await;
             }))
         }
         (Some(_), None) => return Err(std::io::Error::other("TCP listening needs a token")),
@@ -206,7 +261,11 @@ pub async fn serve(d: Arc<Daemon>, shutdown: impl std::future::Future<Output = (
         let _ = stop_tx.send(true);
     });
     let mut rx = stop_rx.clone();
-    axum::serve(listener, app).with_graceful_shutdown(async move { let _ = rx.wait_for(|s| *s).await; }).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = rx.wait_for(|s| *s).await;
+        })
+        .await?;
     if let Some(t) = tcp_task {
         let _ = t.await;
     }

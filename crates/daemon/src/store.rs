@@ -38,7 +38,9 @@ impl Store {
                 network TEXT NOT NULL
              );",
         )?;
-        Ok(Store { conn: Mutex::new(conn) })
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -67,14 +69,23 @@ impl Store {
     }
 
     /// Updates status and reason.
-    pub fn set_status(&self, id: &str, status: &str, reason: Option<&str>) -> Result<(), StoreError> {
-        self.conn().execute("UPDATE sandboxes SET status = ?2, reason = ?3 WHERE id = ?1", params![id, status, reason])?;
+    pub fn set_status(
+        &self,
+        id: &str,
+        status: &str,
+        reason: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET status = ?2, reason = ?3 WHERE id = ?1",
+            params![id, status, reason],
+        )?;
         Ok(())
     }
 
     /// Removes a sandbox's record.
     pub fn delete(&self, id: &str) -> Result<(), StoreError> {
-        self.conn().execute("DELETE FROM sandboxes WHERE id = ?1", params![id])?;
+        self.conn()
+            .execute("DELETE FROM sandboxes WHERE id = ?1", params![id])?;
         Ok(())
     }
 

@@ -16,23 +16,34 @@ use crate::error::{start_err, StartError};
 pub const DEFAULT_SIZE: u64 = 64 << 30;
 
 fn is_mountpoint(path: &Path) -> bool {
-    let Ok(canon) = std::fs::canonicalize(path) else { return false };
+    let Ok(canon) = std::fs::canonicalize(path) else {
+        return false;
+    };
     std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|info| info.lines().any(|l| l.split(' ').nth(4) == Some(canon.to_string_lossy().as_ref())))
+        .map(|info| {
+            info.lines()
+                .any(|l| l.split(' ').nth(4) == Some(canon.to_string_lossy().as_ref()))
+        })
         .unwrap_or(false)
 }
 
 fn run(cmd: &mut Command) -> Result<(), StartError> {
     let out = cmd.output().map_err(|e| start_err("run mkfs/mount", e))?;
     if !out.status.success() {
-        let msg = format!("{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr).trim());
+        let msg = format!(
+            "{:?} failed: {}",
+            cmd,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
         return Err(start_err("layer store", std::io::Error::other(msg)));
     }
     Ok(())
 }
 
 fn free_bytes(dir: &Path) -> u64 {
-    rustix::fs::statvfs(dir).map(|s| s.f_bavail * s.f_frsize).unwrap_or(u64::MAX)
+    rustix::fs::statvfs(dir)
+        .map(|s| s.f_bavail * s.f_frsize)
+        .unwrap_or(u64::MAX)
 }
 
 /// Mounts the store (creating its image the first time) and returns its mountpoint. Idempotent: a store left
@@ -53,17 +64,28 @@ pub fn ensure_mounted(state_dir: &Path) -> Result<PathBuf, StartError> {
         let size = want.min(free_bytes(state_dir) / 10 * 9).max(512 << 20);
         let tmp = state_dir.join("store.img.tmp");
         let f = std::fs::File::create(&tmp).map_err(|e| start_err("create store image", e))?;
-        f.set_len(size).map_err(|e| start_err("size store image", e))?;
+        f.set_len(size)
+            .map_err(|e| start_err("size store image", e))?;
         drop(f);
-        let xfs = Command::new("mkfs.xfs").arg("-V").output().is_ok_and(|o| o.status.success());
+        let xfs = Command::new("mkfs.xfs")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
         if xfs {
-            run(Command::new("mkfs.xfs").args(["-q", "-f", "-m", "reflink=1"]).arg(&tmp))?;
+            run(Command::new("mkfs.xfs")
+                .args(["-q", "-f", "-m", "reflink=1"])
+                .arg(&tmp))?;
         } else {
-            run(Command::new("mkfs.ext4").args(["-q", "-F", "-O", "^has_journal"]).arg(&tmp))?;
+            run(Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-O", "^has_journal"])
+                .arg(&tmp))?;
         }
         std::fs::rename(&tmp, &img).map_err(|e| start_err("store image", e))?;
     }
-    run(Command::new("mount").args(["-o", "loop,noatime"]).arg(&img).arg(&mnt))?;
+    run(Command::new("mount")
+        .args(["-o", "loop,noatime"])
+        .arg(&img)
+        .arg(&mnt))?;
     Ok(mnt)
 }
 
@@ -77,13 +99,18 @@ pub fn unmount(state_dir: &Path) {
 
 /// Filesystem type of the store (for reports).
 pub fn fs_type(mnt: &Path) -> String {
-    let Ok(canon) = std::fs::canonicalize(mnt) else { return "?".into() };
+    let Ok(canon) = std::fs::canonicalize(mnt) else {
+        return "?".into();
+    };
     std::fs::read_to_string("/proc/self/mountinfo")
         .ok()
         .and_then(|info| {
-            info.lines().find(|l| l.split(' ').nth(4) == Some(canon.to_string_lossy().as_ref())).and_then(|l| {
-                l.split_once(" - ").and_then(|(_, post)| post.split(' ').next().map(str::to_string))
-            })
+            info.lines()
+                .find(|l| l.split(' ').nth(4) == Some(canon.to_string_lossy().as_ref()))
+                .and_then(|l| {
+                    l.split_once(" - ")
+                        .and_then(|(_, post)| post.split(' ').next().map(str::to_string))
+                })
         })
         .unwrap_or_else(|| "?".into())
 }

@@ -16,15 +16,26 @@ pub enum Error {
     CorruptImage { path: PathBuf, reason: String },
     /// A filesystem operation failed.
     #[error("{what} {path}: {source}")]
-    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// Mounting an overlay failed; `detail` carries the kernel's fs_context log when there is one.
     #[error("mount overlay on {target}: {source}{detail}")]
-    Mount { target: PathBuf, source: std::io::Error, detail: String },
+    Mount {
+        target: PathBuf,
+        source: std::io::Error,
+        detail: String,
+    },
 }
 
 impl Error {
     /// Wraps an I/O error with the operation and path it concerns.
-    pub fn io(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    pub fn io(
+        what: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
         move |source| Error::Io { what, path, source }
     }

@@ -16,7 +16,9 @@ use crate::whiteout::{make_opaque, make_whiteout};
 use crate::{Error, Result};
 
 /// Top-level host directories a default sandbox sees (read-only; writes copy up into the sandbox's layer).
-pub const VISIBLE: &[&str] = &["usr", "etc", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "opt"];
+pub const VISIBLE: &[&str] = &[
+    "usr", "etc", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "opt",
+];
 
 /// Top-level directories present but empty (mountpoints and per-sandbox state), with their modes.
 pub const EMPTY: &[(&str, u32)] = &[
@@ -75,10 +77,16 @@ fn plan(host_root: &Path, extra_hidden: &[PathBuf]) -> Result<BTreeSet<MaskEntry
     for secret in SECRETS {
         if let Some(prefix) = secret.strip_suffix('*') {
             let rel = Path::new(prefix);
-            let (dir, stem) = (rel.parent().unwrap_or(Path::new("")), rel.file_name().unwrap_or_default());
+            let (dir, stem) = (
+                rel.parent().unwrap_or(Path::new("")),
+                rel.file_name().unwrap_or_default(),
+            );
             if let Ok(list) = std::fs::read_dir(host_root.join(dir)) {
                 for e in list.flatten() {
-                    if e.file_name().to_string_lossy().starts_with(&*stem.to_string_lossy()) {
+                    if e.file_name()
+                        .to_string_lossy()
+                        .starts_with(&*stem.to_string_lossy())
+                    {
                         entries.insert(MaskEntry::Whiteout(dir.join(e.file_name())));
                     }
                 }
@@ -88,8 +96,14 @@ fn plan(host_root: &Path, extra_hidden: &[PathBuf]) -> Result<BTreeSet<MaskEntry
         }
     }
     for hidden in extra_hidden {
-        let rel: PathBuf = hidden.components().filter(|c| matches!(c, Component::Normal(_))).collect();
-        let first = rel.components().next().map(|c| c.as_os_str().to_string_lossy().into_owned());
+        let rel: PathBuf = hidden
+            .components()
+            .filter(|c| matches!(c, Component::Normal(_)))
+            .collect();
+        let first = rel
+            .components()
+            .next()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned());
         // Only paths under a visible directory need hiding; everything else is masked already.
         if first.is_some_and(|f| VISIBLE.contains(&f.as_str())) && rel.components().count() > 1 {
             entries.insert(MaskEntry::Whiteout(rel));
@@ -102,7 +116,11 @@ fn plan(host_root: &Path, extra_hidden: &[PathBuf]) -> Result<BTreeSet<MaskEntry
 ///
 /// The directory name is a hash of the mask, so concurrent daemons and running sandboxes never see a mask layer
 /// change under them.
-pub fn build_mask_layer(host_root: &Path, layers_dir: &Path, extra_hidden: &[PathBuf]) -> Result<PathBuf> {
+pub fn build_mask_layer(
+    host_root: &Path,
+    layers_dir: &Path,
+    extra_hidden: &[PathBuf],
+) -> Result<PathBuf> {
     let entries = plan(host_root, extra_hidden)?;
     let mut hasher = Sha256::new();
     for e in &entries {
@@ -117,7 +135,8 @@ pub fn build_mask_layer(host_root: &Path, layers_dir: &Path, extra_hidden: &[Pat
     let tmp = layers_dir.join(format!(".hostmask-{digest}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(Error::io("create", &tmp))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).map_err(Error::io("chmod", &tmp))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+        .map_err(Error::io("chmod", &tmp))?;
     for e in &entries {
         match e {
             MaskEntry::Whiteout(rel) => {
@@ -127,7 +146,10 @@ pub fn build_mask_layer(host_root: &Path, layers_dir: &Path, extra_hidden: &[Pat
             MaskEntry::EmptyDir(rel, mode) => {
                 ensure_parents(&tmp, host_root, rel)?;
                 let path = tmp.join(rel);
-                std::fs::DirBuilder::new().mode(*mode).create(&path).map_err(Error::io("create", &path))?;
+                std::fs::DirBuilder::new()
+                    .mode(*mode)
+                    .create(&path)
+                    .map_err(Error::io("create", &path))?;
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode))
                     .map_err(Error::io("chmod", &path))?;
                 if rel.components().count() == 1 {
@@ -158,14 +180,21 @@ fn ensure_parents(layer: &Path, host_root: &Path, rel: &Path) -> Result<()> {
         if path.exists() {
             continue;
         }
-        let mode = std::fs::metadata(host_root.join(&cur)).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o755);
-        std::fs::DirBuilder::new().mode(mode).create(&path).map_err(Error::io("create", &path))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(Error::io("chmod", &path))?;
+        let mode = std::fs::metadata(host_root.join(&cur))
+            .map(|m| m.permissions().mode() & 0o7777)
+            .unwrap_or(0o755);
+        std::fs::DirBuilder::new()
+            .mode(mode)
+            .create(&path)
+            .map_err(Error::io("create", &path))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .map_err(Error::io("chmod", &path))?;
     }
     Ok(())
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::whiteout::is_whiteout;
@@ -173,10 +202,22 @@ mod tests {
     #[test]
     fn mask_hides_everything_but_system_dirs() {
         let host = tempfile::tempdir().unwrap();
-        for d in ["usr", "etc/ssh", "home/alice", "work", "var/lib/deltabox", "opt/state/x"] {
+        for d in [
+            "usr",
+            "etc/ssh",
+            "home/alice",
+            "work",
+            "var/lib/deltabox",
+            "opt/state/x",
+        ] {
             std::fs::create_dir_all(host.path().join(d)).unwrap();
         }
-        for f in ["etc/shadow", "etc/ssh/ssh_host_ed25519_key", "etc/ssh/ssh_config", "secret.txt"] {
+        for f in [
+            "etc/shadow",
+            "etc/ssh/ssh_host_ed25519_key",
+            "etc/ssh/ssh_config",
+            "secret.txt",
+        ] {
             std::fs::write(host.path().join(f), "x").unwrap();
         }
         let layers = tempfile::tempdir().unwrap();
@@ -188,10 +229,27 @@ mod tests {
         assert!(is_whiteout(&mask.join("etc/ssh/ssh_host_ed25519_key")));
         assert!(!mask.join("etc/ssh/ssh_config").exists());
         assert!(is_whiteout(&mask.join("opt/state")));
-        assert!(mask.join("home").is_dir() && std::fs::read_dir(mask.join("home")).unwrap().next().is_none());
-        assert_eq!(rustix::fs::getxattr(mask.join("home").as_path(), "user.overlay.opaque", &mut [0u8; 4]).unwrap(), 1);
+        assert!(
+            mask.join("home").is_dir()
+                && std::fs::read_dir(mask.join("home"))
+                    .unwrap()
+                    .next()
+                    .is_none()
+        );
+        assert_eq!(
+            rustix::fs::getxattr(
+                mask.join("home").as_path(),
+                "user.overlay.opaque",
+                &mut [0u8; 4]
+            )
+            .unwrap(),
+            1
+        );
         assert!(!mask.join("usr").exists());
         // Same host, same mask: reused, not rebuilt.
-        assert_eq!(build_mask_layer(host.path(), layers.path(), &hidden).unwrap(), mask);
+        assert_eq!(
+            build_mask_layer(host.path(), layers.path(), &hidden).unwrap(),
+            mask
+        );
     }
 }

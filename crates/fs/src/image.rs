@@ -38,14 +38,29 @@ pub struct ImageStore {
 
 /// Directories every sandbox root needs as mountpoints; provided by a tiny shared layer so they never have to be
 /// created in (and so written into) a sandbox's writable layer.
-const SKELETON: &[(&str, u32)] = &[("proc", 0o555), ("dev", 0o755), ("sys", 0o555), ("tmp", 0o1777), ("etc", 0o755), ("root", 0o700)];
+const SKELETON: &[(&str, u32)] = &[
+    ("proc", 0o555),
+    ("dev", 0o755),
+    ("sys", 0o555),
+    ("tmp", 0o1777),
+    ("etc", 0o755),
+    ("root", 0o700),
+];
 
 impl ImageStore {
     /// `root`: where images and shared layers live. `host_root`: a non-recursive bind mount of the host's `/`
     /// (the lowest layer of the default image). `hidden`: host paths to keep invisible even inside visible
     /// system directories (the daemon's state).
-    pub fn new(root: impl Into<PathBuf>, host_root: impl Into<PathBuf>, hidden: Vec<PathBuf>) -> Self {
-        ImageStore { root: root.into(), host_root: host_root.into(), hidden }
+    pub fn new(
+        root: impl Into<PathBuf>,
+        host_root: impl Into<PathBuf>,
+        hidden: Vec<PathBuf>,
+    ) -> Self {
+        ImageStore {
+            root: root.into(),
+            host_root: host_root.into(),
+            hidden,
+        }
     }
 
     /// Resolves an image reference: `None`/`"host"`, a directory, an OCI layout directory, or an archive file.
@@ -62,12 +77,20 @@ impl ImageStore {
                 })
             }
             Some(r) => {
-                let path = std::fs::canonicalize(r)
-                    .map_err(|e| Error::BadImage { path: r.into(), reason: e.to_string() })?;
+                let path = std::fs::canonicalize(r).map_err(|e| Error::BadImage {
+                    path: r.into(),
+                    reason: e.to_string(),
+                })?;
                 let skel = self.skeleton(&layers_dir)?;
-                if path.is_dir() && !path.join("oci-layout").exists() && !path.join("index.json").exists() {
+                if path.is_dir()
+                    && !path.join("oci-layout").exists()
+                    && !path.join("index.json").exists()
+                {
                     if path == Path::new("/") {
-                        return Err(Error::BadImage { path, reason: "use the default image for the host root".into() });
+                        return Err(Error::BadImage {
+                            path,
+                            reason: "use the default image for the host root".into(),
+                        });
                     }
                     return Ok(BaseImage {
                         reference: r.into(),
@@ -77,7 +100,12 @@ impl ImageStore {
                     });
                 }
                 let (digest, rootfs, config) = oci::unpack(&path, &self.root.join("oci"))?;
-                Ok(BaseImage { reference: r.into(), digest, layers: vec![skel, rootfs], config })
+                Ok(BaseImage {
+                    reference: r.into(),
+                    digest,
+                    layers: vec![skel, rootfs],
+                    config,
+                })
             }
         }
     }
@@ -93,9 +121,11 @@ impl ImageStore {
         for (name, mode) in SKELETON {
             let p = tmp.join(name);
             std::fs::create_dir_all(&p).map_err(Error::io("create", &p))?;
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).map_err(Error::io("chmod", &p))?;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode))
+                .map_err(Error::io("chmod", &p))?;
         }
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).map_err(Error::io("chmod", &tmp))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+            .map_err(Error::io("chmod", &tmp))?;
         if std::fs::rename(&tmp, &dir).is_err() {
             let _ = std::fs::remove_dir_all(&tmp);
         }

@@ -18,16 +18,25 @@ enum Source {
     /// An OCI image layout directory.
     Dir(PathBuf),
     /// A tar archive; entry name → (data offset, size).
-    Tar { file: PathBuf, index: HashMap<String, (u64, u64)> },
+    Tar {
+        file: PathBuf,
+        index: HashMap<String, (u64, u64)>,
+    },
 }
 
 impl Source {
     fn open(path: &Path) -> Result<Source> {
-        let meta = std::fs::metadata(path).map_err(|e| Error::BadImage { path: path.into(), reason: e.to_string() })?;
+        let meta = std::fs::metadata(path).map_err(|e| Error::BadImage {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
         if meta.is_dir() {
             return Ok(Source::Dir(path.to_path_buf()));
         }
-        let corrupt = |reason: String| Error::CorruptImage { path: path.into(), reason };
+        let corrupt = |reason: String| Error::CorruptImage {
+            path: path.into(),
+            reason,
+        };
         let file = File::open(path).map_err(Error::io("open", path))?;
         let mut archive = tar::Archive::new(BufReader::new(file));
         let mut index = HashMap::new();
@@ -36,13 +45,19 @@ impl Source {
             if entry.header().entry_type().is_file() {
                 let name = normalize(&entry.path().map_err(|e| corrupt(e.to_string()))?)
                     .ok_or_else(|| corrupt("entry path escapes the archive".into()))?;
-                index.insert(name.to_string_lossy().into_owned(), (entry.raw_file_position(), entry.size()));
+                index.insert(
+                    name.to_string_lossy().into_owned(),
+                    (entry.raw_file_position(), entry.size()),
+                );
             }
         }
         if index.is_empty() {
             return Err(corrupt("empty archive".into()));
         }
-        Ok(Source::Tar { file: path.to_path_buf(), index })
+        Ok(Source::Tar {
+            file: path.to_path_buf(),
+            index,
+        })
     }
 
     fn path(&self) -> &Path {
@@ -60,7 +75,10 @@ impl Source {
     }
 
     fn open_blob(&self, name: &str) -> Result<Box<dyn Read + '_>> {
-        let missing = || Error::CorruptImage { path: self.path().into(), reason: format!("missing {name}") };
+        let missing = || Error::CorruptImage {
+            path: self.path().into(),
+            reason: format!("missing {name}"),
+        };
         match self {
             Source::Dir(d) => {
                 let p = d.join(name);
@@ -70,10 +88,14 @@ impl Source {
             Source::Tar { file, index } => {
                 let &(off, size) = index.get(name).ok_or_else(missing)?;
                 let mut f = File::open(file).map_err(Error::io("open", file))?;
-                f.seek(SeekFrom::Start(off)).map_err(Error::io("seek", file))?;
+                f.seek(SeekFrom::Start(off))
+                    .map_err(Error::io("seek", file))?;
                 let len = f.metadata().map_err(Error::io("stat", file))?.len();
                 if off + size > len {
-                    return Err(Error::CorruptImage { path: file.clone(), reason: format!("{name} is truncated") });
+                    return Err(Error::CorruptImage {
+                        path: file.clone(),
+                        reason: format!("{name} is truncated"),
+                    });
                 }
                 Ok(Box::new(BufReader::new(f.take(size))))
             }
@@ -82,9 +104,13 @@ impl Source {
 
     fn read_json<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Result<T> {
         let mut buf = Vec::new();
-        self.open_blob(name)?.read_to_end(&mut buf).map_err(Error::io("read", self.path().join(name)))?;
-        serde_json::from_slice(&buf)
-            .map_err(|e| Error::CorruptImage { path: self.path().into(), reason: format!("{name}: {e}") })
+        self.open_blob(name)?
+            .read_to_end(&mut buf)
+            .map_err(Error::io("read", self.path().join(name)))?;
+        serde_json::from_slice(&buf).map_err(|e| Error::CorruptImage {
+            path: self.path().into(),
+            reason: format!("{name}: {e}"),
+        })
     }
 }
 
@@ -153,7 +179,10 @@ fn blob_name(digest: &str) -> Option<(String, String)> {
 }
 
 fn resolve(src: &Source) -> Result<Resolved> {
-    let corrupt = |reason: String| Error::CorruptImage { path: src.path().into(), reason };
+    let corrupt = |reason: String| Error::CorruptImage {
+        path: src.path().into(),
+        reason,
+    };
     if src.exists("index.json") {
         let mut index: Index = src.read_json("index.json")?;
         // Follow nested indexes; pick linux/amd64 (this machine) when several platforms are listed.
@@ -161,32 +190,50 @@ fn resolve(src: &Source) -> Result<Resolved> {
             let pick = index
                 .manifests
                 .iter()
-                .position(|d| d.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == "amd64"))
+                .position(|d| {
+                    d.platform
+                        .as_ref()
+                        .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+                })
                 .unwrap_or(0);
-            let desc = index.manifests.get(pick).ok_or_else(|| corrupt("index.json lists no manifest".into()))?;
-            let (name, _) = blob_name(&desc.digest).ok_or_else(|| corrupt(format!("bad digest {}", desc.digest)))?;
+            let desc = index
+                .manifests
+                .get(pick)
+                .ok_or_else(|| corrupt("index.json lists no manifest".into()))?;
+            let (name, _) = blob_name(&desc.digest)
+                .ok_or_else(|| corrupt(format!("bad digest {}", desc.digest)))?;
             if desc.media_type.contains("index") || desc.media_type.contains("manifest.list") {
                 index = src.read_json(&name)?;
                 continue;
             }
             let digest = desc.digest.clone();
             let manifest: Manifest = src.read_json(&name)?;
-            let (config_blob, _) =
-                blob_name(&manifest.config.digest).ok_or_else(|| corrupt("bad config digest".into()))?;
+            let (config_blob, _) = blob_name(&manifest.config.digest)
+                .ok_or_else(|| corrupt("bad config digest".into()))?;
             let mut layers = Vec::new();
             for l in &manifest.layers {
-                let (n, hex) = blob_name(&l.digest).ok_or_else(|| corrupt(format!("bad layer digest {}", l.digest)))?;
+                let (n, hex) = blob_name(&l.digest)
+                    .ok_or_else(|| corrupt(format!("bad layer digest {}", l.digest)))?;
                 layers.push((n, Some(hex)));
             }
-            return Ok(Resolved { digest, config_blob, layers });
+            return Ok(Resolved {
+                digest,
+                config_blob,
+                layers,
+            });
         }
         return Err(corrupt("index nesting too deep".into()));
     }
     if src.exists("manifest.json") {
         let manifests: Vec<DockerManifest> = src.read_json("manifest.json")?;
-        let m = manifests.into_iter().next().ok_or_else(|| corrupt("manifest.json is empty".into()))?;
+        let m = manifests
+            .into_iter()
+            .next()
+            .ok_or_else(|| corrupt("manifest.json is empty".into()))?;
         let mut config = Vec::new();
-        src.open_blob(&m.config)?.read_to_end(&mut config).map_err(Error::io("read", src.path()))?;
+        src.open_blob(&m.config)?
+            .read_to_end(&mut config)
+            .map_err(Error::io("read", src.path()))?;
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(&config)));
         let layers = m
             .layers
@@ -196,9 +243,15 @@ fn resolve(src: &Source) -> Result<Resolved> {
                 (l, hex)
             })
             .collect();
-        return Ok(Resolved { digest, config_blob: m.config, layers });
+        return Ok(Resolved {
+            digest,
+            config_blob: m.config,
+            layers,
+        });
     }
-    Err(corrupt("neither index.json (OCI) nor manifest.json (docker save) found".into()))
+    Err(corrupt(
+        "neither index.json (OCI) nor manifest.json (docker save) found".into(),
+    ))
 }
 
 /// Unpacks the image at `path` (OCI layout directory or archive) under `images_dir`, once per manifest digest.
@@ -206,11 +259,20 @@ fn resolve(src: &Source) -> Result<Resolved> {
 pub fn unpack(path: &Path, images_dir: &Path) -> Result<(String, PathBuf, ImageConfig)> {
     let src = Source::open(path)?;
     let resolved = resolve(&src)?;
-    let hex = resolved.digest.split_once(':').map(|(_, h)| h).unwrap_or(&resolved.digest).to_string();
+    let hex = resolved
+        .digest
+        .split_once(':')
+        .map(|(_, h)| h)
+        .unwrap_or(&resolved.digest)
+        .to_string();
     let final_dir = images_dir.join(format!("oci-{}", &hex[..hex.len().min(32)]));
     let config_path = final_dir.join("config.json");
     if final_dir.join("rootfs").is_dir() && config_path.is_file() {
-        return Ok((resolved.digest, final_dir.join("rootfs"), read_config(&config_path)?));
+        return Ok((
+            resolved.digest,
+            final_dir.join("rootfs"),
+            read_config(&config_path)?,
+        ));
     }
     std::fs::create_dir_all(images_dir).map_err(Error::io("create", images_dir))?;
     let tmp = images_dir.join(format!(".unpack-{hex}-{}", std::process::id()));
@@ -228,7 +290,8 @@ pub fn unpack(path: &Path, images_dir: &Path) -> Result<(String, PathBuf, ImageC
             working_dir: cc.working_dir.filter(|w| !w.is_empty()),
             cmd: cc.cmd.unwrap_or_default(),
         };
-        let json = serde_json::to_vec_pretty(&config).map_err(|e| Error::io("encode", &tmp)(e.into()))?;
+        let json =
+            serde_json::to_vec_pretty(&config).map_err(|e| Error::io("encode", &tmp)(e.into()))?;
         std::fs::write(tmp.join("config.json"), json).map_err(Error::io("write", &tmp))?;
         Ok(config)
     })();
@@ -250,7 +313,10 @@ pub fn unpack(path: &Path, images_dir: &Path) -> Result<(String, PathBuf, ImageC
 
 fn read_config(path: &Path) -> Result<ImageConfig> {
     let data = std::fs::read(path).map_err(Error::io("read", path))?;
-    serde_json::from_slice(&data).map_err(|e| Error::CorruptImage { path: path.into(), reason: e.to_string() })
+    serde_json::from_slice(&data).map_err(|e| Error::CorruptImage {
+        path: path.into(),
+        reason: e.to_string(),
+    })
 }
 
 /// Reads through to EOF, hashing everything that passed.
@@ -271,34 +337,51 @@ impl<R: Read> Read for HashingReader<R> {
 fn layer_reader<'a>(src: &'a Source, blob: &str) -> Result<(Box<dyn Read + 'a>, bool)> {
     let mut probe = src.open_blob(blob)?;
     let mut magic = [0u8; 4];
-    let n = probe.read(&mut magic).map_err(Error::io("read", src.path().join(blob)))?;
+    let n = probe
+        .read(&mut magic)
+        .map_err(Error::io("read", src.path().join(blob)))?;
     let head = io::Cursor::new(magic[..n].to_vec());
     let reader: Box<dyn Read> = Box::new(head.chain(probe));
     if n >= 2 && magic[..2] == [0x1f, 0x8b] {
         return Ok((reader, true));
     }
     if n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
-        return Err(Error::BadImage { path: src.path().into(), reason: "zstd-compressed layers are not supported yet".into() });
+        return Err(Error::BadImage {
+            path: src.path().into(),
+            reason: "zstd-compressed layers are not supported yet".into(),
+        });
     }
     Ok((reader, false))
 }
 
 /// Applies one layer: first its whiteouts (which only hide what lower layers put there), then its entries.
 fn apply_layer(src: &Source, blob: &str, sha: Option<&str>, rootfs: &Path) -> Result<()> {
-    let corrupt = |reason: String| Error::CorruptImage { path: src.path().into(), reason: format!("{blob}: {reason}") };
+    let corrupt = |reason: String| Error::CorruptImage {
+        path: src.path().into(),
+        reason: format!("{blob}: {reason}"),
+    };
     // Pass 1: whiteouts, and verify the blob's digest on the way.
     let (raw, gz) = layer_reader(src, blob)?;
-    let mut hashing = HashingReader { inner: raw, hasher: Sha256::new() };
+    let mut hashing = HashingReader {
+        inner: raw,
+        hasher: Sha256::new(),
+    };
     {
-        let decoded: Box<dyn Read> =
-            if gz { Box::new(flate2::read::GzDecoder::new(&mut hashing)) } else { Box::new(&mut hashing) };
+        let decoded: Box<dyn Read> = if gz {
+            Box::new(flate2::read::GzDecoder::new(&mut hashing))
+        } else {
+            Box::new(&mut hashing)
+        };
         let mut archive = tar::Archive::new(decoded);
         let entries = archive.entries().map_err(|e| corrupt(e.to_string()))?;
         for entry in entries {
             let entry = entry.map_err(|e| corrupt(e.to_string()))?;
             let path = entry.path().map_err(|e| corrupt(e.to_string()))?;
-            let rel = normalize(&path).ok_or_else(|| corrupt(format!("path escapes the root: {}", path.display())))?;
-            let Some(name) = rel.file_name().map(|n| n.to_string_lossy().into_owned()) else { continue };
+            let rel = normalize(&path)
+                .ok_or_else(|| corrupt(format!("path escapes the root: {}", path.display())))?;
+            let Some(name) = rel.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+                continue;
+            };
             let parent = rel.parent().unwrap_or(Path::new(""));
             if name == ".wh..wh..opq" {
                 clear_dir_in_root(rootfs, parent)?;
@@ -308,17 +391,24 @@ fn apply_layer(src: &Source, blob: &str, sha: Option<&str>, rootfs: &Path) -> Re
         }
         let mut rest = Vec::new();
         let mut d = archive.into_inner();
-        d.read_to_end(&mut rest).map_err(|e| corrupt(e.to_string()))?;
+        d.read_to_end(&mut rest)
+            .map_err(|e| corrupt(e.to_string()))?;
     }
     if let Some(expected) = sha {
         let got = hex::encode(hashing.hasher.finalize());
         if got != expected {
-            return Err(corrupt(format!("digest mismatch (sha256 {got}, manifest says {expected})")));
+            return Err(corrupt(format!(
+                "digest mismatch (sha256 {got}, manifest says {expected})"
+            )));
         }
     }
     // Pass 2: everything else.
     let (raw, gz) = layer_reader(src, blob)?;
-    let decoded: Box<dyn Read> = if gz { Box::new(flate2::read::GzDecoder::new(raw)) } else { raw };
+    let decoded: Box<dyn Read> = if gz {
+        Box::new(flate2::read::GzDecoder::new(raw))
+    } else {
+        raw
+    };
     let mut archive = tar::Archive::new(decoded);
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(true);
@@ -327,12 +417,20 @@ fn apply_layer(src: &Source, blob: &str, sha: Option<&str>, rootfs: &Path) -> Re
     archive.set_unpack_xattrs(false);
     for entry in archive.entries().map_err(|e| corrupt(e.to_string()))? {
         let mut entry = entry.map_err(|e| corrupt(e.to_string()))?;
-        let path = entry.path().map_err(|e| corrupt(e.to_string()))?.into_owned();
-        if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".wh.")) {
+        let path = entry
+            .path()
+            .map_err(|e| corrupt(e.to_string()))?
+            .into_owned();
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(".wh."))
+        {
             continue;
         }
         entry.unpack_in(rootfs).map_err(|e| {
-            let cause = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
+            let cause = std::error::Error::source(&e)
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default();
             corrupt(format!("unpack {}: {e}{cause}", path.display()))
         })?;
     }
@@ -355,10 +453,24 @@ fn normalize(path: &Path) -> Option<PathBuf> {
 /// Opens `rel` as a directory, resolving symlinks as if `root` were `/` (they cannot lead outside it).
 fn open_dir_in_root(root: &Path, rel: &Path) -> Result<Option<std::os::fd::OwnedFd>> {
     use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
-    let root_fd = rustix::fs::open(root, OFlags::DIRECTORY | OFlags::PATH | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| Error::io("open", root)(e.into()))?;
-    let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
-    match openat2(root_fd.as_fd(), rel, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty(), ResolveFlags::IN_ROOT) {
+    let root_fd = rustix::fs::open(
+        root,
+        OFlags::DIRECTORY | OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io("open", root)(e.into()))?;
+    let rel = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    match openat2(
+        root_fd.as_fd(),
+        rel,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT,
+    ) {
         Ok(fd) => Ok(Some(fd)),
         Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => Ok(None),
         Err(e) => Err(Error::io("open", root.join(rel))(e.into())),
@@ -371,26 +483,38 @@ fn fd_path(fd: &std::os::fd::OwnedFd) -> PathBuf {
 }
 
 fn remove_in_root(root: &Path, rel: &Path) -> Result<()> {
-    let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else { return Ok(()) };
-    let Some(dir) = open_dir_in_root(root, parent)? else { return Ok(()) };
+    let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
+        return Ok(());
+    };
+    let Some(dir) = open_dir_in_root(root, parent)? else {
+        return Ok(());
+    };
     let target = fd_path(&dir).join(name);
     match std::fs::symlink_metadata(&target) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(&target).map_err(Error::io("remove", root.join(rel))),
+        Ok(m) if m.is_dir() => {
+            std::fs::remove_dir_all(&target).map_err(Error::io("remove", root.join(rel)))
+        }
         Ok(_) => std::fs::remove_file(&target).map_err(Error::io("remove", root.join(rel))),
         Err(_) => Ok(()),
     }
 }
 
 fn clear_dir_in_root(root: &Path, rel: &Path) -> Result<()> {
-    let Some(dir) = open_dir_in_root(root, rel)? else { return Ok(()) };
+    let Some(dir) = open_dir_in_root(root, rel)? else {
+        return Ok(());
+    };
     let base = fd_path(&dir);
-    for e in std::fs::read_dir(&base).map_err(Error::io("read", root.join(rel)))?.flatten() {
+    for e in std::fs::read_dir(&base)
+        .map_err(Error::io("read", root.join(rel)))?
+        .flatten()
+    {
         remove_in_root(root, &rel.join(e.file_name()))?;
     }
     Ok(())
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -465,7 +589,12 @@ mod tests {
             ("app", None),
             ("app/a", Some("v1")),
         ]));
-        let l2 = layer(&[("etc/.wh.gone", Some("")), ("opt/new", Some("2")), ("opt/.wh..wh..opq", Some("")), ("app/a", Some("v2"))]);
+        let l2 = layer(&[
+            ("etc/.wh.gone", Some("")),
+            ("opt/new", Some("2")),
+            ("opt/.wh..wh..opq", Some("")),
+            ("app/a", Some("v2")),
+        ]);
         let digest = write_layout(&t.path().join("layout"), &[l1, l2]);
         tar_dir(&t.path().join("layout"), &t.path().join("img.tar"));
         let store = t.path().join("store");
@@ -474,8 +603,15 @@ mod tests {
             assert_eq!(d, digest);
             assert_eq!(std::fs::read_to_string(root.join("etc/keep")).unwrap(), "1");
             assert!(!root.join("etc/gone").exists());
-            assert!(!root.join("opt/old").exists(), "opaque dir hides the lower layer");
-            assert_eq!(std::fs::read_to_string(root.join("opt/new")).unwrap(), "2", "same-layer entries survive opaque");
+            assert!(
+                !root.join("opt/old").exists(),
+                "opaque dir hides the lower layer"
+            );
+            assert_eq!(
+                std::fs::read_to_string(root.join("opt/new")).unwrap(),
+                "2",
+                "same-layer entries survive opaque"
+            );
             assert_eq!(std::fs::read_to_string(root.join("app/a")).unwrap(), "v2");
             assert_eq!(cfg.env, vec!["PATH=/bin", "FOO=bar"]);
             assert_eq!(cfg.working_dir.as_deref(), Some("/app"));
@@ -510,7 +646,10 @@ mod tests {
             }
         }
         assert!(unpack(&layout, &store).is_err());
-        assert!(std::fs::read_dir(&store).map(|d| d.count()).unwrap_or(0) == 0, "nothing half-written left behind");
+        assert!(
+            std::fs::read_dir(&store).map(|d| d.count()).unwrap_or(0) == 0,
+            "nothing half-written left behind"
+        );
     }
 
     #[test]

@@ -4,8 +4,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use rustix::mount::{
-    fsconfig_create, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount, FsMountFlags,
-    FsOpenFlags, MountAttrFlags, MoveMountFlags,
+    fsconfig_create, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount,
+    FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags,
 };
 
 use crate::{Error, Result};
@@ -35,7 +35,10 @@ impl LayerStack {
             return Err(Error::Mount {
                 target: self.upper.clone(),
                 source: std::io::Error::from_raw_os_error(libc::EINVAL),
-                detail: format!(" ({} lower layers; 1..={MAX_LOWER_LAYERS} allowed)", self.lowers.len()),
+                detail: format!(
+                    " ({} lower layers; 1..={MAX_LOWER_LAYERS} allowed)",
+                    self.lowers.len()
+                ),
             });
         }
         let err = |fs: Option<&OwnedFd>, e: rustix::io::Errno| Error::Mount {
@@ -54,14 +57,28 @@ impl LayerStack {
         }
         fsconfig_set_flag(fs.as_fd(), "volatile").map_err(|e| err(Some(&fs), e))?;
         fsconfig_create(fs.as_fd()).map_err(|e| err(Some(&fs), e))?;
-        fsmount(fs.as_fd(), FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty()).map_err(|e| err(Some(&fs), e))
+        fsmount(
+            fs.as_fd(),
+            FsMountFlags::FSMOUNT_CLOEXEC,
+            MountAttrFlags::empty(),
+        )
+        .map_err(|e| err(Some(&fs), e))
     }
 
     /// Mounts the stack at `target`.
     pub fn mount_at(&self, target: &Path, userxattr: bool) -> Result<()> {
         let mnt = self.fsmount(userxattr)?;
-        move_mount(mnt.as_fd(), "", rustix::fs::CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH).map_err(|e| {
-            Error::Mount { target: target.to_path_buf(), source: e.into(), detail: String::new() }
+        move_mount(
+            mnt.as_fd(),
+            "",
+            rustix::fs::CWD,
+            target,
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+        .map_err(|e| Error::Mount {
+            target: target.to_path_buf(),
+            source: e.into(),
+            detail: String::new(),
         })
     }
 }

@@ -11,8 +11,14 @@ pub const OPAQUE_XATTR: &str = "user.overlay.opaque";
 
 /// Creates a whiteout at `path`: a 0/0 character device, which hides the same name in lower layers.
 pub fn make_whiteout(path: &Path) -> Result<()> {
-    rustix::fs::mknodat(rustix::fs::CWD, path, FileType::CharacterDevice, Mode::empty(), 0)
-        .map_err(|e| Error::io("create whiteout", path)(e.into()))
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        FileType::CharacterDevice,
+        Mode::empty(),
+        0,
+    )
+    .map_err(|e| Error::io("create whiteout", path)(e.into()))
 }
 
 /// Marks directory `path` opaque: lower layers' entries under it are hidden.
@@ -24,5 +30,7 @@ pub fn make_opaque(path: &Path) -> Result<()> {
 /// Whether `path` is a whiteout.
 pub fn is_whiteout(path: &Path) -> bool {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    std::fs::symlink_metadata(path).map(|m| m.file_type().is_char_device() && m.rdev() == 0).unwrap_or(false)
+    std::fs::symlink_metadata(path)
+        .map(|m| m.file_type().is_char_device() && m.rdev() == 0)
+        .unwrap_or(false)
 }

@@ -34,7 +34,10 @@ pub struct CgroupManager {
 }
 
 fn cg_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Cgroup { path: path.to_path_buf(), source }
+    move |source| Error::Cgroup {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn write(path: &Path, value: &str) -> Result<()> {
@@ -47,7 +50,9 @@ fn read(path: &Path) -> Result<String> {
 
 /// Cgroup mounts from `/proc/self/mountinfo`: (fstype, mountpoint, super options).
 fn cgroup_mounts() -> Vec<(String, PathBuf, Vec<String>)> {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return vec![] };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return vec![];
+    };
     info.lines()
         .filter_map(|line| {
             let (pre, post) = line.split_once(" - ")?;
@@ -57,7 +62,11 @@ fn cgroup_mounts() -> Vec<(String, PathBuf, Vec<String>)> {
             let _source = post.next()?;
             let opts = post.next().unwrap_or("");
             (fstype == "cgroup" || fstype == "cgroup2").then(|| {
-                (fstype.to_string(), PathBuf::from(mountpoint), opts.split(',').map(str::to_string).collect())
+                (
+                    fstype.to_string(),
+                    PathBuf::from(mountpoint),
+                    opts.split(',').map(str::to_string).collect(),
+                )
             })
         })
         .collect()
@@ -68,21 +77,31 @@ impl CgroupManager {
     pub fn detect(parent: &str) -> Result<CgroupManager> {
         let mounts = cgroup_mounts();
         let forced = std::env::var("DELTABOX_CGROUP").ok();
-        let v2_root = mounts.iter().find(|(t, ..)| t == "cgroup2").map(|(_, p, _)| p.clone());
+        let v2_root = mounts
+            .iter()
+            .find(|(t, ..)| t == "cgroup2")
+            .map(|(_, p, _)| p.clone());
         let v2_available: Vec<String> = v2_root
             .as_ref()
             .and_then(|r| std::fs::read_to_string(r.join("cgroup.controllers")).ok())
             .map(|s| s.split_whitespace().map(str::to_string).collect())
             .unwrap_or_default();
-        let v2_complete = V2_CONTROLLERS.iter().all(|c| v2_available.iter().any(|a| a == c));
+        let v2_complete = V2_CONTROLLERS
+            .iter()
+            .all(|c| v2_available.iter().any(|a| a == c));
         let use_v2 = match forced.as_deref() {
             Some("v2") => true,
             Some("v1") => false,
             _ => v2_root.is_some() && v2_complete,
         };
         if use_v2 {
-            let root = v2_root.ok_or_else(|| Error::Invalid("no cgroup2 hierarchy mounted".into()))?;
-            let enable: Vec<String> = V2_CONTROLLERS.iter().filter(|c| v2_available.iter().any(|a| a == *c)).map(|c| c.to_string()).collect();
+            let root =
+                v2_root.ok_or_else(|| Error::Invalid("no cgroup2 hierarchy mounted".into()))?;
+            let enable: Vec<String> = V2_CONTROLLERS
+                .iter()
+                .filter(|c| v2_available.iter().any(|a| a == *c))
+                .map(|c| c.to_string())
+                .collect();
             let mut dir = root.clone();
             for comp in Path::new(parent).components() {
                 if !enable.is_empty() {
@@ -100,19 +119,31 @@ impl CgroupManager {
                 let req: Vec<String> = enable.iter().map(|c| format!("+{c}")).collect();
                 write(&dir.join("cgroup.subtree_control"), &req.join(" "))?;
             }
-            return Ok(CgroupManager { version: CgroupVersion::V2, parents: vec![("unified", dir)], v2_controllers: enable });
+            return Ok(CgroupManager {
+                version: CgroupVersion::V2,
+                parents: vec![("unified", dir)],
+                v2_controllers: enable,
+            });
         }
         let mut parents = Vec::new();
         for ctrl in V1_CONTROLLERS {
             let (_, mp, _) = mounts
                 .iter()
                 .find(|(t, _, opts)| t == "cgroup" && opts.iter().any(|o| o == ctrl))
-                .ok_or_else(|| Error::Invalid(format!("no cgroup v1 '{ctrl}' hierarchy and no usable cgroup v2")))?;
+                .ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "no cgroup v1 '{ctrl}' hierarchy and no usable cgroup v2"
+                    ))
+                })?;
             let dir = mp.join(parent);
             std::fs::create_dir_all(&dir).map_err(cg_err(&dir))?;
             parents.push((*ctrl, dir));
         }
-        Ok(CgroupManager { version: CgroupVersion::V1, parents, v2_controllers: vec![] })
+        Ok(CgroupManager {
+            version: CgroupVersion::V1,
+            parents,
+            v2_controllers: vec![],
+        })
     }
 
     /// The API in use.
@@ -124,7 +155,11 @@ impl CgroupManager {
     pub fn open(&self, name: &str) -> Cgroup {
         Cgroup {
             version: self.version,
-            dirs: self.parents.iter().map(|(c, p)| (*c, p.join(name))).collect(),
+            dirs: self
+                .parents
+                .iter()
+                .map(|(c, p)| (*c, p.join(name)))
+                .collect(),
         }
     }
 
@@ -143,18 +178,28 @@ impl CgroupManager {
     }
 
     fn apply(&self, cg: &Cgroup, limits: &Limits) -> Result<()> {
-        let missing = |c: &str| Error::Invalid(format!("cgroup v2 has no '{c}' controller here: cannot enforce that limit"));
+        let missing = |c: &str| {
+            Error::Invalid(format!(
+                "cgroup v2 has no '{c}' controller here: cannot enforce that limit"
+            ))
+        };
         match self.version {
             CgroupVersion::V1 => {
                 if let Some(m) = limits.memory_bytes {
-                    write(&cg.dir("memory").join("memory.limit_in_bytes"), &m.to_string())?;
+                    write(
+                        &cg.dir("memory").join("memory.limit_in_bytes"),
+                        &m.to_string(),
+                    )?;
                 }
                 if let Some(p) = limits.pids {
                     write(&cg.dir("pids").join("pids.max"), &p.to_string())?;
                 }
                 if let Some(c) = limits.cpus {
                     write(&cg.dir("cpu").join("cpu.cfs_period_us"), "100000")?;
-                    write(&cg.dir("cpu").join("cpu.cfs_quota_us"), &((c * 100_000.0) as u64).to_string())?;
+                    write(
+                        &cg.dir("cpu").join("cpu.cfs_quota_us"),
+                        &((c * 100_000.0) as u64).to_string(),
+                    )?;
                 }
             }
             CgroupVersion::V2 => {
@@ -177,7 +222,10 @@ impl CgroupManager {
                     if !has("cpu") {
                         return Err(missing("cpu"));
                     }
-                    write(&d.join("cpu.max"), &format!("{} 100000", (c * 100_000.0) as u64))?;
+                    write(
+                        &d.join("cpu.max"),
+                        &format!("{} 100000", (c * 100_000.0) as u64),
+                    )?;
                 }
             }
         }
@@ -194,9 +242,16 @@ impl CgroupManager {
 
     /// Names of the cgroups that exist under our parent (to clean up after a crash).
     pub fn list(&self) -> Vec<String> {
-        let Some((_, parent)) = self.parents.first() else { return vec![] };
+        let Some((_, parent)) = self.parents.first() else {
+            return vec![];
+        };
         std::fs::read_dir(parent)
-            .map(|d| d.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -210,12 +265,20 @@ pub struct Cgroup {
 
 impl Cgroup {
     fn dir(&self, ctrl: &str) -> PathBuf {
-        self.dirs.iter().find(|(c, _)| *c == ctrl).or(self.dirs.first()).map(|(_, d)| d.clone()).unwrap_or_default()
+        self.dirs
+            .iter()
+            .find(|(c, _)| *c == ctrl)
+            .or(self.dirs.first())
+            .map(|(_, d)| d.clone())
+            .unwrap_or_default()
     }
 
     /// `cgroup.procs` of every hierarchy: write a pid to each to move it in.
     pub fn procs_files(&self) -> Vec<PathBuf> {
-        self.dirs.iter().map(|(_, d)| d.join("cgroup.procs")).collect()
+        self.dirs
+            .iter()
+            .map(|(_, d)| d.join("cgroup.procs"))
+            .collect()
     }
 
     /// Moves `pid` into this cgroup.
@@ -232,7 +295,9 @@ impl Cgroup {
             CgroupVersion::V1 => self.dir("freezer").join("cgroup.procs"),
             CgroupVersion::V2 => self.dir("unified").join("cgroup.procs"),
         };
-        std::fs::read_to_string(f).map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect()).unwrap_or_default()
+        std::fs::read_to_string(f)
+            .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
     }
 
     /// Stops every process (they stay in memory, unscheduled) and waits until the kernel says frozen.
@@ -248,8 +313,11 @@ impl Cgroup {
     /// Whether the cgroup is frozen.
     pub fn is_frozen(&self) -> bool {
         match self.version {
-            CgroupVersion::V1 => read(&self.dir("freezer").join("freezer.state")).is_ok_and(|s| s.trim() == "FROZEN"),
-            CgroupVersion::V2 => read(&self.dir("unified").join("cgroup.events")).is_ok_and(|s| s.contains("frozen 1")),
+            CgroupVersion::V1 => {
+                read(&self.dir("freezer").join("freezer.state")).is_ok_and(|s| s.trim() == "FROZEN")
+            }
+            CgroupVersion::V2 => read(&self.dir("unified").join("cgroup.events"))
+                .is_ok_and(|s| s.contains("frozen 1")),
         }
     }
 
@@ -262,7 +330,10 @@ impl Cgroup {
                 write(&f, want)?;
                 while read(&f)?.trim() != want {
                     if Instant::now() > deadline {
-                        return Err(Error::Cgroup { path: f, source: std::io::ErrorKind::TimedOut.into() });
+                        return Err(Error::Cgroup {
+                            path: f,
+                            source: std::io::ErrorKind::TimedOut.into(),
+                        });
                     }
                     // Freezing retries tasks that were busy; re-issue as the kernel docs suggest.
                     write(&f, want)?;
@@ -275,7 +346,10 @@ impl Cgroup {
                 let want = if frozen { "frozen 1" } else { "frozen 0" };
                 while !read(&d.join("cgroup.events"))?.contains(want) {
                     if Instant::now() > deadline {
-                        return Err(Error::Cgroup { path: d, source: std::io::ErrorKind::TimedOut.into() });
+                        return Err(Error::Cgroup {
+                            path: d,
+                            source: std::io::ErrorKind::TimedOut.into(),
+                        });
                     }
                     std::thread::sleep(Duration::from_micros(100));
                 }
@@ -300,7 +374,10 @@ impl Cgroup {
         }
         while !self.pids().is_empty() {
             if Instant::now() > deadline {
-                return Err(Error::Cgroup { path: self.dir("freezer"), source: std::io::ErrorKind::TimedOut.into() });
+                return Err(Error::Cgroup {
+                    path: self.dir("freezer"),
+                    source: std::io::ErrorKind::TimedOut.into(),
+                });
             }
             if self.version == CgroupVersion::V1 {
                 self.kill_each()?;
@@ -331,7 +408,10 @@ impl Cgroup {
         };
         read(&file)
             .ok()
-            .and_then(|s| s.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok())))
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
+            })
             .unwrap_or(0)
     }
 
@@ -346,7 +426,9 @@ impl Cgroup {
 
     /// Number of tasks, if the pids controller is there.
     pub fn pids_current(&self) -> Option<u64> {
-        read(&self.dir("pids").join("pids.current")).ok().and_then(|s| s.trim().parse().ok())
+        read(&self.dir("pids").join("pids.current"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
     }
 
     /// Whether the directories exist.
@@ -367,7 +449,12 @@ impl Cgroup {
             match std::fs::remove_dir(d) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::Cgroup { path: d.clone(), source: e }),
+                Err(e) => {
+                    return Err(Error::Cgroup {
+                        path: d.clone(),
+                        source: e,
+                    })
+                }
             }
         }
         Ok(())

@@ -23,7 +23,10 @@ pub enum Error {
     SessionDead,
     /// A cgroup operation failed.
     #[error("cgroup {path}: {source}")]
-    Cgroup { path: std::path::PathBuf, source: std::io::Error },
+    Cgroup {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     /// The helper process that creates sandboxes failed.
     #[error("zygote: {0}")]
     Zygote(String),

@@ -69,11 +69,14 @@ pub(crate) fn push_bounded(buf: &mut Vec<u8>, data: &[u8], max: usize, truncated
 }
 
 pub(crate) fn pipe_pair() -> Result<(OwnedFd, OwnedFd)> {
-    rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| Error::Io("pipe", e.into()))
+    rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| Error::Io("pipe", e.into()))
 }
 
 pub(crate) fn dev_null() -> Result<OwnedFd> {
-    Ok(std::fs::File::open("/dev/null").map_err(Error::io("open /dev/null"))?.into())
+    Ok(std::fs::File::open("/dev/null")
+        .map_err(Error::io("open /dev/null"))?
+        .into())
 }
 
 pub(crate) fn receiver(fd: OwnedFd) -> Result<pipe::Receiver> {
@@ -86,7 +89,11 @@ pub(crate) fn sender(fd: OwnedFd) -> Result<pipe::Sender> {
 
 /// Runs `req`; with `sink`, forwards output as it arrives (and kills the command if the sink goes away: the
 /// client disconnected).
-pub async fn run(h: &SandboxHandle, req: ExecRequest, sink: Option<mpsc::Sender<OutputEvent>>) -> Result<ExecOutput> {
+pub async fn run(
+    h: &SandboxHandle,
+    req: ExecRequest,
+    sink: Option<mpsc::Sender<OutputEvent>>,
+) -> Result<ExecOutput> {
     let start = Instant::now();
     let (out_r, out_w) = pipe_pair()?;
     let (err_r, err_w) = pipe_pair()?;
@@ -97,7 +104,14 @@ pub async fn run(h: &SandboxHandle, req: ExecRequest, sink: Option<mpsc::Sender<
         }
         None => (dev_null()?, None),
     };
-    let p = h.spawn(req.argv.clone(), req.env.clone(), req.cwd.clone(), vec![(in_r, 0), (out_w, 1), (err_w, 2)]).await?;
+    let p = h
+        .spawn(
+            req.argv.clone(),
+            req.env.clone(),
+            req.cwd.clone(),
+            vec![(in_r, 0), (out_w, 1), (err_w, 2)],
+        )
+        .await?;
     if let (Some(w), Some(data)) = (in_w, req.stdin) {
         let mut w = sender(w)?;
         // A command that never reads its stdin just leaves this task blocked until the pipe closes.
@@ -166,6 +180,7 @@ async fn sleep_until(t: Option<tokio::time::Instant>) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::io::Interest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{oneshot, watch};
 
@@ -46,14 +46,17 @@ pub struct SandboxHandle {
 
 impl std::fmt::Debug for SandboxHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SandboxHandle").field("init_pid", &self.inner.init_pid).finish()
+        f.debug_struct("SandboxHandle")
+            .field("init_pid", &self.inner.init_pid)
+            .finish()
     }
 }
 
 impl SandboxHandle {
     /// Wraps init's control socket; starts the reader task (needs a tokio runtime).
     pub fn new(init_pid: i32, ctrl: std::os::unix::net::UnixStream) -> Result<SandboxHandle> {
-        ctrl.set_nonblocking(true).map_err(Error::io("control socket"))?;
+        ctrl.set_nonblocking(true)
+            .map_err(Error::io("control socket"))?;
         let stream = tokio::net::UnixStream::from_std(ctrl).map_err(Error::io("control socket"))?;
         let (reader, writer) = stream.into_split();
         let (closed_tx, closed_rx) = watch::channel(false);
@@ -98,13 +101,21 @@ impl SandboxHandle {
         let mut frame = header.to_vec();
         frame.extend_from_slice(&payload);
         if sent < frame.len() {
-            w.write_all(&frame[sent..]).await.map_err(|_| Error::SandboxDead)?;
+            w.write_all(&frame[sent..])
+                .await
+                .map_err(|_| Error::SandboxDead)?;
         }
         Ok(())
     }
 
     /// Starts `argv` in the sandbox with `fds` installed at the given descriptor numbers.
-    pub async fn spawn(&self, argv: Vec<String>, env: Vec<String>, cwd: String, fds: Vec<(OwnedFd, i32)>) -> Result<Spawned> {
+    pub async fn spawn(
+        &self,
+        argv: Vec<String>,
+        env: Vec<String>,
+        cwd: String,
+        fds: Vec<(OwnedFd, i32)>,
+    ) -> Result<Spawned> {
         if argv.is_empty() || argv[0].is_empty() {
             return Err(Error::Invalid("empty command".into()));
         }
@@ -120,7 +131,13 @@ impl SandboxHandle {
             id
         };
         let (fds, fd_targets): (Vec<OwnedFd>, Vec<i32>) = fds.into_iter().unzip();
-        let req = InitRequest::Spawn { id, argv, env, cwd, fd_targets };
+        let req = InitRequest::Spawn {
+            id,
+            argv,
+            env,
+            cwd,
+            fd_targets,
+        };
         if let Err(e) = self.send(&req, &fds).await {
             if let Ok(mut st) = self.inner.state.lock() {
                 st.pending.remove(&id);
@@ -142,11 +159,23 @@ impl SandboxHandle {
 
     /// Sends a signal to a process group, optionally sparing one member (a session's shell).
     pub async fn signal_group(&self, pgid: i32, signal: i32, except: Option<i32>) -> Result<()> {
-        self.send(&InitRequest::SignalGroup { pgid, signal, except }, &[]).await
+        self.send(
+            &InitRequest::SignalGroup {
+                pgid,
+                signal,
+                except,
+            },
+            &[],
+        )
+        .await
     }
 }
 
-async fn read_loop(inner: std::sync::Weak<Inner>, mut reader: OwnedReadHalf, closed: watch::Sender<bool>) {
+async fn read_loop(
+    inner: std::sync::Weak<Inner>,
+    mut reader: OwnedReadHalf,
+    closed: watch::Sender<bool>,
+) {
     loop {
         let mut header = [0u8; 4];
         if reader.read_exact(&mut header).await.is_err() {
@@ -160,9 +189,13 @@ async fn read_loop(inner: std::sync::Weak<Inner>, mut reader: OwnedReadHalf, clo
         if reader.read_exact(&mut payload).await.is_err() {
             break;
         }
-        let Ok(ev) = serde_json::from_slice::<InitEvent>(&payload) else { continue };
+        let Ok(ev) = serde_json::from_slice::<InitEvent>(&payload) else {
+            continue;
+        };
         let Some(inner) = inner.upgrade() else { return };
-        let Ok(mut st) = inner.state.lock() else { break };
+        let Ok(mut st) = inner.state.lock() else {
+            break;
+        };
         match ev {
             InitEvent::Spawned { id, pid } => {
                 let (tx, rx) = oneshot::channel();

@@ -10,7 +10,9 @@ use std::io;
 pub fn apply() -> io::Result<()> {
     rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
         .map_err(|e| io::Error::other(format!("set non-dumpable: {e}")))?;
-    deltabox_sys::caps::drop_bounding_set().map_err(|e| io::Error::other(format!("drop capabilities: {e}")))?;
-    rustix::thread::set_no_new_privs(true).map_err(|e| io::Error::other(format!("no_new_privs: {e}")))?;
+    deltabox_sys::caps::drop_bounding_set()
+        .map_err(|e| io::Error::other(format!("drop capabilities: {e}")))?;
+    rustix::thread::set_no_new_privs(true)
+        .map_err(|e| io::Error::other(format!("no_new_privs: {e}")))?;
     deltabox_sys::seccomp::apply_deny_list()
 }

@@ -55,9 +55,11 @@ fn setup(spec: &SandboxSpec) -> std::io::Result<()> {
     unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWCGROUP) }
         .map_err(|e| std::io::Error::other(format!("new cgroup namespace: {e}")))?;
     crate::rootfs::setup(spec)?;
-    rustix::system::sethostname(spec.hostname.as_bytes()).map_err(|e| std::io::Error::other(format!("sethostname: {e}")))?;
+    rustix::system::sethostname(spec.hostname.as_bytes())
+        .map_err(|e| std::io::Error::other(format!("sethostname: {e}")))?;
     if spec.network == NetworkMode::None {
-        deltabox_sys::netdev::loopback_up().map_err(|e| std::io::Error::other(format!("loopback up: {e}")))?;
+        deltabox_sys::netdev::loopback_up()
+            .map_err(|e| std::io::Error::other(format!("loopback up: {e}")))?;
     }
     crate::hardening::apply()
 }
@@ -81,10 +83,16 @@ fn run(ctrl: OwnedFd) -> ! {
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&all), None);
     let mut chld = SigSet::empty();
     chld.add(Signal::SIGCHLD);
-    let Ok(sfd) = SignalFd::with_flags(&chld, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) else { std::process::exit(1) };
+    let Ok(sfd) = SignalFd::with_flags(&chld, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+    else {
+        std::process::exit(1)
+    };
     let mut tracked: HashSet<i32> = HashSet::new();
     loop {
-        let mut fds = [PollFd::new(&ctrl, PollFlags::IN), PollFd::new(&sfd, PollFlags::IN)];
+        let mut fds = [
+            PollFd::new(&ctrl, PollFlags::IN),
+            PollFd::new(&sfd, PollFlags::IN),
+        ];
         match poll(&mut fds, None) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(_) => std::process::exit(1),
@@ -110,20 +118,44 @@ fn run(ctrl: OwnedFd) -> ! {
 fn reap(ctrl: &OwnedFd, tracked: &mut HashSet<i32>) {
     loop {
         let status = match waitpid(None, Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL)) {
-            Ok(WaitStatus::Exited(pid, code)) => (pid, ExitStatus { code: Some(code), signal: None }),
-            Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, ExitStatus { code: None, signal: Some(sig as i32) }),
+            Ok(WaitStatus::Exited(pid, code)) => (
+                pid,
+                ExitStatus {
+                    code: Some(code),
+                    signal: None,
+                },
+            ),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => (
+                pid,
+                ExitStatus {
+                    code: None,
+                    signal: Some(sig as i32),
+                },
+            ),
             Ok(WaitStatus::StillAlive) | Err(_) => return,
             Ok(_) => continue,
         };
         if tracked.remove(&status.0.as_raw()) {
-            send(ctrl, &InitEvent::Exited { pid: status.0.as_raw(), status: status.1 });
+            send(
+                ctrl,
+                &InitEvent::Exited {
+                    pid: status.0.as_raw(),
+                    status: status.1,
+                },
+            );
         }
     }
 }
 
 fn handle(ctrl: &OwnedFd, req: InitRequest, fds: Vec<OwnedFd>, tracked: &mut HashSet<i32>) {
     match req {
-        InitRequest::Spawn { id, argv, env, cwd, fd_targets } => {
+        InitRequest::Spawn {
+            id,
+            argv,
+            env,
+            cwd,
+            fd_targets,
+        } => {
             let ev = match spawn(&argv, &env, &cwd, &fds, &fd_targets) {
                 Ok(pid) => {
                     tracked.insert(pid);
@@ -140,7 +172,11 @@ fn handle(ctrl: &OwnedFd, req: InitRequest, fds: Vec<OwnedFd>, tracked: &mut Has
                 unsafe { libc::kill(pid, signal) };
             }
         }
-        InitRequest::SignalGroup { pgid, signal, except } => match except {
+        InitRequest::SignalGroup {
+            pgid,
+            signal,
+            except,
+        } => match except {
             None if pgid > 1 => {
                 // SAFETY: kill(2) with a negative pid signals a process group; plain integers.
                 unsafe { libc::kill(-pgid, signal) };
@@ -160,13 +196,18 @@ fn handle(ctrl: &OwnedFd, req: InitRequest, fds: Vec<OwnedFd>, tracked: &mut Has
 
 /// Pids whose process group is `pgid`, from this pid namespace's `/proc`.
 fn group_members(pgid: i32) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return vec![] };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
     dir.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .ok()
-                .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().nth(2).map(str::to_string)))
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, rest)| rest.split_whitespace().nth(2).map(str::to_string))
+                })
                 .flatten()
                 .and_then(|g| g.parse::<i32>().ok())
                 == Some(pgid)
@@ -186,18 +227,30 @@ fn candidates(argv0: &str, env: &[String]) -> Vec<CString> {
         .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     path.split(':')
         .filter(|d| !d.is_empty())
-        .filter_map(|d| CString::new(std::path::Path::new(d).join(argv0).as_os_str().as_bytes()).ok())
+        .filter_map(|d| {
+            CString::new(std::path::Path::new(d).join(argv0).as_os_str().as_bytes()).ok()
+        })
         .collect()
 }
 
-fn spawn(argv: &[String], env: &[String], cwd: &str, fds: &[OwnedFd], targets: &[i32]) -> Result<i32, String> {
+fn spawn(
+    argv: &[String],
+    env: &[String],
+    cwd: &str,
+    fds: &[OwnedFd],
+    targets: &[i32],
+) -> Result<i32, String> {
     if argv.is_empty() {
         return Err("empty argv".into());
     }
     if fds.len() != targets.len() || targets.iter().any(|&t| !(0..FD_STAGING).contains(&t)) {
         return Err("bad descriptor mapping".into());
     }
-    let to_c = |v: &[String]| v.iter().map(|s| CString::new(s.as_bytes())).collect::<Result<Vec<_>, _>>();
+    let to_c = |v: &[String]| {
+        v.iter()
+            .map(|s| CString::new(s.as_bytes()))
+            .collect::<Result<Vec<_>, _>>()
+    };
     let (c_argv, c_env) = match (to_c(argv), to_c(env)) {
         (Ok(a), Ok(e)) => (a, e),
         _ => return Err("argument or environment contains a NUL byte".into()),
@@ -209,7 +262,8 @@ fn spawn(argv: &[String], env: &[String], cwd: &str, fds: &[OwnedFd], targets: &
     let mut env_ptrs: Vec<*const libc::c_char> = c_env.iter().map(|s| s.as_ptr()).collect();
     env_ptrs.push(std::ptr::null());
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let (err_r, err_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let (err_r, err_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| format!("pipe: {e}"))?;
 
     // SAFETY: init is single-threaded, so the child may run arbitrary code; it only makes system calls and
     // then execs or `_exit`s.
@@ -217,7 +271,15 @@ fn spawn(argv: &[String], env: &[String], cwd: &str, fds: &[OwnedFd], targets: &
         Err(e) => Err(format!("fork: {e}")),
         Ok(nix::unistd::ForkResult::Child) => {
             drop(err_r);
-            exec_child(&raw, targets, &c_cwd, &progs, &argv_ptrs, &env_ptrs, err_w.as_fd().as_raw_fd())
+            exec_child(
+                &raw,
+                targets,
+                &c_cwd,
+                &progs,
+                &argv_ptrs,
+                &env_ptrs,
+                err_w.as_fd().as_raw_fd(),
+            )
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => {
             drop(err_w);
@@ -266,7 +328,11 @@ fn exec_child(
             libc::_exit(127)
         }
     };
-    let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+    let errno = || {
+        std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    };
     // SAFETY: everything below is plain system calls on integers and on pointers to live, NUL-terminated
     // buffers prepared by the parent before fork; we exec or _exit at the end.
     unsafe {
@@ -289,7 +355,12 @@ fn exec_child(
             staged.push(s);
         }
         // Everything else we hold (control socket, signalfd …) must not leak into the program.
-        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
         for (&s, &t) in staged.iter().zip(targets) {
             if libc::dup2(s, t) < 0 {
                 fail(2, errno());

@@ -17,7 +17,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { memory_bytes: Some(2 << 30), pids: Some(512), cpus: None }
+        Limits {
+            memory_bytes: Some(2 << 30),
+            pids: Some(512),
+            cpus: None,
+        }
     }
 }
 
@@ -31,7 +35,7 @@ impl Limits {
             return Err(Error::Invalid("pids limit must be at least 4".into()));
         }
         if let Some(c) = self.cpus {
-            if !(c.is_finite() && c >= 0.01 && c <= 1024.0) {
+            if !(c.is_finite() && (0.01..=1024.0).contains(&c)) {
                 return Err(Error::Invalid("cpus must be between 0.01 and 1024".into()));
             }
         }
@@ -42,12 +46,18 @@ impl Limits {
 /// Parses `2G`, `512M`, `64k`, `1024` (bytes) and `max`/`none` (no limit).
 pub fn parse_size(s: &str) -> Result<Option<u64>> {
     let t = s.trim();
-    if t.eq_ignore_ascii_case("max") || t.eq_ignore_ascii_case("none") || t.eq_ignore_ascii_case("unlimited") {
+    if t.eq_ignore_ascii_case("max")
+        || t.eq_ignore_ascii_case("none")
+        || t.eq_ignore_ascii_case("unlimited")
+    {
         return Ok(None);
     }
     let bad = || Error::Invalid(format!("bad size {s:?} (try 512M or 2G)"));
     let lower = t.to_ascii_lowercase();
-    let lower = lower.strip_suffix("ib").or_else(|| lower.strip_suffix('b')).unwrap_or(&lower);
+    let lower = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
     let (num, mult) = match lower.chars().last().ok_or_else(bad)? {
         'k' => (&lower[..lower.len() - 1], 1u64 << 10),
         'm' => (&lower[..lower.len() - 1], 1 << 20),
@@ -63,6 +73,7 @@ pub fn parse_size(s: &str) -> Result<Option<u64>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -75,8 +86,18 @@ mod tests {
         assert_eq!(parse_size("max").unwrap(), None);
         assert!(parse_size("lots").is_err());
         assert!(parse_size("-1G").is_err());
-        assert!(Limits { memory_bytes: Some(1), ..Default::default() }.validate().is_err());
-        assert!(Limits { cpus: Some(f64::NAN), ..Default::default() }.validate().is_err());
+        assert!(Limits {
+            memory_bytes: Some(1),
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(Limits {
+            cpus: Some(f64::NAN),
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
         assert!(Limits::default().validate().is_ok());
     }
 }

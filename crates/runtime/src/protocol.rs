@@ -56,11 +56,21 @@ pub enum ZygoteReply {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum InitRequest {
     /// Fork and exec a program. The attached descriptors are installed at `fd_targets` (same order).
-    Spawn { id: u64, argv: Vec<String>, env: Vec<String>, cwd: String, fd_targets: Vec<i32> },
+    Spawn {
+        id: u64,
+        argv: Vec<String>,
+        env: Vec<String>,
+        cwd: String,
+        fd_targets: Vec<i32>,
+    },
     /// Send `signal` to process `pid` (sandbox pid).
     Signal { pid: i32, signal: i32 },
     /// Send `signal` to every process of group `pgid`, except `except` (a session's shell) when given.
-    SignalGroup { pgid: i32, signal: i32, except: Option<i32> },
+    SignalGroup {
+        pgid: i32,
+        signal: i32,
+        except: Option<i32>,
+    },
 }
 
 /// How a process ended.

@@ -5,7 +5,10 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use rustix::mount::{mount, mount_bind, mount_change, mount_remount, unmount, MountFlags, MountPropagationFlags, UnmountFlags};
+use rustix::mount::{
+    mount, mount_bind, mount_change, mount_remount, unmount, MountFlags, MountPropagationFlags,
+    UnmountFlags,
+};
 
 use crate::protocol::SandboxSpec;
 
@@ -13,12 +16,25 @@ use crate::protocol::SandboxSpec;
 pub const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
 /// `/proc` files that leak host information or poke the host kernel: covered with `/dev/null`.
-const PROC_MASKED_FILES: &[&str] = &["kcore", "keys", "timer_list", "sched_debug", "sysrq-trigger", "latency_stats", "kallsyms"];
+const PROC_MASKED_FILES: &[&str] = &[
+    "kcore",
+    "keys",
+    "timer_list",
+    "sched_debug",
+    "sysrq-trigger",
+    "latency_stats",
+    "kallsyms",
+];
 /// `/proc` directories made read-only.
 const PROC_READONLY_DIRS: &[&str] = &["sys", "irq", "bus", "fs"];
 
 fn ctx<T>(what: &str, path: &Path, r: rustix::io::Result<T>) -> io::Result<T> {
-    r.map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("{what} {}: {e}", path.display())))
+    r.map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("{what} {}: {e}", path.display()),
+        )
+    })
 }
 
 fn ctx_io<T>(what: &str, path: &Path, r: io::Result<T>) -> io::Result<T> {
@@ -36,33 +52,118 @@ fn opts(s: &CStr) -> Option<&CStr> {
 /// fully-visible one is still in the namespace.
 pub fn setup(spec: &SandboxSpec) -> io::Result<()> {
     let root = &spec.rootfs;
-    ctx("make private", Path::new("/"), mount_change("/", MountPropagationFlags::REC | MountPropagationFlags::PRIVATE))?;
-    spec.layers.mount_at(root, true).map_err(|e| io::Error::other(e.to_string()))?;
+    ctx(
+        "make private",
+        Path::new("/"),
+        mount_change(
+            "/",
+            MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+        ),
+    )?;
+    spec.layers
+        .mount_at(root, true)
+        .map_err(|e| io::Error::other(e.to_string()))?;
 
     let proc_dir = root.join("proc");
-    ctx("mount", &proc_dir, mount("proc", &proc_dir, "proc", MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, None::<&CStr>))?;
+    ctx(
+        "mount",
+        &proc_dir,
+        mount(
+            "proc",
+            &proc_dir,
+            "proc",
+            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+            None::<&CStr>,
+        ),
+    )?;
 
     let dev = root.join("dev");
-    ctx("mount", &dev, mount("tmpfs", &dev, "tmpfs", MountFlags::NOSUID | MountFlags::NOEXEC, opts(c"mode=755,size=1m")))?;
+    ctx(
+        "mount",
+        &dev,
+        mount(
+            "tmpfs",
+            &dev,
+            "tmpfs",
+            MountFlags::NOSUID | MountFlags::NOEXEC,
+            opts(c"mode=755,size=1m"),
+        ),
+    )?;
     for d in DEVICES {
         let target = dev.join(d);
         ctx_io("create", &target, std::fs::File::create(&target))?;
-        ctx_io("chmod", &target, std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o666)))?;
-        ctx("bind", &target, mount_bind(Path::new("/dev").join(d), &target))?;
+        ctx_io(
+            "chmod",
+            &target,
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o666)),
+        )?;
+        ctx(
+            "bind",
+            &target,
+            mount_bind(Path::new("/dev").join(d), &target),
+        )?;
     }
     let pts = dev.join("pts");
     ctx_io("create", &pts, std::fs::create_dir(&pts))?;
-    ctx("mount", &pts, mount("devpts", &pts, "devpts", MountFlags::NOSUID | MountFlags::NOEXEC, opts(c"newinstance,ptmxmode=0666,mode=0620")))?;
+    ctx(
+        "mount",
+        &pts,
+        mount(
+            "devpts",
+            &pts,
+            "devpts",
+            MountFlags::NOSUID | MountFlags::NOEXEC,
+            opts(c"newinstance,ptmxmode=0666,mode=0620"),
+        ),
+    )?;
     let shm = dev.join("shm");
     ctx_io("create", &shm, std::fs::create_dir(&shm))?;
-    ctx("mount", &shm, mount("tmpfs", &shm, "tmpfs", MountFlags::NOSUID | MountFlags::NODEV, opts(c"mode=1777")))?;
-    for (link, to) in [("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
-        ctx_io("symlink", &dev.join(link), std::os::unix::fs::symlink(to, dev.join(link)))?;
+    ctx(
+        "mount",
+        &shm,
+        mount(
+            "tmpfs",
+            &shm,
+            "tmpfs",
+            MountFlags::NOSUID | MountFlags::NODEV,
+            opts(c"mode=1777"),
+        ),
+    )?;
+    for (link, to) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        ctx_io(
+            "symlink",
+            &dev.join(link),
+            std::os::unix::fs::symlink(to, dev.join(link)),
+        )?;
     }
-    ctx("remount", &dev, mount_remount(&dev, MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NOEXEC, c""))?;
+    ctx(
+        "remount",
+        &dev,
+        mount_remount(
+            &dev,
+            MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NOEXEC,
+            c"",
+        ),
+    )?;
 
     let tmp = root.join("tmp");
-    ctx("mount", &tmp, mount("tmpfs", &tmp, "tmpfs", MountFlags::NOSUID | MountFlags::NODEV, opts(c"mode=1777")))?;
+    ctx(
+        "mount",
+        &tmp,
+        mount(
+            "tmpfs",
+            &tmp,
+            "tmpfs",
+            MountFlags::NOSUID | MountFlags::NODEV,
+            opts(c"mode=1777"),
+        ),
+    )?;
 
     for f in PROC_MASKED_FILES {
         let p = proc_dir.join(f);
@@ -74,7 +175,11 @@ pub fn setup(spec: &SandboxSpec) -> io::Result<()> {
         let p = proc_dir.join(d);
         if p.is_dir() {
             ctx("bind", &p, mount_bind(&p, &p))?;
-            let flags = MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+            let flags = MountFlags::BIND
+                | MountFlags::RDONLY
+                | MountFlags::NOSUID
+                | MountFlags::NODEV
+                | MountFlags::NOEXEC;
             ctx("remount read-only", &p, mount_remount(&p, flags, c""))?;
         }
     }

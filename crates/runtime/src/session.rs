@@ -57,7 +57,9 @@ impl std::str::FromStr for SessionKind {
         match s {
             "bash" => Ok(SessionKind::Bash),
             "python3" | "python" => Ok(SessionKind::Python3),
-            _ => Err(Error::Invalid(format!("unknown session kind {s:?} (bash or python3)"))),
+            _ => Err(Error::Invalid(format!(
+                "unknown session kind {s:?} (bash or python3)"
+            ))),
         }
     }
 }
@@ -110,19 +112,41 @@ pub struct Session {
 
 impl Session {
     /// Starts a session in the sandbox.
-    pub async fn start(h: &SandboxHandle, kind: SessionKind, env: Vec<String>, cwd: String) -> Result<Session> {
+    pub async fn start(
+        h: &SandboxHandle,
+        kind: SessionKind,
+        env: Vec<String>,
+        cwd: String,
+    ) -> Result<Session> {
         let (out_r, out_w) = pipe_pair()?;
         let (err_r, err_w) = pipe_pair()?;
         let (st_r, st_w) = pipe_pair()?;
         let (cmd_r, cmd_w) = pipe_pair()?;
         let (argv, fds) = match kind {
             SessionKind::Bash => (
-                vec!["bash".into(), "--noprofile".into(), "--norc".into(), "--noediting".into(), "-i".into()],
+                vec![
+                    "bash".into(),
+                    "--noprofile".into(),
+                    "--norc".into(),
+                    "--noediting".into(),
+                    "-i".into(),
+                ],
                 vec![(cmd_r, 0), (out_w, 1), (err_w, 2), (st_w, STATUS_FD)],
             ),
             SessionKind::Python3 => (
-                vec!["python3".into(), "-u".into(), "-c".into(), PYTHON_DRIVER.into()],
-                vec![(dev_null()?, 0), (out_w, 1), (err_w, 2), (st_w, STATUS_FD), (cmd_r, PY_CMD_FD)],
+                vec![
+                    "python3".into(),
+                    "-u".into(),
+                    "-c".into(),
+                    PYTHON_DRIVER.into(),
+                ],
+                vec![
+                    (dev_null()?, 0),
+                    (out_w, 1),
+                    (err_w, 2),
+                    (st_w, STATUS_FD),
+                    (cmd_r, PY_CMD_FD),
+                ],
             ),
         };
         let p = h.spawn(argv, env, cwd, fds).await?;
@@ -138,7 +162,9 @@ impl Session {
         };
         let mut cmd = sender(cmd_w)?;
         if kind == SessionKind::Bash {
-            cmd.write_all(BASH_SETUP.as_bytes()).await.map_err(|_| Error::SessionDead)?;
+            cmd.write_all(BASH_SETUP.as_bytes())
+                .await
+                .map_err(|_| Error::SessionDead)?;
         }
         // Wait for the interpreter to say it is ready; anything printed while starting is dropped.
         let ready = tokio::time::timeout(START_TIMEOUT, async {
@@ -146,7 +172,10 @@ impl Session {
                 match io.next().await {
                     Event::Status(nonce, _) if nonce == "ready" => return Ok(()),
                     Event::Exited(st) => {
-                        return Err(Error::Spawn(format!("{kind} exited while starting (status {})", st.shell_code())))
+                        return Err(Error::Spawn(format!(
+                            "{kind} exited while starting (status {})",
+                            st.shell_code()
+                        )))
                     }
                     Event::Closed => return Err(Error::SessionDead),
                     _ => {}
@@ -159,12 +188,18 @@ impl Session {
             Ok(Err(e)) => return Err(e),
             Err(_) => {
                 let _ = h.signal(p.pid, libc::SIGKILL).await;
-                return Err(Error::Spawn(format!("{kind} did not start within {START_TIMEOUT:?}")));
+                return Err(Error::Spawn(format!(
+                    "{kind} did not start within {START_TIMEOUT:?}"
+                )));
             }
         }
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(session_task(h.clone(), kind, p.pid, io, cmd, rx));
-        Ok(Session { kind, pid: p.pid, tx })
+        Ok(Session {
+            kind,
+            pid: p.pid,
+            tx,
+        })
     }
 
     /// Which interpreter.
@@ -183,9 +218,22 @@ impl Session {
     }
 
     /// Runs one command and waits for it (commands on one session run one at a time, in order).
-    pub async fn run(&self, text: String, timeout: Duration, max_output: usize) -> Result<SessionOutput> {
+    pub async fn run(
+        &self,
+        text: String,
+        timeout: Duration,
+        max_output: usize,
+    ) -> Result<SessionOutput> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command { text, timeout, max_output, reply }).await.map_err(|_| Error::SessionDead)?;
+        self.tx
+            .send(Command {
+                text,
+                timeout,
+                max_output,
+                reply,
+            })
+            .await
+            .map_err(|_| Error::SessionDead)?;
         rx.await.map_err(|_| Error::SessionDead)?
     }
 }
@@ -323,7 +371,10 @@ async fn run_one(
     c: &Command,
 ) -> (Result<SessionOutput>, bool) {
     let start = Instant::now();
-    let mut res = SessionOutput { alive: true, ..Default::default() };
+    let mut res = SessionOutput {
+        alive: true,
+        ..Default::default()
+    };
     // Drop leftovers from background jobs so they are not attributed to this command.
     let mut scratch = SessionOutput::default();
     io.drain_now(&mut scratch, 0);
@@ -387,6 +438,7 @@ async fn run_one(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

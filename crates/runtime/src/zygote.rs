@@ -17,7 +17,11 @@ use crate::{Error, Result};
 /// The descriptor number the zygote finds its socket at.
 pub const ZYGOTE_FD: i32 = 3;
 
-fn send_reply(sock: &OwnedFd, reply: &ZygoteReply, fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<()> {
+fn send_reply(
+    sock: &OwnedFd,
+    reply: &ZygoteReply,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> io::Result<()> {
     let payload = serde_json::to_vec(reply).map_err(io::Error::other)?;
     deltabox_sys::fdpass::send_frame(sock, &payload, fds)
 }
@@ -27,12 +31,20 @@ pub fn run(sock: OwnedFd, host_root: &Path) -> io::Result<()> {
     rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
     // Sandbox inits are our children; nobody waits for them individually (the daemon sees their sockets close).
     // SAFETY: SIG_IGN installs no handler code.
-    unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGCHLD, nix::sys::signal::SigHandler::SigIgn) }
-        .map_err(io::Error::other)?;
+    unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGCHLD,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    }
+    .map_err(io::Error::other)?;
     // SAFETY: single-threaded process; unsharing NEWNS changes no memory-safety invariant.
     unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }?;
     // Host mounts still propagate in; ours never propagate out.
-    mount_change("/", MountPropagationFlags::REC | MountPropagationFlags::DOWNSTREAM)?;
+    mount_change(
+        "/",
+        MountPropagationFlags::REC | MountPropagationFlags::DOWNSTREAM,
+    )?;
     std::fs::create_dir_all(host_root)?;
     mount_bind("/", host_root)?;
     mount_remount(host_root, MountFlags::BIND | MountFlags::RDONLY, c"")?;
@@ -41,7 +53,9 @@ pub fn run(sock: OwnedFd, host_root: &Path) -> io::Result<()> {
         let req: ZygoteRequest = serde_json::from_slice(&payload).map_err(io::Error::other)?;
         match req {
             ZygoteRequest::Create(spec) => match create(&spec) {
-                Ok((pid, ctrl)) => send_reply(&sock, &ZygoteReply::Created { pid }, &[ctrl.as_fd()])?,
+                Ok((pid, ctrl)) => {
+                    send_reply(&sock, &ZygoteReply::Created { pid }, &[ctrl.as_fd()])?
+                }
                 Err(error) => send_reply(&sock, &ZygoteReply::Failed { error }, &[])?,
             },
         }
@@ -51,22 +65,29 @@ pub fn run(sock: OwnedFd, host_root: &Path) -> io::Result<()> {
 
 fn create(spec: &SandboxSpec) -> std::result::Result<(i32, OwnedFd), String> {
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
-    let (go_r, go_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    let (rep_r, rep_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    let mut flags = libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+    let (go_r, go_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| format!("pipe: {e}"))?;
+    let (rep_r, rep_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| format!("pipe: {e}"))?;
+    let mut flags = libc::CLONE_NEWUSER
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWIPC;
     if spec.network == NetworkMode::None {
         flags |= libc::CLONE_NEWNET;
     }
     // SAFETY: the zygote is single-threaded (it is its own exec'd process and starts no threads).
-    let pid = match unsafe { deltabox_sys::clone_process(flags) }.map_err(|e| format!("clone: {e}"))? {
-        deltabox_sys::CloneResult::Child => {
-            drop(ours);
-            drop(go_w);
-            drop(rep_r);
-            crate::init::sandbox_main(spec, OwnedFd::from(theirs), go_r, rep_w)
-        }
-        deltabox_sys::CloneResult::Parent(pid) => pid.as_raw_nonzero().get(),
-    };
+    let pid =
+        match unsafe { deltabox_sys::clone_process(flags) }.map_err(|e| format!("clone: {e}"))? {
+            deltabox_sys::CloneResult::Child => {
+                drop(ours);
+                drop(go_w);
+                drop(rep_r);
+                crate::init::sandbox_main(spec, OwnedFd::from(theirs), go_r, rep_w)
+            }
+            deltabox_sys::CloneResult::Parent(pid) => pid.as_raw_nonzero().get(),
+        };
     drop(theirs);
     drop(go_r);
     drop(rep_w);
@@ -79,7 +100,8 @@ fn create(spec: &SandboxSpec) -> std::result::Result<(i32, OwnedFd), String> {
         std::fs::write(format!("/proc/{pid}/uid_map"), "0 0 4294967295")?;
         std::fs::write(format!("/proc/{pid}/gid_map"), "0 0 4294967295")?;
         for f in &spec.cgroup_procs {
-            std::fs::write(f, pid.to_string()).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", f.display())))?;
+            std::fs::write(f, pid.to_string())
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", f.display())))?;
         }
         rustix::io::write(&go_w, b"g")?;
         Ok(())
@@ -108,7 +130,11 @@ fn create(spec: &SandboxSpec) -> std::result::Result<(i32, OwnedFd), String> {
     if report != b"OK" {
         kill();
         let msg = String::from_utf8_lossy(&report).into_owned();
-        return Err(if msg.is_empty() { "sandbox init died during setup".into() } else { msg });
+        return Err(if msg.is_empty() {
+            "sandbox init died during setup".into()
+        } else {
+            msg
+        });
     }
     Ok((pid, OwnedFd::from(ours)))
 }
@@ -131,7 +157,10 @@ impl Zygote {
         let (ours, theirs) = UnixStream::pair().map_err(Error::io("socketpair"))?;
         let theirs_fd = theirs.as_raw_fd();
         let mut cmd = std::process::Command::new(exe);
-        cmd.arg("__zygote").arg("--host-root").arg(host_root).stdin(std::process::Stdio::null());
+        cmd.arg("__zygote")
+            .arg("--host-root")
+            .arg(host_root)
+            .stdin(std::process::Stdio::null());
         // SAFETY: the closure runs between fork and exec and only calls dup2, which is async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
@@ -143,7 +172,11 @@ impl Zygote {
         }
         let child = cmd.spawn().map_err(Error::io("start zygote"))?;
         drop(theirs);
-        let z = Zygote { sock: Mutex::new(ours), child: Mutex::new(child), host_root: host_root.to_path_buf() };
+        let z = Zygote {
+            sock: Mutex::new(ours),
+            child: Mutex::new(child),
+            host_root: host_root.to_path_buf(),
+        };
         match z.recv()? {
             (ZygoteReply::Ready, _) => Ok(z),
             (other, _) => Err(Error::Zygote(format!("unexpected first message {other:?}"))),
@@ -156,7 +189,10 @@ impl Zygote {
     }
 
     fn recv(&self) -> Result<(ZygoteReply, Vec<OwnedFd>)> {
-        let sock = self.sock.lock().map_err(|_| Error::Zygote("lock poisoned".into()))?;
+        let sock = self
+            .sock
+            .lock()
+            .map_err(|_| Error::Zygote("lock poisoned".into()))?;
         Self::recv_locked(&sock)
     }
 
@@ -170,9 +206,14 @@ impl Zygote {
 
     /// Creates a sandbox (blocking). Returns init's host pid and its control socket.
     pub fn create(&self, spec: &SandboxSpec) -> Result<(i32, UnixStream)> {
-        let sock = self.sock.lock().map_err(|_| Error::Zygote("lock poisoned".into()))?;
-        let payload = serde_json::to_vec(&ZygoteRequest::Create(spec.clone())).map_err(|e| Error::Zygote(e.to_string()))?;
-        deltabox_sys::fdpass::send_frame(&*sock, &payload, &[]).map_err(|e| Error::Zygote(format!("exited? {e}")))?;
+        let sock = self
+            .sock
+            .lock()
+            .map_err(|_| Error::Zygote("lock poisoned".into()))?;
+        let payload = serde_json::to_vec(&ZygoteRequest::Create(spec.clone()))
+            .map_err(|e| Error::Zygote(e.to_string()))?;
+        deltabox_sys::fdpass::send_frame(&*sock, &payload, &[])
+            .map_err(|e| Error::Zygote(format!("exited? {e}")))?;
         match Self::recv_locked(&sock)? {
             (ZygoteReply::Created { pid }, mut fds) if fds.len() == 1 => {
                 let fd = fds.remove(0);
@@ -185,7 +226,10 @@ impl Zygote {
 
     /// Whether the zygote process is still running.
     pub fn is_alive(&self) -> bool {
-        self.child.lock().map(|mut c| matches!(c.try_wait(), Ok(None))).unwrap_or(false)
+        self.child
+            .lock()
+            .map(|mut c| matches!(c.try_wait(), Ok(None)))
+            .unwrap_or(false)
     }
 }
 

@@ -38,8 +38,11 @@ pub unsafe fn clone_process(flags: libc::c_int) -> io::Result<CloneResult> {
         -1 => Err(io::Error::last_os_error()),
         0 => Ok(CloneResult::Child),
         pid => {
-            let pid = i32::try_from(pid).map_err(|_| io::Error::other("clone returned an out-of-range pid"))?;
-            Pid::from_raw(pid).map(CloneResult::Parent).ok_or_else(|| io::Error::other("clone returned pid 0"))
+            let pid = i32::try_from(pid)
+                .map_err(|_| io::Error::other("clone returned an out-of-range pid"))?;
+            Pid::from_raw(pid)
+                .map(CloneResult::Parent)
+                .ok_or_else(|| io::Error::other("clone returned pid 0"))
         }
     }
 }

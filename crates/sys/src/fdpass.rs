@@ -20,9 +20,17 @@ pub const MAX_FRAME: usize = 64 << 20;
 
 /// Writes the first part of a frame (header and as much payload as the socket takes) with `fds` attached.
 /// Returns how many bytes of `header ++ payload` went out; the caller writes the rest with plain writes.
-pub fn sendmsg_with_fds(sock: BorrowedFd<'_>, header: &[u8], payload: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+pub fn sendmsg_with_fds(
+    sock: BorrowedFd<'_>,
+    header: &[u8],
+    payload: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
     if fds.len() > MAX_FDS {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many descriptors for one frame"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many descriptors for one frame",
+        ));
     }
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = SendAncillaryBuffer::new(&mut space);
@@ -34,7 +42,11 @@ pub fn sendmsg_with_fds(sock: BorrowedFd<'_>, header: &[u8], payload: &[u8], fds
 }
 
 /// Reads up to `buf.len()` bytes, collecting any descriptors that arrive with them.
-pub fn recvmsg_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+pub fn recvmsg_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<usize> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let mut iov = [IoSliceMut::new(buf)];
@@ -50,7 +62,10 @@ pub fn recvmsg_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<Owne
 /// Frame header for a payload.
 pub fn frame_header(payload: &[u8]) -> io::Result<[u8; 4]> {
     if payload.len() > MAX_FRAME {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "frame too large"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "frame too large",
+        ));
     }
     Ok((payload.len() as u32).to_le_bytes())
 }
@@ -67,7 +82,11 @@ pub fn send_frame(sock: impl AsFd, payload: &[u8], fds: &[BorrowedFd<'_>]) -> io
     };
     let total = header.len() + payload.len();
     while sent < total {
-        let rest = if sent < 4 { &header[sent..] } else { &payload[sent - 4..] };
+        let rest = if sent < 4 {
+            &header[sent..]
+        } else {
+            &payload[sent - 4..]
+        };
         match rustix::io::write(sock, rest) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => sent += n,
@@ -95,7 +114,10 @@ pub fn recv_frame(sock: impl AsFd) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>
     }
     let len = u32::from_le_bytes(header) as usize;
     if len > MAX_FRAME {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "frame too large"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "frame too large",
+        ));
     }
     let mut payload = vec![0u8; len];
     let mut file = FdReader(sock);
@@ -117,6 +139,7 @@ impl Read for FdReader<'_> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;

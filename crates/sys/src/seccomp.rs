@@ -54,10 +54,17 @@ pub const DENIED: &[(&str, i64)] = &[
 
 /// Compiles the deny-list for this machine's architecture.
 pub fn deny_list_program() -> io::Result<BpfProgram> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = DENIED.iter().map(|&(_, nr)| (nr, vec![])).collect();
-    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| io::Error::other(format!("seccomp: {e}")))?;
-    let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM as u32), arch)
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+        DENIED.iter().map(|&(_, nr)| (nr, vec![])).collect();
+    let arch = TargetArch::try_from(std::env::consts::ARCH)
         .map_err(|e| io::Error::other(format!("seccomp: {e}")))?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(|e| io::Error::other(format!("seccomp: {e}")))?;
     BpfProgram::try_from(filter).map_err(|e| io::Error::other(format!("seccomp: {e}")))
 }
 

@@ -4,7 +4,11 @@ use crate::common::*;
 
 fn err_line(out: &std::process::Output) -> String {
     let e = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(e.trim_end().lines().count(), 1, "one-line reason expected: {e:?}");
+    assert_eq!(
+        e.trim_end().lines().count(),
+        1,
+        "one-line reason expected: {e:?}"
+    );
     e
 }
 
@@ -28,7 +32,10 @@ fn unknown_ids_are_clear_errors() {
     assert!(err_line(&out).contains("no session"));
     let out = d.cli(&["--json", "exec", "nosuch", "--", "true"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(v["error"]["message"].as_str().unwrap().contains("no sandbox"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("no sandbox"));
     d.stop_and_check(&[id]);
 }
 
@@ -43,7 +50,13 @@ fn bad_commands_and_limits_are_refused() {
     assert!(err_line(&out).contains("cannot run no-such-program-xyz: No such file"));
     let out = d.cli(&["exec", "-w", "/does/not/exist", &id, "--", "true"]);
     assert!(err_line(&out).contains("cannot change directory"));
-    for bad in [vec!["--memory", "lots"], vec!["--memory", "1k"], vec!["--pids", "1"], vec!["--cpus=-2"], vec!["--network", "bridge"]] {
+    for bad in [
+        vec!["--memory", "lots"],
+        vec!["--memory", "1k"],
+        vec!["--pids", "1"],
+        vec!["--cpus=-2"],
+        vec!["--network", "bridge"],
+    ] {
         let mut a = vec!["create"];
         a.extend(bad.iter().copied());
         let out = d.cli(&a);
@@ -69,6 +82,11 @@ fn bad_images_are_refused_and_leave_nothing() {
     assert_eq!(out.status.code(), Some(1));
     assert!(err_line(&out).contains("corrupt image"));
     assert_eq!(d.json(&["ls"]).as_array().unwrap().len(), 0);
-    assert_eq!(std::fs::read_dir(d.dir.join("store/sandboxes")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(d.dir.join("store/sandboxes"))
+            .unwrap()
+            .count(),
+        0
+    );
     d.stop_and_check(&[]);
 }

@@ -15,7 +15,9 @@ pub struct TestDaemon {
 
 fn unique_dir() -> PathBuf {
     let mut b = [0u8; 6];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b)).unwrap();
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .unwrap();
     let tag: String = b.iter().map(|x| format!("{x:02x}")).collect();
     PathBuf::from(format!("/var/tmp/dbx-it-{tag}"))
 }
@@ -32,7 +34,10 @@ impl TestDaemon {
             socket: dir.join("api.sock"),
             dir,
             child: None,
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.spawn();
         d
@@ -51,13 +56,27 @@ impl TestDaemon {
     }
 
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
-        let child = self.command().arg("daemon").stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .unwrap();
+        let child = self
+            .command()
+            .arg("daemon")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while !self.cli(&["ls"]).status.success() {
             if Instant::now() > deadline {
-                panic!("daemon did not start: {}", std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default());
+                panic!(
+                    "daemon did not start: {}",
+                    std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -85,17 +104,32 @@ impl TestDaemon {
     }
 
     pub fn cli(&self, args: &[&str]) -> Output {
-        self.command().args(args).stdin(Stdio::null()).output().unwrap()
+        self.command()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
     }
 
     pub fn cli_spawn(&self, args: &[&str]) -> Child {
-        self.command().args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+        self.command()
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
     }
 
     /// Runs a CLI command that must succeed; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
-        assert!(out.status.success(), "deltabox {args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "deltabox {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -103,7 +137,8 @@ impl TestDaemon {
         let mut a = vec!["--json"];
         a.extend_from_slice(args);
         let out = self.cli(&a);
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
     }
 
     pub fn create(&self, extra: &[&str]) -> String {
@@ -117,7 +152,11 @@ impl TestDaemon {
     /// `sh -c SCRIPT` in the sandbox; returns (exit code, stdout, stderr).
     pub fn sh(&self, id: &str, script: &str) -> (i32, String, String) {
         let out = self.cli(&["exec", id, "--", "sh", "-c", script]);
-        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     /// Stops the daemon and checks that nothing is left: no mounts under our state dir, no cgroups for `ids`.
@@ -156,7 +195,8 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
 pub fn instance_cgroups() -> std::collections::BTreeSet<PathBuf> {
     let mut found = std::collections::BTreeSet::new();
     for ctrl in ["memory", "pids", "cpu", "freezer", "unified"] {
-        if let Ok(tags) = std::fs::read_dir(Path::new("/sys/fs/cgroup").join(ctrl).join("deltabox")) {
+        if let Ok(tags) = std::fs::read_dir(Path::new("/sys/fs/cgroup").join(ctrl).join("deltabox"))
+        {
             found.extend(tags.flatten().map(|t| t.path()).filter(|p| p.is_dir()));
         }
     }
@@ -171,7 +211,10 @@ pub fn assert_no_leaks(dir: &Path, ids: &[String]) {
         if mounts.is_empty() && cgroups.is_empty() {
             return;
         }
-        assert!(Instant::now() < deadline, "leaked mounts {mounts:?} / cgroups {cgroups:?}");
+        assert!(
+            Instant::now() < deadline,
+            "leaked mounts {mounts:?} / cgroups {cgroups:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -182,7 +225,15 @@ pub fn host_processes_with(needle: &str) -> Vec<i32> {
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle)).unwrap_or(false))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    String::from_utf8_lossy(&c)
+                        .replace('\0', " ")
+                        .contains(needle)
+                })
+                .unwrap_or(false)
+        })
         .collect()
 }
 

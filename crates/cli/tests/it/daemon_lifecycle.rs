@@ -8,7 +8,13 @@ use crate::common::*;
 fn daemon_killed_mid_command_leaves_nothing_behind() {
     let mut d = TestDaemon::start();
     let id = d.create(&[]);
-    let marker = format!("sleep 61.{}", &id[..6].bytes().map(|b| (b % 10).to_string()).collect::<String>());
+    let marker = format!(
+        "sleep 61.{}",
+        &id[..6]
+            .bytes()
+            .map(|b| (b % 10).to_string())
+            .collect::<String>()
+    );
     let s = d.ok(&["session", "start", &id, "bash"]).trim().to_string();
     d.ok(&["session", "run", &id, &s, &format!("{marker} &")]);
     let exec = d.cli_spawn(&["exec", &id, "--", "sh", "-c", &marker]);
@@ -18,11 +24,17 @@ fn daemon_killed_mid_command_leaves_nothing_behind() {
     let out = exec.wait_with_output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("lost the connection") || err.contains("daemon"), "{err}");
+    assert!(
+        err.contains("lost the connection") || err.contains("daemon"),
+        "{err}"
+    );
     // The sandbox's processes die with the daemon (zygote and init have parent-death signals).
     let deadline = Instant::now() + Duration::from_secs(10);
     while !host_processes_with(&marker).is_empty() {
-        assert!(Instant::now() < deadline, "sandbox processes outlived the daemon");
+        assert!(
+            Instant::now() < deadline,
+            "sandbox processes outlived the daemon"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // A new daemon lists the sandbox as lost, has removed its cgroup, and can delete it.
@@ -46,10 +58,16 @@ fn graceful_stop_and_restart() {
     let mut d = TestDaemon::start();
     let id = d.create(&[]);
     let ours: Vec<_> = instance_cgroups().difference(&before).cloned().collect();
-    assert!(!ours.is_empty(), "the daemon has a cgroup parent of its own");
+    assert!(
+        !ours.is_empty(),
+        "the daemon has a cgroup parent of its own"
+    );
     d.stop();
     assert_no_leaks(&d.dir, std::slice::from_ref(&id));
-    assert!(ours.iter().all(|p| !p.exists()), "a stopped daemon leaves no cgroup: {ours:?}");
+    assert!(
+        ours.iter().all(|p| !p.exists()),
+        "a stopped daemon leaves no cgroup: {ours:?}"
+    );
     d.spawn();
     let list = d.json(&["ls"]);
     assert_eq!(list[0]["status"], "lost");
@@ -86,7 +104,8 @@ fn cgroup_v2_driver_freezes_and_kills() {
     let d = TestDaemon::start_with(&[("DELTABOX_CGROUP", "v2")]);
     let out = d.cli(&["create"]);
     assert_eq!(out.status.code(), Some(1));
-    let has_v2_memory = std::fs::read_to_string("/sys/fs/cgroup/unified/cgroup.controllers").is_ok_and(|c| c.contains("memory"));
+    let has_v2_memory = std::fs::read_to_string("/sys/fs/cgroup/unified/cgroup.controllers")
+        .is_ok_and(|c| c.contains("memory"));
     if !has_v2_memory {
         assert!(String::from_utf8_lossy(&out.stderr).contains("no 'memory' controller"));
     }
@@ -113,14 +132,24 @@ fn cli_starts_the_daemon_on_first_use() {
         .args(["create"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let pid: i32 = host_processes_with(&format!("{} daemon", sock.display()))
         .first()
         .copied()
-        .or_else(|| host_processes_with(&dir.display().to_string()).into_iter().find(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline")).map(|c| String::from_utf8_lossy(&c).contains("daemon")).unwrap_or(false)
-        }))
+        .or_else(|| {
+            host_processes_with(&dir.display().to_string())
+                .into_iter()
+                .find(|p| {
+                    std::fs::read(format!("/proc/{p}/cmdline"))
+                        .map(|c| String::from_utf8_lossy(&c).contains("daemon"))
+                        .unwrap_or(false)
+                })
+        })
         .expect("auto-started daemon");
     // SAFETY: stopping the daemon this test started.
     unsafe { libc::kill(pid, libc::SIGTERM) };

@@ -8,8 +8,17 @@ fn make_image(d: &TestDaemon) -> (std::path::PathBuf, std::path::PathBuf) {
     let archive = d.dir.join("tiny.tar");
     let rootdir = d.dir.join("rootdir");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/make_oci.py");
-    let out = Command::new("python3").arg(script).arg(&archive).arg(&rootdir).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(&archive)
+        .arg(&rootdir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     (archive, rootdir)
 }
 
@@ -18,7 +27,10 @@ fn oci_archive_image_with_whiteouts() {
     let d = TestDaemon::start();
     let (archive, _) = make_image(&d);
     let id = d.create(&["--image", archive.to_str().unwrap()]);
-    let (code, out, err) = d.sh(&id, "echo $GREETING; pwd; cat /etc/os-release; ls /opt; ls /etc");
+    let (code, out, err) = d.sh(
+        &id,
+        "echo $GREETING; pwd; cat /etc/os-release; ls /opt; ls /etc",
+    );
     assert_eq!(code, 0, "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "hello", "image Env applies");
@@ -29,10 +41,22 @@ fn oci_archive_image_with_whiteouts() {
     assert!(out.contains("hostname"), "the sandbox's own /etc/hostname");
     // Unpacked once per digest: a second sandbox reuses the base layer.
     let id2 = d.create(&["--image", archive.to_str().unwrap()]);
-    let unpacked = std::fs::read_dir(d.dir.join("store/images/oci")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("oci-")).count();
+    let unpacked = std::fs::read_dir(d.dir.join("store/images/oci"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("oci-")
+        })
+        .count();
     assert_eq!(unpacked, 1);
     let info = d.json(&["info", &id2]);
-    assert!(info["image_digest"].as_str().unwrap().starts_with("sha256:"));
+    assert!(info["image_digest"]
+        .as_str()
+        .unwrap()
+        .starts_with("sha256:"));
     // Writes in one sandbox do not show in the other or in the base layer.
     d.sh(&id, "echo mine > /etc/os-release");
     let (_, other, _) = d.sh(&id2, "cat /etc/os-release");
@@ -56,7 +80,10 @@ fn directory_image() {
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("ID=tiny\n"));
     assert!(out.contains("old"));
-    assert!(!rootdir.join("opt/added").exists(), "the image directory stays read-only");
+    assert!(
+        !rootdir.join("opt/added").exists(),
+        "the image directory stays read-only"
+    );
     assert_eq!(std::fs::read_dir(&rootdir).unwrap().count(), before);
     d.stop_and_check(&[id]);
 }

@@ -11,9 +11,15 @@ fn pid1_is_init_and_namespaces_are_private() {
     let lines: Vec<&str> = out.lines().collect();
     assert_ne!(lines[0], "pid=1");
     assert_eq!(lines[1], "deltabox-init");
-    assert!(lines[2].starts_with("dbx-") && lines[2] == lines[3], "{out}");
+    assert!(
+        lines[2].starts_with("dbx-") && lines[2] == lines[3],
+        "{out}"
+    );
     let procs: usize = lines[4].parse().unwrap();
-    assert!(procs <= 4, "the sandbox sees only its own processes, saw {procs}");
+    assert!(
+        procs <= 4,
+        "the sandbox sees only its own processes, saw {procs}"
+    );
     assert_eq!(lines[5], "0");
     let host_ns = std::fs::read_link("/proc/self/ns/pid").unwrap();
     assert_ne!(lines[6], host_ns.to_str().unwrap());
@@ -21,7 +27,10 @@ fn pid1_is_init_and_namespaces_are_private() {
     let (code, _, _) = d.sh(&id, "cat /proc/1/mem; cat /proc/1/environ");
     assert_ne!(code, 0);
     // Pid 1 survives signals sent from inside.
-    let (code, out, _) = d.sh(&id, "kill -TERM 1; kill -INT 1; kill -KILL 1; sleep 0.2; echo alive");
+    let (code, out, _) = d.sh(
+        &id,
+        "kill -TERM 1; kill -INT 1; kill -KILL 1; sleep 0.2; echo alive",
+    );
     assert_eq!((code, out.trim()), (0, "alive"));
     // Zombies are reaped: orphaned children do not accumulate.
     let (code, out, _) = d.sh(&id, "for i in 1 2 3 4 5; do (sleep 0.05 &) ; done; sleep 0.5; grep -l zombie /proc/[0-9]*/status 2>/dev/null | wc -l");
@@ -33,28 +42,61 @@ fn pid1_is_init_and_namespaces_are_private() {
 fn host_files_unchanged_after_rm_rf_root() {
     let d = TestDaemon::start();
     let id = d.create(&[]);
-    let watch = ["/usr/bin/python3", "/etc/passwd", "/bin/sh", "/usr/lib/os-release"];
-    let before: Vec<_> = watch.iter().map(|p| std::fs::read(std::fs::canonicalize(p).unwrap()).unwrap()).collect();
+    let watch = [
+        "/usr/bin/python3",
+        "/etc/passwd",
+        "/bin/sh",
+        "/usr/lib/os-release",
+    ];
+    let before: Vec<_> = watch
+        .iter()
+        .map(|p| std::fs::read(std::fs::canonicalize(p).unwrap()).unwrap())
+        .collect();
     let etc_before = std::fs::read_dir("/etc").unwrap().count();
-    let out = d.cli(&["exec", "--timeout", "120", &id, "--", "rm", "-rf", "--no-preserve-root", "/"]);
+    let out = d.cli(&[
+        "exec",
+        "--timeout",
+        "120",
+        &id,
+        "--",
+        "rm",
+        "-rf",
+        "--no-preserve-root",
+        "/",
+    ]);
     assert!(out.status.code().is_some());
     // The sandbox really lost its files...
     let out = d.cli(&["exec", &id, "--", "/bin/sh", "-c", "true"]);
     assert!(!out.status.success());
     // ...and the host did not.
     for (p, b) in watch.iter().zip(&before) {
-        assert_eq!(&std::fs::read(std::fs::canonicalize(p).unwrap()).unwrap(), b, "{p} changed");
+        assert_eq!(
+            &std::fs::read(std::fs::canonicalize(p).unwrap()).unwrap(),
+            b,
+            "{p} changed"
+        );
     }
     assert_eq!(std::fs::read_dir("/etc").unwrap().count(), etc_before);
     assert!(d.dir.join("deltabox.db").exists());
     // Writes inside land in the sandbox's own layer only.
     let id2 = d.create(&[]);
-    let (code, _, err) = d.sh(&id2, "echo owned > /usr/bin/dbx-it-probe && cat /usr/bin/dbx-it-probe");
+    let (code, _, err) = d.sh(
+        &id2,
+        "echo owned > /usr/bin/dbx-it-probe && cat /usr/bin/dbx-it-probe",
+    );
     assert_eq!(code, 0, "{err}");
     assert!(!std::path::Path::new("/usr/bin/dbx-it-probe").exists());
-    assert!(d.dir.join("store/sandboxes").join(&id2).join("upper/usr/bin/dbx-it-probe").exists());
+    assert!(d
+        .dir
+        .join("store/sandboxes")
+        .join(&id2)
+        .join("upper/usr/bin/dbx-it-probe")
+        .exists());
     d.ok(&["rm", &id, &id2]);
-    assert!(!d.dir.join("store/sandboxes").join(&id2).exists(), "rm deletes the writable layer");
+    assert!(
+        !d.dir.join("store/sandboxes").join(&id2).exists(),
+        "rm deletes the writable layer"
+    );
     d.stop_and_check(&[id, id2]);
 }
 
@@ -101,7 +143,11 @@ for addr in [('1.1.1.1', 80), ('10.0.2.2', 80)]:
 "#;
     let out = d.cli(&["exec", &id, "--", "python3", "-c", py]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[0], "['lo']");
     assert_eq!(lines[1], "ping");
@@ -117,15 +163,31 @@ fn hardening_is_in_place() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("NoNewPrivs:\t1"), "{out}");
     assert!(out.contains("Seccomp:\t2"), "{out}");
-    let bnd = out.lines().find_map(|l| l.strip_prefix("CapBnd:\t")).unwrap();
+    let bnd = out
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:\t"))
+        .unwrap();
     let bnd = u64::from_str_radix(bnd.trim(), 16).unwrap();
     assert_eq!(bnd & (1 << 16), 0, "CAP_SYS_MODULE dropped");
-    assert_ne!(bnd & (1 << 21), 0, "CAP_SYS_ADMIN kept (in the sandbox's user namespace)");
-    assert!(out.contains("mount=32") || out.contains("mount=1"), "mount refused: {out}");
+    assert_ne!(
+        bnd & (1 << 21),
+        0,
+        "CAP_SYS_ADMIN kept (in the sandbox's user namespace)"
+    );
+    assert!(
+        out.contains("mount=32") || out.contains("mount=1"),
+        "mount refused: {out}"
+    );
     assert!(out.trim_end().ends_with('0'), "/proc/kcore masked: {out}");
     // Root inside is not root outside: the uid map is the sandbox's own user namespace.
     let (_, ns, _) = d.sh(&id, "readlink /proc/self/ns/user");
-    assert_ne!(ns.trim(), std::fs::read_link("/proc/self/ns/user").unwrap().to_str().unwrap());
+    assert_ne!(
+        ns.trim(),
+        std::fs::read_link("/proc/self/ns/user")
+            .unwrap()
+            .to_str()
+            .unwrap()
+    );
     d.stop_and_check(&[id]);
 }
 
@@ -134,7 +196,13 @@ fn pause_and_resume_freeze_every_process() {
     let d = TestDaemon::start();
     let id = d.create(&[]);
     let s = d.ok(&["session", "start", &id, "bash"]).trim().to_string();
-    d.ok(&["session", "run", &id, &s, "(while true; do date +%s%N > /tmp/tick; sleep 0.01; done) &"]);
+    d.ok(&[
+        "session",
+        "run",
+        &id,
+        &s,
+        "(while true; do date +%s%N > /tmp/tick; sleep 0.01; done) &",
+    ]);
     d.ok(&["pause", &id]);
     let out = d.cli(&["exec", &id, "--", "true"]);
     assert!(!out.status.success());

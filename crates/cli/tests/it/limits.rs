@@ -8,7 +8,14 @@ use crate::common::*;
 fn memory_hog_is_oom_killed_and_reported() {
     let d = TestDaemon::start();
     let id = d.create(&["--memory", "128M"]);
-    let r = d.json(&["exec", &id, "--", "python3", "-c", "x = bytearray(600 * 1024 * 1024); print('survived')"]);
+    let r = d.json(&[
+        "exec",
+        &id,
+        "--",
+        "python3",
+        "-c",
+        "x = bytearray(600 * 1024 * 1024); print('survived')",
+    ]);
     assert_eq!(r["oom_killed"], true, "{r}");
     assert_eq!(r["signal"], 9);
     assert!(!r["stdout"].as_str().unwrap().contains("survived"));
@@ -21,12 +28,32 @@ fn memory_hog_is_oom_killed_and_reported() {
 fn fork_bomb_hits_the_pids_limit() {
     let d = TestDaemon::start();
     let id = d.create(&["--pids", "64"]);
-    let out = d.cli(&["exec", "--timeout", "5", &id, "--", "bash", "-c", "bomb() { bomb | bomb & }; bomb; sleep 3"]);
+    let out = d.cli(&[
+        "exec",
+        "--timeout",
+        "5",
+        &id,
+        "--",
+        "bash",
+        "-c",
+        "bomb() { bomb | bomb & }; bomb; sleep 3",
+    ]);
     assert!(out.status.code().is_some());
-    let pids = cgroup_dirs_of(&id).into_iter().find(|p| p.starts_with("/sys/fs/cgroup/pids")).unwrap();
-    let current: u64 = std::fs::read_to_string(pids.join("pids.current")).unwrap().trim().parse().unwrap();
+    let pids = cgroup_dirs_of(&id)
+        .into_iter()
+        .find(|p| p.starts_with("/sys/fs/cgroup/pids"))
+        .unwrap();
+    let current: u64 = std::fs::read_to_string(pids.join("pids.current"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert!(current <= 64, "pids.current {current}");
-    let max: u64 = std::fs::read_to_string(pids.join("pids.max")).unwrap().trim().parse().unwrap();
+    let max: u64 = std::fs::read_to_string(pids.join("pids.max"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert_eq!(max, 64);
     // Daemon and host are fine; removing the sandbox ends the bomb.
     d.ok(&["ls"]);
@@ -40,11 +67,26 @@ fn fork_bomb_hits_the_pids_limit() {
 fn cpu_limit_is_enforced() {
     let d = TestDaemon::start();
     let id = d.create(&["--cpus", "0.3"]);
-    let quota = cgroup_dirs_of(&id).into_iter().find(|p| p.starts_with("/sys/fs/cgroup/cpu/")).unwrap();
-    assert_eq!(std::fs::read_to_string(quota.join("cpu.cfs_quota_us")).unwrap().trim(), "30000");
+    let quota = cgroup_dirs_of(&id)
+        .into_iter()
+        .find(|p| p.starts_with("/sys/fs/cgroup/cpu/"))
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(quota.join("cpu.cfs_quota_us"))
+            .unwrap()
+            .trim(),
+        "30000"
+    );
     let py = "import time, resource\nt = time.time()\nwhile time.time() - t < 2: pass\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_utime / (time.time() - t))";
-    let share: f64 = d.ok(&["exec", &id, "--", "python3", "-c", py]).trim().parse().unwrap();
-    assert!(share < 0.6, "a busy loop got {share:.2} of a core under a 0.3-core limit");
+    let share: f64 = d
+        .ok(&["exec", &id, "--", "python3", "-c", py])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        share < 0.6,
+        "a busy loop got {share:.2} of a core under a 0.3-core limit"
+    );
     d.stop_and_check(&[id]);
 }
 
@@ -52,7 +94,17 @@ fn cpu_limit_is_enforced() {
 fn huge_output_is_bounded_and_flagged() {
     let d = TestDaemon::start();
     let id = d.create(&[]);
-    let r = d.json(&["exec", "--timeout", "120", &id, "--", "head", "-c", "1000000000", "/dev/zero"]);
+    let r = d.json(&[
+        "exec",
+        "--timeout",
+        "120",
+        &id,
+        "--",
+        "head",
+        "-c",
+        "1000000000",
+        "/dev/zero",
+    ]);
     assert_eq!(r["exit_code"], 0, "{}", r["stderr"]);
     assert_eq!(r["stdout_truncated"], true);
     assert_eq!(r["stdout"].as_str().unwrap().len(), 1 << 20);
@@ -65,7 +117,16 @@ fn exec_timeout_kills_the_command_group() {
     let d = TestDaemon::start();
     let id = d.create(&[]);
     let t = Instant::now();
-    let out = d.cli(&["exec", "--timeout", "1", &id, "--", "sh", "-c", "sleep 30 & sleep 30; echo never"]);
+    let out = d.cli(&[
+        "exec",
+        "--timeout",
+        "1",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "sleep 30 & sleep 30; echo never",
+    ]);
     assert_eq!(out.status.code(), Some(124));
     assert!(t.elapsed() < Duration::from_secs(10));
     assert!(!String::from_utf8_lossy(&out.stdout).contains("never"));

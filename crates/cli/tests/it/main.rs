@@ -1,5 +1,6 @@
 //! Integration tests: real daemons, real sandboxes, real programs. Each test starts its own daemon with its own
 //! state directory; run them with cargo-nextest (one process per test), as root.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

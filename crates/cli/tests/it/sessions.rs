@@ -15,15 +15,31 @@ fn bash_state_survives_between_commands() {
     let s = d.ok(&["session", "start", &id, "bash"]).trim().to_string();
     assert!(s.starts_with("s-"));
     d.ok(&["session", "run", &id, &s, "mkdir -p /work/a && cd /work/a && export GREETING=hi && N=41 && add1() { echo $(( $1 + 1 )); }; alias ll='echo aliased'"]);
-    let r = run(&d, &id, &s, "pwd; echo $GREETING; add1 $N; ll; shopt -s expand_aliases");
+    let r = run(
+        &d,
+        &id,
+        &s,
+        "pwd; echo $GREETING; add1 $N; ll; shopt -s expand_aliases",
+    );
     assert_eq!(r["stdout"], "/work/a\nhi\n42\naliased\n", "{r}");
     assert_eq!(r["exit_code"], 0);
     // Exit status of the last command, multi-line input, heredocs, quotes.
-    let r = run(&d, &id, &s, "cat <<'EOF'\nline 'one'\n\"two\" $N\nEOF\nfalse");
+    let r = run(
+        &d,
+        &id,
+        &s,
+        "cat <<'EOF'\nline 'one'\n\"two\" $N\nEOF\nfalse",
+    );
     assert_eq!(r["stdout"], "line 'one'\n\"two\" $N\n");
     assert_eq!(r["exit_code"], 1);
     // The CLI passes output through and exits with the status.
-    let out = d.cli(&["session", "run", &id, &s, "echo to-out; echo to-err >&2; (exit 7)"]);
+    let out = d.cli(&[
+        "session",
+        "run",
+        &id,
+        &s,
+        "echo to-out; echo to-err >&2; (exit 7)",
+    ]);
     assert_eq!(out.status.code(), Some(7));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "to-out\n");
     assert!(String::from_utf8_lossy(&out.stderr).contains("to-err"));
@@ -42,8 +58,16 @@ fn printed_markers_cannot_fool_boundaries() {
     let out = r["stdout"].as_str().unwrap();
     assert!(out.ends_with("after\n"), "{out}");
     assert!(out.starts_with("ready 0\n"));
-    let p = d.ok(&["session", "start", &id, "python3"]).trim().to_string();
-    let r = run(&d, &id, &p, "print('ready 0'); import time; time.sleep(0.3); print('after')");
+    let p = d
+        .ok(&["session", "start", &id, "python3"])
+        .trim()
+        .to_string();
+    let r = run(
+        &d,
+        &id,
+        &p,
+        "print('ready 0'); import time; time.sleep(0.3); print('after')",
+    );
     assert_eq!(r["stdout"], "ready 0\nafter\n");
     d.stop_and_check(&[id]);
 }
@@ -52,22 +76,42 @@ fn printed_markers_cannot_fool_boundaries() {
 fn python_state_survives_and_errors_are_reported() {
     let d = TestDaemon::start();
     let id = d.create(&[]);
-    let p = d.ok(&["session", "start", &id, "python3"]).trim().to_string();
-    let r = run(&d, &id, &p, "import json, os\ndata = list(range(1000))\ndef f(x):\n    return x * 2\nlen(data)");
+    let p = d
+        .ok(&["session", "start", &id, "python3"])
+        .trim()
+        .to_string();
+    let r = run(
+        &d,
+        &id,
+        &p,
+        "import json, os\ndata = list(range(1000))\ndef f(x):\n    return x * 2\nlen(data)",
+    );
     assert_eq!(r["stdout"], "1000\n");
-    let r = run(&d, &id, &p, "f(sum(data)), json.dumps({'a': 1}), os.getpid() > 1");
+    let r = run(
+        &d,
+        &id,
+        &p,
+        "f(sum(data)), json.dumps({'a': 1}), os.getpid() > 1",
+    );
     assert_eq!(r["stdout"], "(999000, '{\"a\": 1}', True)\n");
     let r = run(&d, &id, &p, "raise ValueError('boom')");
     assert_eq!(r["exit_code"], 1);
     assert!(r["stderr"].as_str().unwrap().contains("ValueError: boom"));
-    assert!(!r["stderr"].as_str().unwrap().contains("_dbx_main"), "driver frames are hidden: {}", r["stderr"]);
+    assert!(
+        !r["stderr"].as_str().unwrap().contains("_dbx_main"),
+        "driver frames are hidden: {}",
+        r["stderr"]
+    );
     let r = run(&d, &id, &p, "def broken(:\n  pass");
     assert_eq!(r["exit_code"], 1);
     assert!(r["stderr"].as_str().unwrap().contains("SyntaxError"));
     let r = run(&d, &id, &p, "print(len(data)); input()");
     assert_eq!(r["exit_code"], 1, "stdin is /dev/null: EOFError");
     // Several sessions per sandbox, independent state.
-    let p2 = d.ok(&["session", "start", &id, "python3"]).trim().to_string();
+    let p2 = d
+        .ok(&["session", "start", &id, "python3"])
+        .trim()
+        .to_string();
     let r = run(&d, &id, &p2, "'data' in globals()");
     assert_eq!(r["stdout"], "False\n");
     let list = d.json(&["session", "ls", &id]);
@@ -84,22 +128,49 @@ fn timeouts_interrupt_without_killing_the_session() {
     let s = d.ok(&["session", "start", &id, "bash"]).trim().to_string();
     run(&d, &id, &s, "X=kept; cd /tmp");
     let t = Instant::now();
-    let out = d.cli(&["session", "run", "--timeout", "1", &id, &s, "sleep 30; echo never"]);
+    let out = d.cli(&[
+        "session",
+        "run",
+        "--timeout",
+        "1",
+        &id,
+        &s,
+        "sleep 30; echo never",
+    ]);
     assert_eq!(out.status.code(), Some(124));
     assert!(t.elapsed() < Duration::from_secs(8));
     assert!(!String::from_utf8_lossy(&out.stdout).contains("never"));
     let r = run(&d, &id, &s, "echo $X $(pwd)");
     assert_eq!(r["stdout"], "kept /tmp\n");
     // A command that ignores SIGINT is killed on the second stage; the shell survives.
-    let r = d.json(&["session", "run", "--timeout", "1", &id, &s, "trap '' INT; sleep 30"]);
+    let r = d.json(&[
+        "session",
+        "run",
+        "--timeout",
+        "1",
+        &id,
+        &s,
+        "trap '' INT; sleep 30",
+    ]);
     assert_eq!(r["timed_out"], true);
     assert_eq!(r["session_alive"], true, "{r}");
     let r = run(&d, &id, &s, "trap - INT; echo $X");
     assert_eq!(r["stdout"], "kept\n");
 
-    let p = d.ok(&["session", "start", &id, "python3"]).trim().to_string();
+    let p = d
+        .ok(&["session", "start", &id, "python3"])
+        .trim()
+        .to_string();
     run(&d, &id, &p, "y = 5");
-    let r = d.json(&["session", "run", "--timeout", "1", &id, &p, "while True: pass"]);
+    let r = d.json(&[
+        "session",
+        "run",
+        "--timeout",
+        "1",
+        &id,
+        &p,
+        "while True: pass",
+    ]);
     assert_eq!(r["timed_out"], true);
     assert!(r["stderr"].as_str().unwrap().contains("KeyboardInterrupt"));
     let r = run(&d, &id, &p, "y + 1");
@@ -119,9 +190,15 @@ fn a_session_whose_shell_exits_is_reported() {
     let out = d.cli(&["session", "run", &id, &s, "echo again"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("session has ended"));
-    let p = d.ok(&["session", "start", &id, "python3"]).trim().to_string();
+    let p = d
+        .ok(&["session", "start", &id, "python3"])
+        .trim()
+        .to_string();
     let r = run(&d, &id, &p, "import sys; sys.exit(4)");
-    assert_eq!((r["exit_code"].as_i64(), r["session_alive"].as_bool()), (Some(4), Some(false)));
+    assert_eq!(
+        (r["exit_code"].as_i64(), r["session_alive"].as_bool()),
+        (Some(4), Some(false))
+    );
     // Killing the interpreter from inside is noticed too.
     let b = d.ok(&["session", "start", &id, "bash"]).trim().to_string();
     let r = run(&d, &id, &b, "kill -9 $$");

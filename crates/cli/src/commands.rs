@@ -56,6 +56,21 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
     Ok(())
 }
 
+/// Prints a list as JSON, or as a table with one row per item.
+fn print_list<T: serde::Serialize>(
+    list: &[T],
+    json: bool,
+    header: &[&str],
+    row: impl Fn(&T) -> Vec<String>,
+) -> Result<()> {
+    if json {
+        return print_json(&list);
+    }
+    let rows: Vec<Vec<String>> = list.iter().map(row).collect();
+    output::table(header, &rows);
+    Ok(())
+}
+
 fn secs_to_ms(s: Option<f64>) -> Result<Option<u64>> {
     match s {
         Some(s) if !(s.is_finite() && s > 0.0) => {
@@ -90,31 +105,25 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32> 
             let list: Vec<SandboxInfo> = client
                 .call(Method::GET, "/v1/sandboxes", None::<&()>)
                 .await?;
-            if json {
-                print_json(&list)?;
-            } else {
-                let rows: Vec<Vec<String>> = list
-                    .iter()
-                    .map(|s| {
-                        vec![
-                            s.id.clone(),
-                            s.status.clone(),
-                            s.image.clone(),
-                            output::size(s.memory_bytes),
-                            s.pids.map(|p| p.to_string()).unwrap_or("-".into()),
-                            s.cpus.map(|c| c.to_string()).unwrap_or("-".into()),
-                            s.sessions.to_string(),
-                            s.reason.clone().unwrap_or_default(),
-                        ]
-                    })
-                    .collect();
-                output::table(
-                    &[
-                        "ID", "STATUS", "IMAGE", "MEMORY", "PIDS", "CPUS", "SESSIONS", "NOTE",
-                    ],
-                    &rows,
-                );
-            }
+            print_list(
+                &list,
+                json,
+                &[
+                    "ID", "STATUS", "IMAGE", "MEMORY", "PIDS", "CPUS", "SESSIONS", "NOTE",
+                ],
+                |s| {
+                    vec![
+                        s.id.clone(),
+                        s.status.clone(),
+                        s.image.clone(),
+                        output::size(s.memory_bytes),
+                        s.pids.map(|p| p.to_string()).unwrap_or("-".into()),
+                        s.cpus.map(|c| c.to_string()).unwrap_or("-".into()),
+                        s.sessions.to_string(),
+                        s.reason.clone().unwrap_or_default(),
+                    ]
+                },
+            )?;
             Ok(0)
         }
         Command::Info { id } => {
@@ -328,22 +337,14 @@ async fn session(client: &Client, cmd: SessionCmd, json: bool) -> Result<i32> {
                     None::<&()>,
                 )
                 .await?;
-            if json {
-                print_json(&list)?;
-            } else {
-                let rows: Vec<Vec<String>> = list
-                    .iter()
-                    .map(|s| {
-                        vec![
-                            s.id.clone(),
-                            s.kind.clone(),
-                            s.pid.to_string(),
-                            s.alive.to_string(),
-                        ]
-                    })
-                    .collect();
-                output::table(&["SESSION", "KIND", "PID", "ALIVE"], &rows);
-            }
+            print_list(&list, json, &["SESSION", "KIND", "PID", "ALIVE"], |s| {
+                vec![
+                    s.id.clone(),
+                    s.kind.clone(),
+                    s.pid.to_string(),
+                    s.alive.to_string(),
+                ]
+            })?;
             Ok(0)
         }
         SessionCmd::Stop { id, session } => {

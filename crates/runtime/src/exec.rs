@@ -132,41 +132,46 @@ pub async fn run(
         if res.status.is_some() && !out_open && !err_open {
             break;
         }
-        tokio::select! {
+        // Which stream produced how many bytes (`true`: stdout).
+        let chunk: Option<(bool, usize)> = tokio::select! {
             r = out.read(&mut obuf), if out_open => match r {
-                Ok(0) | Err(_) => out_open = false,
-                Ok(n) => {
-                    push_bounded(&mut res.stdout, &obuf[..n], req.max_output, &mut res.stdout_truncated);
-                    if let Some(s) = &sink {
-                        if !client_gone && s.send(OutputEvent::Stdout(obuf[..n].to_vec())).await.is_err() {
-                            client_gone = true;
-                            let _ = h.signal_group(p.pid, libc::SIGKILL, None).await;
-                        }
-                    }
-                }
+                Ok(n @ 1..) => Some((true, n)),
+                _ => { out_open = false; None }
             },
             r = err.read(&mut ebuf), if err_open => match r {
-                Ok(0) | Err(_) => err_open = false,
-                Ok(n) => {
-                    push_bounded(&mut res.stderr, &ebuf[..n], req.max_output, &mut res.stderr_truncated);
-                    if let Some(s) = &sink {
-                        if !client_gone && s.send(OutputEvent::Stderr(ebuf[..n].to_vec())).await.is_err() {
-                            client_gone = true;
-                            let _ = h.signal_group(p.pid, libc::SIGKILL, None).await;
-                        }
-                    }
-                }
+                Ok(n @ 1..) => Some((false, n)),
+                _ => { err_open = false; None }
             },
             s = &mut exit, if res.status.is_none() => {
                 res.status = Some(s.map_err(|_| Error::SandboxDead)?);
                 res.duration = start.elapsed();
                 linger_until = Some(tokio::time::Instant::now() + LINGER);
+                None
             },
             _ = sleep_until(deadline), if deadline.is_some() && res.status.is_none() && !res.timed_out => {
                 res.timed_out = true;
                 let _ = h.signal_group(p.pid, libc::SIGKILL, None).await;
+                None
             },
             _ = sleep_until(linger_until), if linger_until.is_some() => break,
+        };
+        let Some((is_out, n)) = chunk else { continue };
+        let (data, buf, truncated) = if is_out {
+            (&obuf[..n], &mut res.stdout, &mut res.stdout_truncated)
+        } else {
+            (&ebuf[..n], &mut res.stderr, &mut res.stderr_truncated)
+        };
+        push_bounded(buf, data, req.max_output, truncated);
+        if let (Some(s), false) = (&sink, client_gone) {
+            let ev = if is_out {
+                OutputEvent::Stdout(data.to_vec())
+            } else {
+                OutputEvent::Stderr(data.to_vec())
+            };
+            if s.send(ev).await.is_err() {
+                client_gone = true;
+                let _ = h.signal_group(p.pid, libc::SIGKILL, None).await;
+            }
         }
     }
     Ok(res)

@@ -127,7 +127,12 @@ async fn exec_stream(
     let relay_tx = line_tx.clone();
     let relay = tokio::spawn(async move {
         let b64 = base64::engine::general_purpose::STANDARD;
-        while let Some(ev) = out_rx.recv().await {
+        loop {
+            let ev = tokio::select! {
+                ev = out_rx.recv() => match ev { Some(ev) => ev, None => return },
+                // The response body was dropped (client gone): dropping out_rx makes exec kill the command.
+                _ = relay_tx.closed() => return,
+            };
             let line = match ev {
                 deltabox_runtime::OutputEvent::Stdout(d) => ndjson(&StreamEvent::Stdout {
                     data: b64.encode(d),

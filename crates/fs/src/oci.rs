@@ -653,6 +653,37 @@ mod tests {
     }
 
     #[test]
+    fn docker_save_legacy_format() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("save");
+        std::fs::create_dir_all(dir.join("abc")).unwrap();
+        std::fs::write(
+            dir.join("abc/layer.tar"),
+            layer(&[("etc", None), ("etc/motd", Some("legacy"))]),
+        )
+        .unwrap();
+        let config = br#"{"config":{"Env":["A=1"]}}"#;
+        std::fs::write(dir.join("cfg.json"), config).unwrap();
+        std::fs::write(
+            dir.join("manifest.json"),
+            r#"[{"Config":"cfg.json","RepoTags":["x:1"],"Layers":["abc/layer.tar"]}]"#,
+        )
+        .unwrap();
+        tar_dir(&dir, &t.path().join("save.tar"));
+        let (digest, root, cfg) =
+            unpack(&t.path().join("save.tar"), &t.path().join("store")).unwrap();
+        assert_eq!(
+            digest,
+            format!("sha256:{}", hex::encode(Sha256::digest(config)))
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/motd")).unwrap(),
+            "legacy"
+        );
+        assert_eq!(cfg.env, vec!["A=1"]);
+    }
+
+    #[test]
     fn escaping_paths_are_refused() {
         let t = tempfile::tempdir().unwrap();
         let mut b = tar::Builder::new(Vec::new());

@@ -154,6 +154,12 @@ pub async fn run(
                 None
             },
             _ = sleep_until(linger_until), if linger_until.is_some() => break,
+            // The client went away while the command was silent.
+            _ = sink_closed(&sink), if !client_gone && res.status.is_none() => {
+                client_gone = true;
+                let _ = h.signal_group(p.pid, libc::SIGKILL, None).await;
+                None
+            },
         };
         let Some((is_out, n)) = chunk else { continue };
         let (data, buf, truncated) = if is_out {
@@ -175,6 +181,13 @@ pub async fn run(
         }
     }
     Ok(res)
+}
+
+async fn sink_closed(sink: &Option<mpsc::Sender<OutputEvent>>) {
+    match sink {
+        Some(s) => s.closed().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(t: Option<tokio::time::Instant>) {

@@ -11,6 +11,7 @@ pub struct TestDaemon {
     pub socket: PathBuf,
     child: Option<Child>,
     env: Vec<(String, String)>,
+    daemon_args: Vec<String>,
 }
 
 fn unique_dir() -> PathBuf {
@@ -28,8 +29,17 @@ impl TestDaemon {
     }
 
     pub fn start_with(env: &[(&str, &str)]) -> TestDaemon {
+        Self::start_full(env, &[])
+    }
+
+    /// With extra `deltabox daemon` arguments; `{dir}` in them is replaced by the state directory.
+    pub fn start_full(env: &[(&str, &str)], daemon_args: &[&str]) -> TestDaemon {
         let dir = unique_dir();
         std::fs::create_dir_all(&dir).unwrap();
+        let daemon_args = daemon_args
+            .iter()
+            .map(|a| a.replace("{dir}", &dir.to_string_lossy()))
+            .collect();
         let mut d = TestDaemon {
             socket: dir.join("api.sock"),
             dir,
@@ -38,6 +48,7 @@ impl TestDaemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            daemon_args,
         };
         d.spawn();
         d
@@ -64,6 +75,7 @@ impl TestDaemon {
         let child = self
             .command()
             .arg("daemon")
+            .args(&self.daemon_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

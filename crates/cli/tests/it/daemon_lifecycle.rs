@@ -161,3 +161,46 @@ fn cli_starts_the_daemon_on_first_use() {
     assert_no_leaks(&dir, &[id]);
     drop(d);
 }
+
+fn http_status(port: u16, auth: Option<&str>) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let auth = auth
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET /v1/health HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp.lines().next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn tcp_listener_requires_the_token() {
+    let port = 20_000 + (std::process::id() % 30_000) as u16;
+    let listen = format!("127.0.0.1:{port}");
+    let d = TestDaemon::start_full(&[], &["--listen", &listen, "--token-file", "{dir}/token"]);
+    let token = std::fs::read_to_string(d.dir.join("token")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(d.dir.join("token"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert!(http_status(port, None).contains("401"));
+    assert!(http_status(port, Some("wrong-token-wrong-token")).contains("401"));
+    assert!(http_status(port, Some(token.trim())).contains("200"));
+    // The unix socket is root-only and needs no token.
+    assert_eq!(
+        std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    d.ok(&["ls"]);
+    d.stop_and_check(&[]);
+}

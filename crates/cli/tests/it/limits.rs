@@ -139,3 +139,35 @@ fn exec_timeout_kills_the_command_group() {
     assert!(t.elapsed() < Duration::from_secs(5));
     d.stop_and_check(&[id]);
 }
+
+#[test]
+fn a_client_that_disconnects_mid_stream_kills_its_command() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let marker = "sleep 1000.25";
+    let mut cli = d.cli_spawn(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        &format!("echo started; {marker}"),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host_processes_with(marker).is_empty() {
+        assert!(Instant::now() < deadline, "command did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cli.kill().unwrap();
+    cli.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !host_processes_with(marker).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the command outlived its disconnected client"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(d.ok(&["exec", &id, "--", "echo", "ok"]), "ok\n");
+    d.stop_and_check(&[id]);
+}

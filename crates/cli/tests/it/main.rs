@@ -9,4 +9,5 @@ mod daemon_lifecycle;
 mod images;
 mod isolation;
 mod limits;
+mod real_programs;
 mod sessions;

@@ -1,0 +1,47 @@
+//! Real programs agents use, inside a default sandbox: git, python with a venv and pip, shell pipelines.
+
+use crate::common::*;
+
+#[test]
+fn git_pip_and_shell_work_inside() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let s = d.ok(&["session", "start", &id, "bash"]).trim().to_string();
+    let run = |cmd: &str| {
+        let r = d.json(&["session", "run", "--timeout", "180", &id, &s, cmd]);
+        assert_eq!(r["exit_code"], 0, "{cmd}: {r}");
+        r["stdout"].as_str().unwrap().to_string()
+    };
+    // git: a repository with two commits and a branch.
+    run("mkdir -p /work/repo && cd /work/repo && git init -q -b main . && git config user.email a@b.invalid && git config user.name agent");
+    run("echo one > f && git add f && git commit -qm first && git checkout -qb feature && echo two >> f && git commit -qam second");
+    assert_eq!(run("git log --format=%s | tr '\\n' ' '"), "second first ");
+    assert_eq!(
+        run("git diff main --stat | tail -n 1 | tr -s ' '"),
+        " 1 file changed, 1 insertion(+)\n"
+    );
+    // python: a venv, and pip installing a local project (no network needed, none available).
+    run("cd /work && mkdir -p pkg/hello && printf 'def hi():\\n    return 42\\n' > pkg/hello/__init__.py");
+    run("cd /work && printf '[build-system]\\nrequires=[\"setuptools\"]\\nbuild-backend=\"setuptools.build_meta\"\\n[project]\\nname=\"hello\"\\nversion=\"0.1\"\\n' > pkg/pyproject.toml");
+    run("cd /work && python3 -m venv --system-site-packages venv && venv/bin/pip install -q --no-index --no-build-isolation ./pkg");
+    assert_eq!(
+        run("/work/venv/bin/python -c 'import hello; print(hello.hi())'"),
+        "42\n"
+    );
+    // pip reaching for the network fails cleanly (no network inside).
+    let r = d.json(&["session", "run", "--timeout", "120", &id, &s, "/work/venv/bin/pip install --retries 0 --timeout 3 -q requests-not-a-real-pkg 2>&1 | tail -n 1"]);
+    assert!(
+        r["stdout"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("no matching distribution")
+            || r["stdout"].as_str().unwrap().contains("rror"),
+        "{r}"
+    );
+    // Pipelines, archives, job control-free background work.
+    assert_eq!(run("seq 1 100000 | sort -rn | head -n 1"), "100000\n");
+    run("cd /work && tar czf repo.tgz repo && mkdir x && tar xzf repo.tgz -C x && cmp repo/f x/repo/f");
+    run("(sleep 0.2; echo done > /tmp/bg) & wait; cat /tmp/bg");
+    d.stop_and_check(&[id]);
+}

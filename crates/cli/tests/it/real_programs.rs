@@ -45,3 +45,29 @@ fn git_pip_and_shell_work_inside() {
     run("(sleep 0.2; echo done > /tmp/bg) & wait; cat /tmp/bg");
     d.stop_and_check(&[id]);
 }
+
+#[test]
+fn exec_passes_stdin_env_cwd_and_exact_bytes() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let mut child = std::process::Command::new(BIN)
+        .env("DELTABOX_SOCKET", &d.socket)
+        .env("DELTABOX_NO_AUTOSTART", "1")
+        .args(["exec", "-i", "-e", "FOO=bar baz", "-w", "/tmp", &id, "--", "sh", "-c", "echo \"$FOO|$(pwd)|$(cat | wc -c)\""])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(&vec![b'x'; 200_000]).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "bar baz|/tmp|200000\n");
+    // Binary output passes through the CLI byte for byte.
+    let out = d.cli(&["exec", &id, "--", "sh", "-c", "printf '\\000\\377\\376abc\\n'; head -c 300000 /dev/zero | tr '\\0' '\\377'"]);
+    assert!(out.status.success());
+    assert_eq!(&out.stdout[..7], b"\x00\xff\xfeabc\n");
+    assert_eq!(out.stdout.len(), 7 + 300_000);
+    assert!(out.stdout[7..].iter().all(|&b| b == 0xff));
+    d.stop_and_check(&[id]);
+}

@@ -20,6 +20,31 @@ use crate::sandbox::Sandbox;
 use crate::store::Store;
 use crate::{ApiError, Config};
 
+/// Removes a half-created sandbox's cgroup (killing anything in it) and directory when dropped, unless
+/// disarmed once the sandbox is registered.
+struct Undo {
+    dir: Option<PathBuf>,
+    cgroup: Option<deltabox_runtime::Cgroup>,
+}
+
+impl Undo {
+    fn disarm(&mut self) {
+        self.dir = None;
+        self.cgroup = None;
+    }
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        if let Some(cg) = self.cgroup.take() {
+            let _ = cg.destroy();
+        }
+        if let Some(dir) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 /// Everything the daemon owns.
 pub struct Daemon {
     /// Configuration.
@@ -172,22 +197,15 @@ impl Daemon {
                 work: dir.join("work"),
             })
         })();
-        let layers = match prepared {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(ApiError::internal(format!(
-                    "prepare sandbox directory: {e}"
-                )));
-            }
+        // Until the sandbox is registered, any failure undoes what was made so far.
+        let mut undo = Undo {
+            dir: Some(dir.clone()),
+            cgroup: None,
         };
-        let cgroup = match self.cgroups.create(&id, &limits) {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e.into());
-            }
-        };
+        let layers =
+            prepared.map_err(|e| ApiError::internal(format!("prepare sandbox directory: {e}")))?;
+        let cgroup = self.cgroups.create(&id, &limits)?;
+        undo.cgroup = Some(cgroup.clone());
         let spec = SandboxSpec {
             id: id.clone(),
             hostname: hostname.clone(),
@@ -197,23 +215,8 @@ impl Daemon {
             network,
         };
         let zygote = self.zygote.clone();
-        let created = blocking(move || zygote.create(&spec)).await?;
-        let (pid, ctrl) = match created {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = cgroup.destroy();
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e.into());
-            }
-        };
-        let handle = match SandboxHandle::new(pid, ctrl) {
-            Ok(h) => h,
-            Err(e) => {
-                let _ = cgroup.destroy();
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e.into());
-            }
-        };
+        let (pid, ctrl) = blocking(move || zygote.create(&spec)).await??;
+        let handle = SandboxHandle::new(pid, ctrl)?;
         let info = SandboxInfo {
             id: id.clone(),
             status: "running".into(),
@@ -231,11 +234,8 @@ impl Daemon {
             init_pid: Some(pid),
             sessions: 0,
         };
-        if let Err(e) = self.store.insert(&info) {
-            let _ = cgroup.destroy();
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e.into());
-        }
+        self.store.insert(&info)?;
+        undo.disarm();
         let sb = Arc::new(Sandbox {
             id: id.clone(),
             handle: handle.clone(),

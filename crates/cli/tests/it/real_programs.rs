@@ -53,18 +53,45 @@ fn exec_passes_stdin_env_cwd_and_exact_bytes() {
     let mut child = std::process::Command::new(BIN)
         .env("DELTABOX_SOCKET", &d.socket)
         .env("DELTABOX_NO_AUTOSTART", "1")
-        .args(["exec", "-i", "-e", "FOO=bar baz", "-w", "/tmp", &id, "--", "sh", "-c", "echo \"$FOO|$(pwd)|$(cat | wc -c)\""])
+        .args([
+            "exec",
+            "-i",
+            "-e",
+            "FOO=bar baz",
+            "-w",
+            "/tmp",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "echo \"$FOO|$(pwd)|$(cat | wc -c)\"",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(&vec![b'x'; 200_000]).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&vec![b'x'; 200_000])
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "bar baz|/tmp|200000\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "bar baz|/tmp|200000\n"
+    );
     // Binary output passes through the CLI byte for byte.
-    let out = d.cli(&["exec", &id, "--", "sh", "-c", "printf '\\000\\377\\376abc\\n'; head -c 300000 /dev/zero | tr '\\0' '\\377'"]);
+    let out = d.cli(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "printf '\\000\\377\\376abc\\n'; head -c 300000 /dev/zero | tr '\\0' '\\377'",
+    ]);
     assert!(out.status.success());
     assert_eq!(&out.stdout[..7], b"\x00\xff\xfeabc\n");
     assert_eq!(out.stdout.len(), 7 + 300_000);

@@ -6,6 +6,7 @@
 pub mod caps;
 pub mod clone;
 pub mod fdpass;
+pub mod inject;
 pub mod netdev;
 pub mod seccomp;
 

@@ -1,0 +1,558 @@
+//! System-call injection into processes that never agreed to it (ptrace).
+//!
+//! DeltaFS re-points the working directories and open files of live sandbox processes onto a new filesystem
+//! generation, and DeltaCR forks processes into templates: both make the *target* execute system calls. The
+//! sequence, measured in `shared/reference/probes/genprobe.c` and `ptfork.c`:
+//! `PTRACE_SEIZE` + `PTRACE_INTERRUPT` → wait for the event stop → save registers → for each call: point `rip`
+//! at a `syscall` instruction in the target's `[vdso]`, load `rax`/arguments, set `orig_rax = -1` (so the
+//! kernel does not treat the injected call as a restart of whatever the target was blocked in), single-step,
+//! read `rax`, restore the saved registers → detach. Because the target is resumed from an interrupt or
+//! single-step stop, a blocking call it was interrupted in (`read`, `wait4`, `poll` …) is restarted by the
+//! kernel exactly as if nothing had happened.
+//!
+//! Signals that arrive while we hold the target are not lost: a signal-delivery-stop during injection is
+//! suppressed there (its handler must not run on our injected register state) and the signal is re-sent with
+//! `tgkill` after detaching.
+
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::ptrace;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+/// `PTRACE_EVENT_STOP` (group-stop or `PTRACE_INTERRUPT` under `PTRACE_SEIZE`).
+const PTRACE_EVENT_STOP: i32 = 128;
+/// How far below the stack pointer scratch data goes (past the 128-byte red zone, with margin).
+const SCRATCH_GAP: u64 = 1024;
+
+/// Why an injection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    /// A ptrace request failed.
+    #[error("ptrace {what} on {tid}: {errno}")]
+    Ptrace {
+        what: &'static str,
+        tid: i32,
+        errno: Errno,
+    },
+    /// The target exited (or was killed) while we held it.
+    #[error("process {0} exited during injection")]
+    Exited(i32),
+    /// The target did not reach the expected stop in time (e.g. it is frozen by the cgroup v1 freezer).
+    #[error("process {tid} did not stop ({what}) within {timeout:?}")]
+    Timeout {
+        tid: i32,
+        what: &'static str,
+        timeout: Duration,
+    },
+    /// No `syscall` instruction found in the target's executable mappings.
+    #[error("no syscall instruction in process {0}")]
+    NoSyscallInstruction(i32),
+    /// Reading `/proc` or the target's memory failed.
+    #[error("{what} of {tid}: {source}")]
+    Io {
+        what: &'static str,
+        tid: i32,
+        source: std::io::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, InjectError>;
+
+fn pt(what: &'static str, tid: Pid) -> impl FnOnce(Errno) -> InjectError {
+    move |errno| {
+        if errno == Errno::ESRCH {
+            InjectError::Exited(tid.as_raw())
+        } else {
+            InjectError::Ptrace {
+                what,
+                tid: tid.as_raw(),
+                errno,
+            }
+        }
+    }
+}
+
+/// Waits for a state change of a traced thread, without blocking forever.
+fn wait_for(tid: Pid, what: &'static str, timeout: Duration) -> Result<WaitStatus> {
+    let start = Instant::now();
+    let mut spins = 0u32;
+    loop {
+        match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {}
+            Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => {
+                return Err(InjectError::Exited(tid.as_raw()))
+            }
+            Ok(st) => return Ok(st),
+            Err(Errno::EINTR) => {}
+            Err(Errno::ECHILD) => return Err(InjectError::Exited(tid.as_raw())),
+            Err(errno) => {
+                return Err(InjectError::Ptrace {
+                    what: "waitpid",
+                    tid: tid.as_raw(),
+                    errno,
+                })
+            }
+        }
+        if start.elapsed() > timeout {
+            return Err(InjectError::Timeout {
+                tid: tid.as_raw(),
+                what,
+                timeout,
+            });
+        }
+        // Stops usually arrive within microseconds: spin briefly, then back off.
+        spins += 1;
+        if spins < 2000 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+/// Scheduler state letter of a thread (`R`, `S`, `T`, `t` …) from `/proc/<tid>/stat`.
+pub fn thread_state(tid: Pid) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// Address of a `syscall` instruction (`0f 05`) in the process's `[vdso]`, else in any executable mapping.
+/// Every thread of a process shares it, and it stays valid for the life of the process.
+pub fn find_syscall_insn(pid: Pid) -> Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let io = |what| {
+        move |source| InjectError::Io {
+            what,
+            tid: pid.as_raw(),
+            source,
+        }
+    };
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(io("read maps"))?;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).map_err(io("open mem"))?;
+    for pass in 0..2 {
+        for line in maps.lines() {
+            let mut f = line.split_whitespace();
+            let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+                continue;
+            };
+            let Some((s, e)) = range.split_once('-') else {
+                continue;
+            };
+            let (Ok(start), Ok(end)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16))
+            else {
+                continue;
+            };
+            if start >= 0xffff_ffff_ff60_0000
+                || (pass == 0 && !line.ends_with("[vdso]"))
+                || !perms.contains('x')
+            {
+                continue;
+            }
+            let len = (end - start).min(8 << 20) as usize;
+            let mut buf = vec![0u8; len];
+            let Ok(n) = mem.read_at(&mut buf, start) else {
+                continue;
+            };
+            if let Some(i) = buf[..n].windows(2).position(|w| w == [0x0f, 0x05]) {
+                return Ok(start + i as u64);
+            }
+        }
+    }
+    Err(InjectError::NoSyscallInstruction(pid.as_raw()))
+}
+
+/// A thread held in a ptrace stop, ready to run injected system calls. Detach (or drop) to resume it exactly
+/// where it was.
+#[derive(Debug)]
+pub struct Tracee {
+    tid: Pid,
+    tgid: Pid,
+    saved: libc::user_regs_struct,
+    syscall_insn: u64,
+    timeout: Duration,
+    stashed: Vec<Signal>,
+    scratch_map: Option<(u64, u64)>,
+    attached: bool,
+}
+
+impl Tracee {
+    /// Seizes thread `tid` (of process `tgid`) and stops it. `syscall_insn` comes from [`find_syscall_insn`].
+    pub fn seize(tgid: Pid, tid: Pid, syscall_insn: u64, timeout: Duration) -> Result<Tracee> {
+        ptrace::seize(tid, ptrace::Options::empty()).map_err(pt("seize", tid))?;
+        let mut t = Tracee {
+            tid,
+            tgid,
+            saved: zeroed_regs(),
+            syscall_insn,
+            timeout,
+            stashed: Vec::new(),
+            scratch_map: None,
+            attached: true,
+        };
+        // Seizing a task already in group-stop (SIGSTOP) traps it by itself; an extra interrupt would leave a
+        // second trap pending.
+        if !matches!(thread_state(tid), Some('T' | 't')) {
+            ptrace::interrupt(tid).map_err(pt("interrupt", tid))?;
+        }
+        t.wait_event_stop()?;
+        t.saved = ptrace::getregs(tid).map_err(pt("getregs", tid))?;
+        Ok(t)
+    }
+
+    fn wait_event_stop(&mut self) -> Result<()> {
+        loop {
+            match wait_for(self.tid, "interrupt", self.timeout)? {
+                WaitStatus::PtraceEvent(_, _, PTRACE_EVENT_STOP) => return Ok(()),
+                // A signal was about to be delivered and consumed our stop request: let it be delivered (the
+                // process would have got it anyway), then ask again.
+                WaitStatus::Stopped(_, sig) => {
+                    ptrace::cont(self.tid, sig).map_err(pt("cont", self.tid))?;
+                    ptrace::interrupt(self.tid).map_err(pt("interrupt", self.tid))?;
+                }
+                _ => {
+                    ptrace::cont(self.tid, None).map_err(pt("cont", self.tid))?;
+                    ptrace::interrupt(self.tid).map_err(pt("interrupt", self.tid))?;
+                }
+            }
+        }
+    }
+
+    /// The thread id.
+    pub fn tid(&self) -> Pid {
+        self.tid
+    }
+
+    /// Registers as they were when the thread stopped (and will be again when it resumes).
+    pub fn saved_regs(&self) -> &libc::user_regs_struct {
+        &self.saved
+    }
+
+    /// Makes the thread execute system call `nr` with up to six arguments; returns the raw result (`-errno` on
+    /// failure, as the kernel returns it).
+    pub fn syscall(&mut self, nr: i64, args: &[u64]) -> Result<i64> {
+        let mut r = self.saved;
+        r.rax = nr as u64;
+        r.orig_rax = u64::MAX;
+        let mut a = [0u64; 6];
+        a[..args.len().min(6)].copy_from_slice(&args[..args.len().min(6)]);
+        (r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9) = (a[0], a[1], a[2], a[3], a[4], a[5]);
+        r.rip = self.syscall_insn;
+        ptrace::setregs(self.tid, r).map_err(pt("setregs", self.tid))?;
+        ptrace::step(self.tid, None).map_err(pt("singlestep", self.tid))?;
+        loop {
+            match wait_for(self.tid, "single-step", self.timeout)? {
+                WaitStatus::Stopped(_, Signal::SIGTRAP) => break,
+                WaitStatus::Stopped(_, sig) => {
+                    // Keep it for after detach; delivering it now would run a handler on our register state.
+                    self.stashed.push(sig);
+                    ptrace::step(self.tid, None).map_err(pt("singlestep", self.tid))?;
+                }
+                _ => ptrace::step(self.tid, None).map_err(pt("singlestep", self.tid))?,
+            }
+        }
+        let out = ptrace::getregs(self.tid).map_err(pt("getregs", self.tid))?;
+        ptrace::setregs(self.tid, self.saved).map_err(pt("setregs", self.tid))?;
+        Ok(out.rax as i64)
+    }
+
+    /// Copies `data` into the target's memory and returns its address there: below the stopped thread's stack
+    /// pointer (past the red zone), or in a page mapped for the purpose when the stack has no room.
+    pub fn write_scratch(&mut self, data: &[u8]) -> Result<u64> {
+        let len = data.len() as u64;
+        let on_stack = (self.saved.rsp.wrapping_sub(SCRATCH_GAP + len)) & !15;
+        if self.write_mem(on_stack, data).is_ok() {
+            return Ok(on_stack);
+        }
+        let need = (len + 4095) & !4095;
+        if self.scratch_map.is_none_or(|(_, l)| l < need) {
+            self.release_scratch_map()?;
+            let addr = self.syscall(
+                libc::SYS_mmap,
+                &[
+                    0,
+                    need,
+                    (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                    (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                    u64::MAX,
+                    0,
+                ],
+            )?;
+            if addr < 0 {
+                return Err(InjectError::Io {
+                    what: "map scratch page",
+                    tid: self.tid.as_raw(),
+                    source: std::io::Error::from_raw_os_error(-addr as i32),
+                });
+            }
+            self.scratch_map = Some((addr as u64, need));
+        }
+        let (addr, _) = self.scratch_map.unwrap_or_default();
+        self.write_mem(addr, data)?;
+        Ok(addr)
+    }
+
+    fn write_mem(&self, addr: u64, data: &[u8]) -> Result<()> {
+        let local = [std::io::IoSlice::new(data)];
+        let remote = [nix::sys::uio::RemoteIoVec {
+            base: addr as usize,
+            len: data.len(),
+        }];
+        match nix::sys::uio::process_vm_writev(self.tgid, &local, &remote) {
+            Ok(n) if n == data.len() => Ok(()),
+            Ok(_) => Err(InjectError::Io {
+                what: "write memory",
+                tid: self.tid.as_raw(),
+                source: std::io::ErrorKind::WriteZero.into(),
+            }),
+            Err(e) => Err(InjectError::Io {
+                what: "write memory",
+                tid: self.tid.as_raw(),
+                source: e.into(),
+            }),
+        }
+    }
+
+    fn release_scratch_map(&mut self) -> Result<()> {
+        if let Some((addr, len)) = self.scratch_map.take() {
+            self.syscall(libc::SYS_munmap, &[addr, len])?;
+        }
+        Ok(())
+    }
+
+    /// `path` as a NUL-terminated string in the target's memory (for `chdir`, `openat` …).
+    pub fn write_path(&mut self, path: &std::path::Path) -> Result<u64> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut bytes = path.as_os_str().as_bytes().to_vec();
+        bytes.push(0);
+        self.write_scratch(&bytes)
+    }
+
+    /// Restores the registers, lets the thread go, and re-sends signals that arrived meanwhile.
+    pub fn detach(mut self) -> Result<()> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        if !self.attached {
+            return Ok(());
+        }
+        let unmapped = self.release_scratch_map();
+        let restored = ptrace::setregs(self.tid, self.saved).map_err(pt("setregs", self.tid));
+        let detached = ptrace::detach(self.tid, None).map_err(pt("detach", self.tid));
+        self.attached = false;
+        for sig in self.stashed.drain(..) {
+            // SAFETY: tgkill takes plain integers.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_tgkill,
+                    self.tgid.as_raw(),
+                    self.tid.as_raw(),
+                    sig as i32,
+                )
+            };
+        }
+        unmapped.and(restored).and(detached)
+    }
+}
+
+impl Drop for Tracee {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
+fn zeroed_regs() -> libc::user_regs_struct {
+    // SAFETY: user_regs_struct is plain integers; all-zero is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Child, Command, Stdio};
+
+    const T: Duration = Duration::from_secs(5);
+
+    fn spawn(argv: &[&str]) -> (Child, Pid) {
+        let child = Command::new(argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = Pid::from_raw(child.id() as i32);
+        // Wait until it blocks (S): injecting into a process before or inside execve is not allowed.
+        let deadline = Instant::now() + T;
+        while thread_state(pid) != Some('S') {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        (child, pid)
+    }
+
+    fn line(r: &mut BufReader<std::process::ChildStdout>) -> String {
+        let mut s = String::new();
+        r.read_line(&mut s).unwrap();
+        s
+    }
+
+    #[test]
+    fn injected_syscalls_run_in_the_target() {
+        let (mut child, pid) = spawn(&["sleep", "30"]);
+        let sc = find_syscall_insn(pid).unwrap();
+        let mut t = Tracee::seize(pid, pid, sc, T).unwrap();
+        assert_eq!(
+            t.syscall(libc::SYS_getpid, &[]).unwrap(),
+            pid.as_raw() as i64
+        );
+        assert_eq!(
+            t.syscall(libc::SYS_close, &[999]).unwrap(),
+            -(libc::EBADF as i64)
+        );
+        t.detach().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "still sleeping after detach"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn large_scratch_data_goes_to_a_mapped_page_that_is_unmapped_on_detach() {
+        use std::os::unix::fs::FileExt;
+        let (mut child, pid) = spawn(&["sleep", "30"]);
+        let mut t = Tracee::seize(pid, pid, find_syscall_insn(pid).unwrap(), T).unwrap();
+        let big: Vec<u8> = (0..(4 << 20)).map(|i| (i % 251) as u8).collect();
+        let addr = t.write_scratch(&big).unwrap();
+        assert!(
+            t.scratch_map.is_some(),
+            "4 MiB does not fit below the stack pointer"
+        );
+        let mut back = vec![0u8; big.len()];
+        std::fs::File::open(format!("/proc/{pid}/mem"))
+            .unwrap()
+            .read_exact_at(&mut back, addr)
+            .unwrap();
+        assert!(back == big);
+        t.detach().unwrap();
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        assert!(
+            !maps.lines().any(|l| l.starts_with(&format!("{addr:x}-"))),
+            "scratch page unmapped"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn chdir_into_a_shell_blocked_in_read_resumes_the_read() {
+        let (mut child, pid) = spawn(&[
+            "sh",
+            "-c",
+            "read x; /bin/pwd; read y; echo \"$x$y\"; /bin/pwd",
+        ]);
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut stdin = child.stdin.take().unwrap();
+        let sc = find_syscall_insn(pid).unwrap();
+        let mut t = Tracee::seize(pid, pid, sc, T).unwrap();
+        let p = t.write_path(std::path::Path::new("/usr/share")).unwrap();
+        assert_eq!(t.syscall(libc::SYS_chdir, &[p]).unwrap(), 0);
+        t.detach().unwrap();
+        stdin.write_all(b"a\n").unwrap();
+        assert_eq!(line(&mut out), "/usr/share\n");
+        stdin.write_all(b"b\n").unwrap();
+        assert_eq!(line(&mut out), "ab\n", "the interrupted read lost nothing");
+        assert_eq!(line(&mut out), "/usr/share\n");
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn an_open_descriptor_is_repointed_to_another_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let f = std::fs::File::create(&a).unwrap();
+        let mut child = Command::new("sh")
+            .args(["-c", "read x; echo one; read y; echo two"])
+            .stdin(Stdio::piped())
+            .stdout(f)
+            .spawn()
+            .unwrap();
+        let pid = Pid::from_raw(child.id() as i32);
+        while thread_state(pid) != Some('S') {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"x\n").unwrap();
+        let deadline = Instant::now() + T;
+        while std::fs::read_to_string(&a).unwrap() != "one\n" {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let mut t = Tracee::seize(pid, pid, find_syscall_insn(pid).unwrap(), T).unwrap();
+        let p = t.write_path(&b).unwrap();
+        let flags = (libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND | libc::O_CLOEXEC) as u64;
+        let fd = t
+            .syscall(libc::SYS_openat, &[libc::AT_FDCWD as u64, p, flags, 0o644])
+            .unwrap();
+        assert!(fd > 2, "openat: {fd}");
+        assert_eq!(t.syscall(libc::SYS_dup3, &[fd as u64, 1, 0]).unwrap(), 1);
+        assert_eq!(t.syscall(libc::SYS_close, &[fd as u64]).unwrap(), 0);
+        t.detach().unwrap();
+        stdin.write_all(b"y\n").unwrap();
+        child.wait().unwrap();
+        assert_eq!(std::fs::read_to_string(&a).unwrap(), "one\n");
+        assert_eq!(std::fs::read_to_string(&b).unwrap(), "two\n");
+    }
+
+    #[test]
+    fn signals_arriving_during_injection_are_not_lost() {
+        let py = "import signal, sys\ngot = []\nsignal.signal(signal.SIGUSR1, lambda *a: got.append(1))\nprint('ready', flush=True)\nsys.stdin.readline()\nprint('got', len(got), flush=True)";
+        let (mut child, pid) = spawn(&["python3", "-c", py]);
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        assert_eq!(line(&mut out), "ready\n");
+        let mut t = Tracee::seize(pid, pid, find_syscall_insn(pid).unwrap(), T).unwrap();
+        nix::sys::signal::kill(pid, Signal::SIGUSR1).unwrap();
+        for _ in 0..3 {
+            assert_eq!(
+                t.syscall(libc::SYS_getpid, &[]).unwrap(),
+                pid.as_raw() as i64
+            );
+        }
+        t.detach().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        child.stdin.take().unwrap().write_all(b"\n").unwrap();
+        assert_eq!(line(&mut out), "got 1\n");
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn chdir_in_one_thread_moves_every_thread() {
+        let py = "import os, sys, threading\nev = threading.Event()\nts = [threading.Thread(target=ev.wait) for _ in range(3)]\n[t.start() for t in ts]\nprint('ready', flush=True)\nsys.stdin.readline()\nprint(os.getcwd(), flush=True)\nev.set()";
+        let (mut child, pid) = spawn(&["python3", "-c", py]);
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        assert_eq!(line(&mut out), "ready\n");
+        let tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+            .collect();
+        assert!(tids.len() >= 4);
+        let worker = Pid::from_raw(*tids.iter().max().unwrap());
+        let mut t = Tracee::seize(pid, worker, find_syscall_insn(pid).unwrap(), T).unwrap();
+        let p = t.write_path(std::path::Path::new("/usr/lib")).unwrap();
+        assert_eq!(t.syscall(libc::SYS_chdir, &[p]).unwrap(), 0);
+        t.detach().unwrap();
+        child.stdin.take().unwrap().write_all(b"\n").unwrap();
+        assert_eq!(line(&mut out), "/usr/lib\n");
+        child.wait().unwrap();
+    }
+}

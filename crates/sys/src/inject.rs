@@ -176,13 +176,22 @@ pub struct Tracee {
     stashed: Vec<Signal>,
     scratch_map: Option<(u64, u64)>,
     attached: bool,
+    stopped: bool,
 }
 
 impl Tracee {
     /// Seizes thread `tid` (of process `tgid`) and stops it. `syscall_insn` comes from [`find_syscall_insn`].
     pub fn seize(tgid: Pid, tid: Pid, syscall_insn: u64, timeout: Duration) -> Result<Tracee> {
+        let mut t = Self::attach(tgid, tid, syscall_insn, timeout)?;
+        t.wait_stop()?;
+        Ok(t)
+    }
+
+    /// Seizes and asks the thread to stop, without waiting for it. A thread frozen by the cgroup v1 freezer only
+    /// reaches the stop after it is thawed: attach every thread while frozen, thaw, then [`Tracee::wait_stop`].
+    pub fn attach(tgid: Pid, tid: Pid, syscall_insn: u64, timeout: Duration) -> Result<Tracee> {
         ptrace::seize(tid, ptrace::Options::empty()).map_err(pt("seize", tid))?;
-        let mut t = Tracee {
+        let t = Tracee {
             tid,
             tgid,
             saved: zeroed_regs(),
@@ -191,15 +200,25 @@ impl Tracee {
             stashed: Vec::new(),
             scratch_map: None,
             attached: true,
+            stopped: false,
         };
         // Seizing a task already in group-stop (SIGSTOP) traps it by itself; an extra interrupt would leave a
         // second trap pending.
         if !matches!(thread_state(tid), Some('T' | 't')) {
             ptrace::interrupt(tid).map_err(pt("interrupt", tid))?;
         }
-        t.wait_event_stop()?;
-        t.saved = ptrace::getregs(tid).map_err(pt("getregs", tid))?;
         Ok(t)
+    }
+
+    /// Waits until the thread is in its ptrace stop and saves its registers.
+    pub fn wait_stop(&mut self) -> Result<()> {
+        if self.stopped {
+            return Ok(());
+        }
+        self.wait_event_stop()?;
+        self.saved = ptrace::getregs(self.tid).map_err(pt("getregs", self.tid))?;
+        self.stopped = true;
+        Ok(())
     }
 
     fn wait_event_stop(&mut self) -> Result<()> {
@@ -233,6 +252,7 @@ impl Tracee {
     /// Makes the thread execute system call `nr` with up to six arguments; returns the raw result (`-errno` on
     /// failure, as the kernel returns it).
     pub fn syscall(&mut self, nr: i64, args: &[u64]) -> Result<i64> {
+        self.wait_stop()?;
         let mut r = self.saved;
         r.rax = nr as u64;
         r.orig_rax = u64::MAX;
@@ -338,6 +358,11 @@ impl Tracee {
     fn finish(&mut self) -> Result<()> {
         if !self.attached {
             return Ok(());
+        }
+        if !self.stopped {
+            // Never reached its stop (e.g. it exited): nothing to restore.
+            self.attached = false;
+            return ptrace::detach(self.tid, None).map_err(pt("detach", self.tid));
         }
         let unmapped = self.release_scratch_map();
         let restored = ptrace::setregs(self.tid, self.saved).map_err(pt("setregs", self.tid));

@@ -8,6 +8,7 @@ pub mod clone;
 pub mod fdpass;
 pub mod inject;
 pub mod netdev;
+pub mod procfs;
 pub mod seccomp;
 
 pub use clone::{clone_process, CloneResult};

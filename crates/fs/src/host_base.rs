@@ -33,6 +33,7 @@ pub const EMPTY: &[(&str, u32)] = &[
     ("proc", 0o555),
     ("dev", 0o755),
     ("sys", 0o555),
+    (crate::GENERATION_MOUNTPOINT, 0o000),
 ];
 
 /// Secrets inside visible directories, hidden by whiteouts. A trailing `*` matches a name prefix.

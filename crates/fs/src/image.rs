@@ -45,6 +45,7 @@ const SKELETON: &[(&str, u32)] = &[
     ("tmp", 0o1777),
     ("etc", 0o755),
     ("root", 0o700),
+    (crate::GENERATION_MOUNTPOINT, 0o000),
 ];
 
 impl ImageStore {
@@ -112,7 +113,7 @@ impl ImageStore {
 
     fn skeleton(&self, layers_dir: &Path) -> Result<PathBuf> {
         use std::os::unix::fs::PermissionsExt;
-        let dir = layers_dir.join("skeleton-v1");
+        let dir = layers_dir.join("skeleton-v2");
         if dir.is_dir() {
             return Ok(dir);
         }

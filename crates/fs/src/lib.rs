@@ -13,5 +13,10 @@ pub mod overlay;
 pub mod whiteout;
 
 pub use error::{Error, Result};
+
+/// Top-level directory (present in every base layer, so never created in a writable layer) where a sandbox's
+/// next filesystem generation is mounted before `pivot_root`. A read-only tmpfs covers it in a running sandbox
+/// so that nothing inside can remove or fill it.
+pub const GENERATION_MOUNTPOINT: &str = ".deltabox";
 pub use image::{BaseImage, ImageConfig, ImageStore};
 pub use overlay::LayerStack;

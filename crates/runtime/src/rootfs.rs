@@ -41,6 +41,18 @@ fn ctx_io<T>(what: &str, path: &Path, r: io::Result<T>) -> io::Result<T> {
     r.map_err(|e| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display())))
 }
 
+/// Covers the generation mountpoint with an empty read-only tmpfs: a mountpoint cannot be removed or renamed,
+/// and nothing can be written under it.
+pub fn mount_generation_guard(root: &Path) -> io::Result<()> {
+    let guard = root.join(deltabox_fs::GENERATION_MOUNTPOINT);
+    let flags = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    ctx(
+        "mount",
+        &guard,
+        mount("tmpfs", &guard, "tmpfs", flags, opts(c"size=4k,mode=000")),
+    )
+}
+
 fn opts(s: &CStr) -> Option<&CStr> {
     Some(s)
 }
@@ -151,6 +163,8 @@ pub fn setup(spec: &SandboxSpec) -> io::Result<()> {
             c"",
         ),
     )?;
+
+    mount_generation_guard(root)?;
 
     let tmp = root.join("tmp");
     ctx(

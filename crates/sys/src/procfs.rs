@@ -97,7 +97,7 @@ pub fn shared_writable_mappings(pid: i32) -> io::Result<Vec<SharedWritableMappin
         };
         let path: Vec<&str> = f.skip(3).collect();
         let path = path.join(" ");
-        if !(perms.contains('w') && perms.ends_with('s')) || !path.starts_with('/') {
+        if !(perms.contains('w') && perms.ends_with('s') && path.starts_with('/')) {
             continue;
         }
         let Ok(mnt_id) = mnt_id(Path::new(&format!("/proc/{pid}/map_files/{range}"))) else {

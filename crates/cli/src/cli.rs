@@ -40,6 +40,12 @@ pub enum Command {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Checkpoint a sandbox's files (processes keep running); prints only the checkpoint id.
+    Checkpoint { id: String },
+    /// Roll a sandbox's files back to a checkpoint (its processes are restarted until process C/R lands).
+    Rollback { id: String, checkpoint: String },
+    /// List a sandbox's checkpoints.
+    Checkpoints { id: String },
     /// Freeze every process of a sandbox.
     Pause { id: String },
     /// Thaw a paused sandbox.

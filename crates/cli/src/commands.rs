@@ -5,7 +5,8 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use base64::Engine;
 use deltabox_daemon::api::{
-    self, CreateSandbox, ExecBody, ExecResult, SandboxInfo, SessionInfo, SessionResult, StreamEvent,
+    self, CheckpointInfo, CreateSandbox, ExecBody, ExecResult, RollbackInfo, SandboxInfo,
+    SessionInfo, SessionResult, StreamEvent,
 };
 use deltabox_daemon::Client;
 use hyper::Method;
@@ -196,6 +197,63 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32> 
                 }
             }
             Ok(i32::from(failed))
+        }
+        Command::Checkpoint { id } => {
+            let c: CheckpointInfo = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{}/checkpoints", seg(&id)),
+                    None::<&()>,
+                )
+                .await?;
+            if json {
+                print_json(&c)?;
+            } else {
+                println!("{}", c.id);
+            }
+            Ok(0)
+        }
+        Command::Rollback { id, checkpoint } => {
+            let body = api::RollbackBody { checkpoint };
+            let r: RollbackInfo = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{}/rollback", seg(&id)),
+                    Some(&body),
+                )
+                .await?;
+            if json {
+                print_json(&r)?;
+            } else {
+                println!("{} {}", r.sandbox_id, r.checkpoint);
+                if r.processes_restarted {
+                    eprintln!("deltabox: {}", r.note);
+                }
+            }
+            Ok(0)
+        }
+        Command::Checkpoints { id } => {
+            let list: Vec<CheckpointInfo> = client
+                .call(
+                    Method::GET,
+                    &format!("/v1/sandboxes/{}/checkpoints", seg(&id)),
+                    None::<&()>,
+                )
+                .await?;
+            print_list(
+                &list,
+                json,
+                &["CHECKPOINT", "PARENT", "DEPTH", "CREATED"],
+                |c| {
+                    vec![
+                        c.id.clone(),
+                        c.parent.clone().unwrap_or("-".into()),
+                        c.depth.to_string(),
+                        c.created_at.to_string(),
+                    ]
+                },
+            )?;
+            Ok(0)
         }
         Command::Pause { id } => lifecycle(client, &id, "pause", json).await,
         Command::Resume { id } => lifecycle(client, &id, "resume", json).await,

@@ -57,6 +57,58 @@ pub struct SandboxInfo {
     pub init_pid: Option<i32>,
     /// Running sessions.
     pub sessions: usize,
+    /// Host path of the writable layer (for inspection).
+    #[serde(default)]
+    pub upper: Option<String>,
+    /// Checkpoint last taken or rolled back to.
+    #[serde(default)]
+    pub head: Option<String>,
+    /// Frozen layers under the writable one (checkpoints deep).
+    #[serde(default)]
+    pub depth: usize,
+}
+
+/// A checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    /// Id (`c-…`).
+    pub id: String,
+    /// Sandbox it was taken of.
+    pub sandbox_id: String,
+    /// The checkpoint it extends.
+    pub parent: Option<String>,
+    /// Seconds since the epoch.
+    pub created_at: i64,
+    /// Frozen layers in its chain.
+    pub depth: usize,
+    /// Wall time of the checkpoint call in the daemon (0 in listings).
+    pub duration_ms: f64,
+    /// Phase timings of the generation switch (only when just taken).
+    #[serde(default)]
+    pub switch: Option<deltabox_runtime::generation::SwitchReport>,
+}
+
+/// `POST /v1/sandboxes/{id}/rollback`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackBody {
+    /// Checkpoint id.
+    pub checkpoint: String,
+}
+
+/// Result of a rollback.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RollbackInfo {
+    /// Sandbox.
+    pub sandbox_id: String,
+    /// Checkpoint rolled back to.
+    pub checkpoint: String,
+    /// Whether the processes were restarted (true until process checkpointing lands).
+    pub processes_restarted: bool,
+    /// What happened, for people.
+    pub note: String,
+    /// Wall time in the daemon.
+    pub duration_ms: f64,
 }
 
 /// `POST /v1/sandboxes/{id}/exec` and `/exec/stream`.

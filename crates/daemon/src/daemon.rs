@@ -15,21 +15,23 @@ use tokio::sync::{mpsc, RwLock};
 use crate::api::{
     self, CreateSandbox, ExecBody, ExecResult, SandboxInfo, SessionInfo, SessionResult,
 };
+use crate::api::{CheckpointInfo, RollbackInfo};
 use crate::error::{start_err, StartError};
 use crate::sandbox::Sandbox;
-use crate::store::Store;
+use crate::store::{CheckpointRow, FsState, Store};
 use crate::{ApiError, Config};
+use deltabox_runtime::generation::SwitchSpec;
 
 /// Removes a half-created sandbox's cgroup (killing anything in it) and directory when dropped, unless
 /// disarmed once the sandbox is registered.
 struct Undo {
-    dir: Option<PathBuf>,
+    dirs: Vec<PathBuf>,
     cgroup: Option<deltabox_runtime::Cgroup>,
 }
 
 impl Undo {
     fn disarm(&mut self) {
-        self.dir = None;
+        self.dirs.clear();
         self.cgroup = None;
     }
 }
@@ -39,7 +41,7 @@ impl Drop for Undo {
         if let Some(cg) = self.cgroup.take() {
             let _ = cg.destroy();
         }
-        if let Some(dir) = self.dir.take() {
+        for dir in self.dirs.drain(..) {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
@@ -54,6 +56,8 @@ pub struct Daemon {
     images: ImageStore,
     store: Store,
     live: RwLock<HashMap<String, Arc<Sandbox>>>,
+    /// Held from creating a layer until it is recorded, and by layer GC: GC never sees an unrecorded layer.
+    layers_lock: tokio::sync::Mutex<()>,
 }
 
 fn now() -> i64 {
@@ -102,6 +106,7 @@ impl Daemon {
             images,
             store,
             live: RwLock::new(HashMap::new()),
+            layers_lock: Default::default(),
         });
         d.recover();
         Ok(d)
@@ -119,6 +124,18 @@ impl Daemon {
                     "lost",
                     Some("the daemon restarted; its processes were stopped"),
                 );
+            }
+        }
+        // Layers created but never recorded (the daemon died mid-checkpoint or mid-create) are leftovers too.
+        if let Ok(used) = self.store.referenced_layers() {
+            for e in std::fs::read_dir(self.config.store_dir().join("layers"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if !used.contains(e.file_name().to_string_lossy().as_ref()) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
             }
         }
         // Nothing runs yet, so every cgroup under our parent is a leftover.
@@ -179,44 +196,37 @@ impl Daemon {
         let images = self.images.clone();
         let image_ref = req.image.clone();
         let image = blocking(move || images.resolve(image_ref.as_deref())).await??;
-        let dir = self.config.store_dir().join("sandboxes").join(&id);
         let hostname = format!("dbx-{}", &id[..8]);
-        let prepared = (|| -> std::io::Result<LayerStack> {
-            let upper = dir.join("upper");
-            std::fs::create_dir_all(upper.join("etc"))?;
-            std::fs::create_dir_all(dir.join("work"))?;
-            std::fs::create_dir_all(dir.join("rootfs"))?;
-            std::fs::write(upper.join("etc/hostname"), format!("{hostname}\n"))?;
-            std::fs::write(
-                upper.join("etc/hosts"),
-                format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"),
-            )?;
-            Ok(LayerStack {
-                lowers: image.layers.clone(),
-                upper,
-                work: dir.join("work"),
-            })
-        })();
+        let _layers = self.layers_lock.lock().await;
         // Until the sandbox is registered, any failure undoes what was made so far.
         let mut undo = Undo {
-            dir: Some(dir.clone()),
+            dirs: vec![self.sandbox_dir(&id)],
             cgroup: None,
         };
-        let layers =
-            prepared.map_err(|e| ApiError::internal(format!("prepare sandbox directory: {e}")))?;
+        let upper = self.new_layer()?;
+        undo.dirs.push(self.layer_dir(&upper));
+        let prepared = (|| -> std::io::Result<()> {
+            let diff = self.layer_dir(&upper).join("diff");
+            std::fs::create_dir_all(diff.join("etc"))?;
+            std::fs::create_dir_all(self.sandbox_dir(&id).join("rootfs"))?;
+            std::fs::write(diff.join("etc/hostname"), format!("{hostname}\n"))?;
+            std::fs::write(
+                diff.join("etc/hosts"),
+                format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"),
+            )
+        })();
+        prepared.map_err(|e| ApiError::internal(format!("prepare sandbox directory: {e}")))?;
         let cgroup = self.cgroups.create(&id, &limits)?;
         undo.cgroup = Some(cgroup.clone());
-        let spec = SandboxSpec {
-            id: id.clone(),
-            hostname: hostname.clone(),
-            layers,
-            rootfs: dir.join("rootfs"),
-            cgroup_procs: cgroup.procs_files(),
-            network,
+        let fs = FsState {
+            upper,
+            chain: vec![],
+            base: image.layers.clone(),
+            head: None,
         };
-        let zygote = self.zygote.clone();
-        let (pid, ctrl) = blocking(move || zygote.create(&spec)).await??;
-        let handle = SandboxHandle::new(pid, ctrl)?;
+        let sb = self
+            .start_init(&id, &hostname, network, &fs, cgroup, image.config.clone())
+            .await?;
         let info = SandboxInfo {
             id: id.clone(),
             status: "running".into(),
@@ -231,29 +241,104 @@ impl Daemon {
                 NetworkMode::None => "none".into(),
                 NetworkMode::Host => "host".into(),
             },
-            init_pid: Some(pid),
+            init_pid: Some(sb.handle.init_pid()),
             sessions: 0,
+            upper: Some(self.layer_dir(&fs.upper).join("diff").display().to_string()),
+            head: None,
+            depth: 0,
         };
-        self.store.insert(&info)?;
+        if let Err(e) = self
+            .store
+            .insert(&info)
+            .and_then(|()| self.store.set_fs_state(&id, &fs))
+        {
+            let _ = self.store.delete(&id);
+            return Err(e.into());
+        }
         undo.disarm();
-        let sb = Arc::new(Sandbox {
-            id: id.clone(),
-            handle: handle.clone(),
+        self.register(sb).await;
+        Ok(info)
+    }
+
+    /// A layer's directory (`diff/` holds its files, `work/` is overlayfs's scratch space while it is writable).
+    fn layer_dir(&self, layer: &str) -> PathBuf {
+        self.config.store_dir().join("layers").join(layer)
+    }
+
+    /// Creates an empty layer; returns its id. Call with `layers_lock` held until the layer is recorded.
+    fn new_layer(&self) -> Result<String, ApiError> {
+        let id = random_id("l-");
+        let dir = self.layer_dir(&id);
+        std::fs::create_dir_all(dir.join("diff"))
+            .and_then(|()| std::fs::create_dir_all(dir.join("work")))
+            .map_err(|e| ApiError::internal(format!("create layer {}: {e}", dir.display())))?;
+        Ok(id)
+    }
+
+    /// The overlay for a sandbox's layers.
+    fn stack(&self, fs: &FsState) -> LayerStack {
+        let mut lowers: Vec<PathBuf> = fs
+            .chain
+            .iter()
+            .map(|l| self.layer_dir(l).join("diff"))
+            .collect();
+        lowers.extend(fs.base.iter().cloned());
+        LayerStack {
+            lowers,
+            upper: self.layer_dir(&fs.upper).join("diff"),
+            work: self.layer_dir(&fs.upper).join("work"),
+        }
+    }
+
+    /// Starts a sandbox's init on `fs` in `cgroup` (a new sandbox, or a rollback's fresh start).
+    async fn start_init(
+        &self,
+        id: &str,
+        hostname: &str,
+        network: NetworkMode,
+        fs: &FsState,
+        cgroup: deltabox_runtime::Cgroup,
+        image_config: deltabox_fs::ImageConfig,
+    ) -> Result<Arc<Sandbox>, ApiError> {
+        let spec = SandboxSpec {
+            id: id.to_string(),
+            hostname: hostname.to_string(),
+            layers: self.stack(fs),
+            rootfs: self.sandbox_dir(id).join("rootfs"),
+            cgroup_procs: cgroup.procs_files(),
+            network,
+        };
+        std::fs::create_dir_all(&spec.rootfs)
+            .map_err(|e| ApiError::internal(format!("create {}: {e}", spec.rootfs.display())))?;
+        let zygote = self.zygote.clone();
+        let (pid, ctrl) = blocking(move || zygote.create(&spec)).await??;
+        let handle = SandboxHandle::new(pid, ctrl)?;
+        Ok(Arc::new(Sandbox {
+            id: id.to_string(),
+            handle,
             cgroup,
-            dir,
-            image_config: image.config.clone(),
-            hostname,
+            image_config,
+            hostname: hostname.to_string(),
+            network,
+            fs: std::sync::Mutex::new(fs.clone()),
             sessions: Default::default(),
             lifecycle: Default::default(),
-        });
-        self.live.write().await.insert(id.clone(), sb.clone());
-        // If init dies on its own (killed from the host, OOM), record it and free the cgroup.
+        }))
+    }
+
+    /// Makes a started sandbox reachable, and watches its init: if it dies on its own (killed from the host,
+    /// OOM), the sandbox is recorded as exited and its cgroup freed.
+    async fn register(self: &Arc<Self>, sb: Arc<Sandbox>) {
+        self.live.write().await.insert(sb.id.clone(), sb.clone());
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
-            handle.closed().await;
+            sb.handle.closed().await;
             let Some(d) = me.upgrade() else { return };
-            let removed = d.live.write().await.remove(&sb.id);
-            if removed.is_some() {
+            let mut live = d.live.write().await;
+            // Only if this very sandbox is still the registered one (a rollback replaces it on purpose).
+            if live.get(&sb.id).is_some_and(|cur| Arc::ptr_eq(cur, &sb)) {
+                live.remove(&sb.id);
+                drop(live);
                 let cg = sb.cgroup.clone();
                 let _ = blocking(move || cg.destroy()).await;
                 let _ =
@@ -261,7 +346,200 @@ impl Daemon {
                         .set_status(&sb.id, "exited", Some("the sandbox's init process exited"));
             }
         });
-        Ok(info)
+    }
+
+    /// Deletes layer directories that no sandbox and no checkpoint uses.
+    async fn gc_layers(&self) {
+        let _layers = self.layers_lock.lock().await;
+        let Ok(used) = self.store.referenced_layers() else {
+            return;
+        };
+        let dir = self.config.store_dir().join("layers");
+        let _ = blocking(move || {
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if !used.contains(e.file_name().to_string_lossy().as_ref()) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Checkpoints a running sandbox's files: its writable layer is frozen into the chain and the sandbox moves,
+    /// processes and all, onto a new generation with a fresh writable layer. No data is copied.
+    pub async fn checkpoint(&self, id: &str) -> Result<CheckpointInfo, ApiError> {
+        let start = std::time::Instant::now();
+        let sb = self.live(id).await?;
+        let _g = sb.lifecycle.lock().await;
+        Self::check_running(&sb)?;
+        let _layers = self.layers_lock.lock().await;
+        let cur = sb
+            .fs
+            .lock()
+            .map_err(|_| ApiError::internal("poisoned"))?
+            .clone();
+        let mut chain = vec![cur.upper.clone()];
+        chain.extend(cur.chain.iter().cloned());
+        if chain.len() + cur.base.len() > deltabox_fs::overlay::MAX_LOWER_LAYERS {
+            return Err(ApiError::conflict(
+                "chain_too_deep",
+                format!("sandbox {id} is {} checkpoints deep: the layer limit is reached (compaction is not implemented yet)", chain.len() - 1),
+            ));
+        }
+        let cid = random_id("c-");
+        let next = FsState {
+            upper: self.new_layer()?,
+            chain: chain.clone(),
+            base: cur.base.clone(),
+            head: Some(cid.clone()),
+        };
+        let spec = SwitchSpec {
+            init_pid: sb.handle.init_pid(),
+            cgroup: sb.cgroup.clone(),
+            layers: self.stack(&next),
+        };
+        let zygote = self.zygote.clone();
+        let report = match blocking(move || zygote.switch(&spec)).await? {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(self.layer_dir(&next.upper));
+                return Err(ApiError::conflict("checkpoint_refused", e));
+            }
+        };
+        // The sandbox runs on the new generation from here on, whatever the database says.
+        *sb.fs.lock().map_err(|_| ApiError::internal("poisoned"))? = next.clone();
+        let row = CheckpointRow {
+            id: cid.clone(),
+            sandbox_id: id.to_string(),
+            parent: cur.head.clone(),
+            chain,
+            base: cur.base,
+            created_at: now(),
+        };
+        self.store.record_checkpoint(&row, &next)?;
+        Ok(CheckpointInfo {
+            id: cid,
+            sandbox_id: id.to_string(),
+            parent: row.parent,
+            created_at: row.created_at,
+            depth: row.chain.len(),
+            duration_ms: start.elapsed().as_secs_f64() * 1e3,
+            switch: Some(report),
+        })
+    }
+
+    /// A sandbox's checkpoints, oldest first.
+    pub async fn list_checkpoints(&self, id: &str) -> Result<Vec<CheckpointInfo>, ApiError> {
+        self.get(id).await?;
+        Ok(self
+            .store
+            .checkpoints_of(id)?
+            .into_iter()
+            .map(|c| CheckpointInfo {
+                depth: c.chain.len(),
+                id: c.id,
+                sandbox_id: c.sandbox_id,
+                parent: c.parent,
+                created_at: c.created_at,
+                duration_ms: 0.0,
+                switch: None,
+            })
+            .collect())
+    }
+
+    /// Rolls a sandbox's files back to checkpoint `cid`. Until process checkpointing lands, its processes are
+    /// restarted: sessions come back fresh.
+    pub async fn rollback(self: &Arc<Self>, id: &str, cid: &str) -> Result<RollbackInfo, ApiError> {
+        let start = std::time::Instant::now();
+        let info = self.get(id).await?;
+        let ck = if valid_id(cid) {
+            self.store.checkpoint(cid)?
+        } else {
+            None
+        }
+        .ok_or_else(|| ApiError::not_found(format!("no checkpoint {cid:?}")))?;
+        if ck.sandbox_id != id {
+            return Err(ApiError::conflict(
+                "foreign_checkpoint",
+                format!(
+                    "checkpoint {cid} belongs to sandbox {}, not {id}",
+                    ck.sandbox_id
+                ),
+            ));
+        }
+        let old = self.live.write().await.remove(id);
+        let (cgroup, hostname, network, image_config) = match &old {
+            Some(sb) => {
+                let _g = sb.lifecycle.lock().await;
+                sb.sessions.lock().await.clear();
+                let cg = sb.cgroup.clone();
+                blocking(move || cg.kill_all()).await??;
+                let _ = tokio::time::timeout(Duration::from_secs(5), sb.handle.closed()).await;
+                (
+                    sb.cgroup.clone(),
+                    sb.hostname.clone(),
+                    sb.network,
+                    sb.image_config.clone(),
+                )
+            }
+            None => {
+                // A sandbox that was lost or exited comes back to life on the checkpoint.
+                let limits = Limits {
+                    memory_bytes: info.memory_bytes,
+                    pids: info.pids,
+                    cpus: info.cpus,
+                };
+                let cg = self.cgroups.open(id);
+                let _ = cg.destroy();
+                let cg = self.cgroups.create(id, &limits)?;
+                let images = self.images.clone();
+                let image_ref = info.image.clone();
+                let config = blocking(move || images.resolve(Some(&image_ref)).map(|i| i.config))
+                    .await?
+                    .unwrap_or_default();
+                let net = if info.network == "host" {
+                    NetworkMode::Host
+                } else {
+                    NetworkMode::None
+                };
+                (cg, format!("dbx-{}", &id[..8.min(id.len())]), net, config)
+            }
+        };
+        let layers_guard = self.layers_lock.lock().await;
+        let next = FsState {
+            upper: self.new_layer()?,
+            chain: ck.chain.clone(),
+            base: ck.base.clone(),
+            head: Some(cid.to_string()),
+        };
+        let sb = match self
+            .start_init(id, &hostname, network, &next, cgroup.clone(), image_config)
+            .await
+        {
+            Ok(sb) => sb,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(self.layer_dir(&next.upper));
+                let _ = self.store.set_status(
+                    id,
+                    "exited",
+                    Some(&format!("rollback to {cid} failed to start: {}", e.message)),
+                );
+                return Err(e);
+            }
+        };
+        self.store.set_fs_state(id, &next)?;
+        self.store.set_status(id, "running", None)?;
+        drop(layers_guard);
+        self.register(sb).await;
+        // The writable layer it left is no longer used by anything.
+        self.gc_layers().await;
+        Ok(RollbackInfo {
+            sandbox_id: id.to_string(),
+            checkpoint: cid.to_string(),
+            processes_restarted: true,
+            note: "files rolled back; processes were restarted (sessions start fresh) until process checkpointing lands".into(),
+            duration_ms: start.elapsed().as_secs_f64() * 1e3,
+        })
     }
 
     async fn live(&self, id: &str) -> Result<Arc<Sandbox>, ApiError> {
@@ -285,6 +563,11 @@ impl Daemon {
     }
 
     async fn decorate(&self, mut info: SandboxInfo) -> SandboxInfo {
+        if let Ok(Some(fs)) = self.store.fs_state(&info.id) {
+            info.upper = Some(self.layer_dir(&fs.upper).join("diff").display().to_string());
+            info.depth = fs.chain.len();
+            info.head = fs.head;
+        }
         if let Some(s) = self.live.read().await.get(&info.id) {
             info.init_pid = Some(s.handle.init_pid());
             info.sessions = s.sessions.lock().await.len();
@@ -320,7 +603,7 @@ impl Daemon {
         }
         let sb = self.live.write().await.remove(id);
         let cg = self.cgroups.open(id);
-        let dir = self.config.store_dir().join("sandboxes").join(id);
+        let dir = self.sandbox_dir(id);
         if let Some(sb) = &sb {
             let _guard = sb.lifecycle.lock().await;
             sb.sessions.lock().await.clear();
@@ -338,7 +621,10 @@ impl Daemon {
             // Wait (briefly) for init's socket to close so the sandbox is really gone when we answer.
             let _ = tokio::time::timeout(Duration::from_secs(5), sb.handle.closed()).await;
         }
+        self.store.delete_checkpoints_of(id)?;
         self.store.delete(id)?;
+        // Its writable layer and the layers only its checkpoints used.
+        self.gc_layers().await;
         Ok(())
     }
 

@@ -1,7 +1,6 @@
 //! A live sandbox as the daemon holds it.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use deltabox_fs::ImageConfig;
@@ -17,8 +16,10 @@ pub struct Sandbox {
     pub handle: SandboxHandle,
     /// Its cgroup.
     pub cgroup: Cgroup,
-    /// Its state directory (writable layer, work dir, mountpoint).
-    pub dir: PathBuf,
+    /// Network mode.
+    pub network: deltabox_runtime::NetworkMode,
+    /// Its layers (the writable one changes at every checkpoint).
+    pub fs: std::sync::Mutex<crate::store::FsState>,
     /// Image defaults (environment, working directory).
     pub image_config: ImageConfig,
     /// Hostname.

@@ -48,6 +48,11 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/sandboxes/{id}", get(info).delete(remove))
         .route("/v1/sandboxes/{id}/pause", post(pause))
         .route("/v1/sandboxes/{id}/resume", post(resume))
+        .route(
+            "/v1/sandboxes/{id}/checkpoints",
+            get(list_checkpoints).post(checkpoint),
+        )
+        .route("/v1/sandboxes/{id}/rollback", post(rollback))
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .route("/v1/sandboxes/{id}/exec/stream", post(exec_stream))
         .route(
@@ -97,6 +102,25 @@ async fn pause(State(d): D, Path(id): Path<String>) -> Result<impl IntoResponse,
 
 async fn resume(State(d): D, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(d.resume(&id).await?))
+}
+
+async fn checkpoint(State(d): D, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    Ok((StatusCode::CREATED, Json(d.checkpoint(&id).await?)))
+}
+
+async fn list_checkpoints(
+    State(d): D,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(d.list_checkpoints(&id).await?))
+}
+
+async fn rollback(
+    State(d): D,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<crate::api::RollbackBody>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(d.rollback(&id, &body.checkpoint).await?))
 }
 
 async fn exec(

@@ -38,6 +38,29 @@ impl Store {
                 network TEXT NOT NULL
              );",
         )?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version < 1 {
+            // Step 2: layer chains. A sandbox runs on `upper` (its writable layer) over `chain` (frozen layers,
+            // topmost first) over `base` (image layers, host paths); `head` is the checkpoint it last took or
+            // rolled back to.
+            conn.execute_batch(
+                "BEGIN;
+                 ALTER TABLE sandboxes ADD COLUMN upper TEXT NOT NULL DEFAULT '';
+                 ALTER TABLE sandboxes ADD COLUMN chain TEXT NOT NULL DEFAULT '[]';
+                 ALTER TABLE sandboxes ADD COLUMN base TEXT NOT NULL DEFAULT '[]';
+                 ALTER TABLE sandboxes ADD COLUMN head TEXT;
+                 CREATE TABLE IF NOT EXISTS checkpoints (
+                    id TEXT PRIMARY KEY,
+                    sandbox_id TEXT NOT NULL,
+                    parent TEXT,
+                    chain TEXT NOT NULL,
+                    base TEXT NOT NULL,
+                    created_at INTEGER NOT NULL
+                 );
+                 PRAGMA user_version = 1;
+                 COMMIT;",
+            )?;
+        }
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -103,6 +126,9 @@ impl Store {
             network: r.get(9)?,
             init_pid: None,
             sessions: 0,
+            upper: None,
+            head: None,
+            depth: 0,
         })
     }
 
@@ -126,6 +152,156 @@ impl Store {
         )?;
         let rows = stmt.query_map([], Self::row)?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+}
+
+/// Where a sandbox's files are: its writable layer, its frozen chain and its base.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FsState {
+    /// Writable layer id.
+    pub upper: String,
+    /// Frozen layer ids, topmost first.
+    pub chain: Vec<String>,
+    /// Base image layers (host paths), topmost first.
+    pub base: Vec<std::path::PathBuf>,
+    /// Checkpoint last taken or rolled back to.
+    pub head: Option<String>,
+}
+
+/// A checkpoint as stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CheckpointRow {
+    /// Id (`c-…`).
+    pub id: String,
+    /// Sandbox it was taken of.
+    pub sandbox_id: String,
+    /// The checkpoint this one extends (the sandbox's head when it was taken).
+    pub parent: Option<String>,
+    /// Frozen layer ids, topmost first: the checkpoint's files.
+    pub chain: Vec<String>,
+    /// Base image layers.
+    pub base: Vec<std::path::PathBuf>,
+    /// Seconds since the epoch.
+    pub created_at: i64,
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
+}
+
+fn from_json<T: serde::de::DeserializeOwned + Default>(s: String) -> T {
+    serde_json::from_str(&s).unwrap_or_default()
+}
+
+impl Store {
+    /// A sandbox's layers.
+    pub fn fs_state(&self, id: &str) -> Result<Option<FsState>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT upper, chain, base, head FROM sandboxes WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok(FsState {
+                        upper: r.get(0)?,
+                        chain: from_json(r.get(1)?),
+                        base: from_json(r.get(2)?),
+                        head: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Records a sandbox's layers.
+    pub fn set_fs_state(&self, id: &str, fs: &FsState) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET upper = ?2, chain = ?3, base = ?4, head = ?5 WHERE id = ?1",
+            params![id, fs.upper, json(&fs.chain), json(&fs.base), fs.head],
+        )?;
+        Ok(())
+    }
+
+    /// Records a checkpoint and the sandbox's new layers in one transaction: both or neither.
+    pub fn record_checkpoint(&self, c: &CheckpointRow, fs: &FsState) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO checkpoints (id, sandbox_id, parent, chain, base, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![c.id, c.sandbox_id, c.parent, json(&c.chain), json(&c.base), c.created_at],
+        )?;
+        tx.execute(
+            "UPDATE sandboxes SET upper = ?2, chain = ?3, base = ?4, head = ?5 WHERE id = ?1",
+            params![
+                c.sandbox_id,
+                fs.upper,
+                json(&fs.chain),
+                json(&fs.base),
+                fs.head
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn checkpoint_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CheckpointRow> {
+        Ok(CheckpointRow {
+            id: r.get(0)?,
+            sandbox_id: r.get(1)?,
+            parent: r.get(2)?,
+            chain: from_json(r.get(3)?),
+            base: from_json(r.get(4)?),
+            created_at: r.get(5)?,
+        })
+    }
+
+    /// One checkpoint.
+    pub fn checkpoint(&self, id: &str) -> Result<Option<CheckpointRow>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT id, sandbox_id, parent, chain, base, created_at FROM checkpoints WHERE id = ?1",
+                params![id],
+                Self::checkpoint_row,
+            )
+            .optional()?)
+    }
+
+    /// A sandbox's checkpoints, oldest first.
+    pub fn checkpoints_of(&self, sandbox: &str) -> Result<Vec<CheckpointRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, sandbox_id, parent, chain, base, created_at FROM checkpoints WHERE sandbox_id = ?1 ORDER BY created_at, rowid",
+        )?;
+        let rows = stmt.query_map(params![sandbox], Self::checkpoint_row)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Deletes a sandbox's checkpoints.
+    pub fn delete_checkpoints_of(&self, sandbox: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "DELETE FROM checkpoints WHERE sandbox_id = ?1",
+            params![sandbox],
+        )?;
+        Ok(())
+    }
+
+    /// Every layer id some sandbox or checkpoint still uses.
+    pub fn referenced_layers(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+        let conn = self.conn();
+        let mut out = std::collections::HashSet::new();
+        let mut stmt = conn.prepare("SELECT upper, chain FROM sandboxes")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        for row in rows {
+            let (upper, chain) = row?;
+            out.insert(upper);
+            out.extend(from_json::<Vec<String>>(chain));
+        }
+        let mut stmt = conn.prepare("SELECT chain FROM checkpoints")?;
+        for chain in stmt.query_map([], |r| r.get::<_, String>(0))? {
+            out.extend(from_json::<Vec<String>>(chain?));
+        }
+        Ok(out)
     }
 }
 

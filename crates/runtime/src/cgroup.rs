@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::{Error, Limits, Result};
 
 /// Which cgroup API a manager drives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CgroupVersion {
     /// Legacy per-controller hierarchies.
@@ -158,7 +158,7 @@ impl CgroupManager {
             dirs: self
                 .parents
                 .iter()
-                .map(|(c, p)| (*c, p.join(name)))
+                .map(|(c, p)| (c.to_string(), p.join(name)))
                 .collect(),
         }
     }
@@ -257,10 +257,10 @@ impl CgroupManager {
 }
 
 /// One sandbox's cgroup (a directory per v1 controller, or one v2 directory).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Cgroup {
     version: CgroupVersion,
-    dirs: Vec<(&'static str, PathBuf)>,
+    dirs: Vec<(String, PathBuf)>,
 }
 
 impl Cgroup {

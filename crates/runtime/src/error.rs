@@ -18,6 +18,10 @@ pub enum Error {
     /// The request is invalid (empty argv, bad limit …).
     #[error("{0}")]
     Invalid(String),
+    /// A filesystem generation switch (checkpoint) was refused or failed; the message says which process,
+    /// descriptor or path was the reason.
+    #[error("checkpoint failed: {0}")]
+    Checkpoint(String),
     /// A session's process has exited.
     #[error("session has ended")]
     SessionDead,

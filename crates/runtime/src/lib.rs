@@ -15,6 +15,7 @@
 pub mod cgroup;
 pub mod error;
 pub mod exec;
+pub mod generation;
 pub mod handle;
 pub mod hardening;
 pub mod init;

@@ -39,6 +39,8 @@ pub struct SandboxSpec {
 pub enum ZygoteRequest {
     /// Create a sandbox; the reply carries the init's control socket.
     Create(SandboxSpec),
+    /// Move a running sandbox onto a new filesystem generation.
+    Switch(crate::generation::SwitchSpec),
 }
 
 /// Zygote → daemon.
@@ -50,6 +52,8 @@ pub enum ZygoteReply {
     Created { pid: i32 },
     /// Creation failed; nothing was left running.
     Failed { error: String },
+    /// The sandbox runs on the new generation.
+    Switched(crate::generation::SwitchReport),
 }
 
 /// Daemon → init.

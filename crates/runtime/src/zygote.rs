@@ -58,9 +58,49 @@ pub fn run(sock: OwnedFd, host_root: &Path) -> io::Result<()> {
                 }
                 Err(error) => send_reply(&sock, &ZygoteReply::Failed { error }, &[])?,
             },
+            ZygoteRequest::Switch(spec) => match in_helper(|| crate::generation::switch(&spec)) {
+                Ok(report) => send_reply(&sock, &ZygoteReply::Switched(report), &[])?,
+                Err(error) => send_reply(&sock, &ZygoteReply::Failed { error }, &[])?,
+            },
         }
     }
     Ok(())
+}
+
+/// Runs `f` in a forked helper (it may ptrace, fork and setns without disturbing the zygote) and returns its
+/// JSON-encoded result.
+fn in_helper<T: serde::Serialize + serde::de::DeserializeOwned>(
+    f: impl FnOnce() -> std::result::Result<T, String>,
+) -> std::result::Result<T, String> {
+    let (r, w) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    // SAFETY: the zygote is single-threaded.
+    match unsafe { deltabox_sys::clone_process(0) }.map_err(|e| format!("fork: {e}"))? {
+        deltabox_sys::CloneResult::Child => {
+            drop(r);
+            // The helper waits for its own children.
+            // SAFETY: SIG_DFL installs no handler code.
+            let _ = unsafe {
+                nix::sys::signal::signal(
+                    nix::sys::signal::Signal::SIGCHLD,
+                    nix::sys::signal::SigHandler::SigDfl,
+                )
+            };
+            let out = serde_json::to_vec(&f()).unwrap_or_default();
+            let _ = deltabox_sys::fdpass::send_frame(&w, &out, &[]);
+            // SAFETY: leave without running the zygote's destructors.
+            unsafe { libc::_exit(0) }
+        }
+        deltabox_sys::CloneResult::Parent(_) => {
+            drop(w);
+            match deltabox_sys::fdpass::recv_frame(&r) {
+                Ok(Some((payload, _))) => {
+                    serde_json::from_slice::<std::result::Result<T, String>>(&payload)
+                        .map_err(|e| format!("helper: {e}"))?
+                }
+                _ => Err("the helper died".into()),
+            }
+        }
+    }
 }
 
 fn create(spec: &SandboxSpec) -> std::result::Result<(i32, OwnedFd), String> {
@@ -220,6 +260,26 @@ impl Zygote {
                 Ok((pid, UnixStream::from(fd)))
             }
             (ZygoteReply::Failed { error }, _) => Err(Error::Setup(error)),
+            (other, _) => Err(Error::Zygote(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Moves a running sandbox onto a new generation (blocking). See [`crate::generation`].
+    pub fn switch(
+        &self,
+        spec: &crate::generation::SwitchSpec,
+    ) -> Result<crate::generation::SwitchReport> {
+        let sock = self
+            .sock
+            .lock()
+            .map_err(|_| Error::Zygote("lock poisoned".into()))?;
+        let payload = serde_json::to_vec(&ZygoteRequest::Switch(spec.clone()))
+            .map_err(|e| Error::Zygote(e.to_string()))?;
+        deltabox_sys::fdpass::send_frame(&*sock, &payload, &[])
+            .map_err(|e| Error::Zygote(format!("exited? {e}")))?;
+        match Self::recv_locked(&sock)? {
+            (ZygoteReply::Switched(report), _) => Ok(report),
+            (ZygoteReply::Failed { error }, _) => Err(Error::Checkpoint(error)),
             (other, _) => Err(Error::Zygote(format!("unexpected reply {other:?}"))),
         }
     }

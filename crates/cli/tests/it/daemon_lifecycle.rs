@@ -72,9 +72,10 @@ fn graceful_stop_and_restart() {
     let list = d.json(&["ls"]);
     assert_eq!(list[0]["status"], "lost");
     // rm of a lost sandbox removes its files.
-    assert!(d.dir.join("store/sandboxes").join(&id).exists());
+    let upper = std::path::PathBuf::from(d.json(&["info", &id])["upper"].as_str().unwrap());
+    assert!(upper.exists());
     d.ok(&["rm", &id]);
-    assert!(!d.dir.join("store/sandboxes").join(&id).exists());
+    assert!(!upper.exists());
     assert_eq!(d.json(&["ls"]).as_array().unwrap().len(), 0);
     d.stop_and_check(&[id]);
 }

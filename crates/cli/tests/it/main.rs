@@ -5,6 +5,7 @@
 mod common;
 
 mod bad_input;
+mod checkpoints;
 mod daemon_lifecycle;
 mod images;
 mod isolation;

@@ -1,0 +1,198 @@
+//! DeltaFS checkpoints: live generation switch (processes keep running), frozen layers never change,
+//! rollback restores files, bad input is refused with reasons.
+
+use std::path::PathBuf;
+
+use crate::common::*;
+
+fn run(d: &TestDaemon, id: &str, s: &str, cmd: &str) -> String {
+    let r = d.json(&["session", "run", id, s, cmd]);
+    assert_eq!(r["exit_code"], 0, "{cmd}: {r}");
+    r["stdout"].as_str().unwrap().to_string()
+}
+
+fn upper(d: &TestDaemon, id: &str) -> PathBuf {
+    PathBuf::from(d.json(&["info", id])["upper"].as_str().unwrap())
+}
+
+#[test]
+fn checkpoint_keeps_processes_running_and_freezes_the_layer() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let s = d.ok(&["session", "start", &id, "bash"]).trim().to_string();
+    let py = d
+        .ok(&["session", "start", &id, "python3"])
+        .trim()
+        .to_string();
+    run(&d, &id, &s, "mkdir -p /work/deep/dir && cd /work/deep/dir && echo v1 > f && exec 7>>/work/log && echo line1 >&7");
+    run(
+        &d,
+        &id,
+        &py,
+        "w = open('/work/py.txt', 'a', buffering=1)\nr = open('/work/deep/dir/f')\nw.write('a\\n')",
+    );
+    let frozen = upper(&d, &id);
+    let c1 = d.ok(&["checkpoint", &id]).trim().to_string();
+    assert!(
+        c1.starts_with("c-"),
+        "checkpoint prints only its id: {c1:?}"
+    );
+    assert_ne!(upper(&d, &id), frozen, "a fresh writable layer");
+    // Processes kept running, in the same directory, with the same descriptors, now on the new generation.
+    assert_eq!(
+        run(
+            &d,
+            &id,
+            &s,
+            "/bin/pwd; echo line2 >&7; echo v2 > f; cat /work/log f"
+        ),
+        "/work/deep/dir\nline1\nline2\nv2\n"
+    );
+    assert_eq!(
+        run(
+            &d,
+            &id,
+            &py,
+            "w.write('b\\n'); r.read(), open('/work/py.txt').read()"
+        ),
+        "('v2\\n', 'a\\nb\\n')\n",
+        "a re-pointed read descriptor sees later writes, as on any filesystem"
+    );
+    // The frozen layer did not change.
+    assert_eq!(
+        std::fs::read_to_string(frozen.join("work/log")).unwrap(),
+        "line1\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(frozen.join("work/deep/dir/f")).unwrap(),
+        "v1\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(frozen.join("work/py.txt")).unwrap(),
+        "a\n"
+    );
+    let frozen2 = upper(&d, &id);
+    let c2 = d.ok(&["checkpoint", &id]).trim().to_string();
+    run(&d, &id, &s, "echo v3 > f; rm /work/log; echo line3 >&7");
+    // The layer holds the state at c2 (copy-up copies whole files), and only files changed since c1.
+    assert_eq!(
+        std::fs::read_to_string(frozen2.join("work/log")).unwrap(),
+        "line1\nline2\n"
+    );
+    assert!(frozen.join("etc/hostname").exists() && !frozen2.join("etc/hostname").exists());
+    let list = d.json(&["checkpoints", &id]);
+    assert_eq!(list[0]["id"], c1.as_str());
+    assert_eq!(list[1]["id"], c2.as_str());
+    assert_eq!(list[1]["parent"], c1.as_str());
+    assert_eq!(list[1]["depth"], 2);
+
+    let out = d.cli(&["rollback", &id, &c1]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("restarted"),
+        "says that processes restarted"
+    );
+    let (code, files, _) = d.sh(&id, "cat /work/log /work/deep/dir/f /work/py.txt");
+    assert_eq!((code, files.as_str()), (0, "line1\nv1\na\n"));
+    d.ok(&["rollback", &id, &c2]);
+    let (_, files, _) = d.sh(&id, "cat /work/log /work/deep/dir/f /work/py.txt");
+    assert_eq!(files, "line1\nline2\nv2\na\nb\n");
+    assert_eq!(d.json(&["info", &id])["head"], c2.as_str());
+    // Rolling back to the same checkpoint again and again works every time.
+    for i in 0..5 {
+        d.ok(&["rollback", &id, &c1]);
+        let (_, f, _) = d.sh(
+            &id,
+            &format!("cat /work/deep/dir/f; echo {i} > /work/deep/dir/f"),
+        );
+        assert_eq!(f, "v1\n");
+    }
+    d.ok(&["rm", &id]);
+    assert_eq!(
+        std::fs::read_dir(d.dir.join("store/layers"))
+            .unwrap()
+            .count(),
+        0,
+        "rm frees every layer"
+    );
+    d.stop_and_check(&[id]);
+}
+
+#[test]
+fn unsafe_descriptors_refuse_the_checkpoint_and_change_nothing() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let s = d.ok(&["session", "start", &id, "bash"]).trim().to_string();
+    run(
+        &d,
+        &id,
+        &s,
+        "mkdir -p /work && exec 8>/work/scratch && rm /work/scratch",
+    );
+    let before = upper(&d, &id);
+    let out = d.cli(&["checkpoint", &id]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("fd 8") && err.contains("/work/scratch") && err.contains("deleted"),
+        "{err}"
+    );
+    assert_eq!(upper(&d, &id), before, "nothing switched");
+    assert!(d.json(&["checkpoints", &id]).as_array().unwrap().is_empty());
+    // The sandbox was thawed and works; once the descriptor is closed the checkpoint goes through.
+    run(&d, &id, &s, "exec 8>&-");
+    d.ok(&["checkpoint", &id]);
+    // A shared writable mapping of a file in the sandbox is refused too.
+    let p = d
+        .ok(&["session", "start", &id, "python3"])
+        .trim()
+        .to_string();
+    run(&d, &id, &p, "import mmap\nf = open('/work/m', 'w+b'); f.write(b'x' * 4096); f.flush()\nm = mmap.mmap(f.fileno(), 4096)");
+    let out = d.cli(&["checkpoint", &id]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("shared writable mapping of /work/m"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    run(&d, &id, &p, "m.close()");
+    d.ok(&["checkpoint", &id]);
+    assert_eq!(
+        layer_dirs(&d),
+        3,
+        "two frozen layers and the writable one; refused attempts left nothing"
+    );
+    d.stop_and_check(&[id]);
+}
+
+fn layer_dirs(d: &TestDaemon) -> usize {
+    std::fs::read_dir(d.dir.join("store/layers"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn bad_checkpoint_ids_are_refused() {
+    let d = TestDaemon::start();
+    let a = d.create(&[]);
+    let b = d.create(&[]);
+    let ca = d.ok(&["checkpoint", &a]).trim().to_string();
+    for (args, want) in [
+        (vec!["rollback", &a, "c-000000000000"], "no checkpoint"),
+        (vec!["rollback", &a, "../x"], "no checkpoint"),
+        (vec!["rollback", &b, &ca], "belongs to sandbox"),
+        (vec!["checkpoint", "nosuch"], "no sandbox"),
+        (vec!["checkpoints", "nosuch"], "no sandbox"),
+    ] {
+        let out = d.cli(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(want),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    d.ok(&["pause", &a]);
+    assert!(String::from_utf8_lossy(&d.cli(&["checkpoint", &a]).stderr).contains("paused"));
+    d.ok(&["resume", &a]);
+    d.stop_and_check(&[a, b]);
+}

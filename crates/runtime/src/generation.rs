@@ -1,0 +1,421 @@
+//! Switching a running sandbox onto a new filesystem generation without stopping its processes.
+//!
+//! A generation is an overlay mount of a layer chain. To checkpoint, the current writable layer must become
+//! read-only for good: the sandbox moves onto a new generation whose writable layer is fresh and whose lower
+//! layers start with the old writable layer. Sequence (measured in `shared/reference/probes/genprobe.c`):
+//!
+//! 1. freeze the sandbox's cgroup;
+//! 2. scan every process from the host's `/proc`: working directories and descriptors on the old generation
+//!    must be re-pointed; a deleted-but-open file, a shared writable mapping, a chroot, or a process already
+//!    being traced cannot be, so the switch is refused *before* anything changes, naming process, fd and path;
+//! 3. `fsmount` the new generation (in the zygote's namespace; the mount fd carries over);
+//! 4. in a short-lived grandchild that `setns`es into the sandbox's mount namespace: mount it at `/.deltabox`,
+//!    move `/proc`, `/dev`, `/tmp` onto it, `pivot_root` (which moves every root and every cwd equal to the old
+//!    root), lazily detach the old root, re-cover the mountpoint;
+//! 5. seize every thread of the processes to re-point, thaw (a v1-frozen task only traps after thaw), and inject
+//!    `chdir` / `openat` + `lseek` + `dup3` + `close` so that they reference the same paths on the new generation;
+//! 6. detach. Nothing can write through the old writable layer any more.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use deltabox_fs::LayerStack;
+use deltabox_sys::inject::{find_syscall_insn, Tracee};
+use deltabox_sys::procfs;
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::Cgroup;
+
+/// Longest a thread may take to reach its ptrace stop.
+const TRAP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the zygote needs to switch a sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SwitchSpec {
+    /// Host pid of the sandbox's init.
+    pub init_pid: i32,
+    /// The sandbox's cgroup (freeze, list processes).
+    pub cgroup: Cgroup,
+    /// The new generation.
+    pub layers: LayerStack,
+}
+
+/// What a switch did, with phase timings in microseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SwitchReport {
+    /// Freeze the cgroup.
+    pub freeze_us: u64,
+    /// Scan processes.
+    pub scan_us: u64,
+    /// fsmount + setns + move + pivot (the grandchild).
+    pub mount_us: u64,
+    /// Seize, thaw, inject, detach.
+    pub repoint_us: u64,
+    /// Everything, as seen by the helper.
+    pub total_us: u64,
+    /// Processes in the sandbox.
+    pub processes: usize,
+    /// Working directories re-pointed.
+    pub cwds: usize,
+    /// Descriptors re-pointed.
+    pub fds: usize,
+    /// Injected system calls.
+    pub syscalls: usize,
+    /// Processes that could not be re-pointed after the switch and were killed so that nothing writes through
+    /// a frozen layer (should never happen; reported, never silent).
+    pub killed: Vec<String>,
+}
+
+#[derive(Debug)]
+struct ProcPlan {
+    pid: i32,
+    threads: Vec<i32>,
+    syscall_insn: u64,
+    /// (tid, path) of threads whose cwd is on the old generation and not its root.
+    cwds: Vec<(i32, PathBuf)>,
+    fds: Vec<procfs::OpenFile>,
+}
+
+fn us(t: Instant) -> u64 {
+    t.elapsed().as_micros() as u64
+}
+
+/// Runs the whole switch. Call only in a single-threaded process (the zygote's helper): it forks and ptraces.
+pub fn switch(spec: &SwitchSpec) -> Result<SwitchReport, String> {
+    let start = Instant::now();
+    let mut rep = SwitchReport::default();
+    let t = Instant::now();
+    spec.cgroup.freeze().map_err(|e| format!("freeze: {e}"))?;
+    rep.freeze_us = us(t);
+    let result = switch_frozen(spec, &mut rep);
+    // Thaw whatever happened (a second thaw is harmless).
+    let thawed = spec.cgroup.thaw();
+    result?;
+    thawed.map_err(|e| format!("thaw: {e}"))?;
+    rep.total_us = us(start);
+    Ok(rep)
+}
+
+fn switch_frozen(spec: &SwitchSpec, rep: &mut SwitchReport) -> Result<(), String> {
+    let t = Instant::now();
+    let old = procfs::mnt_id(Path::new(&format!("/proc/{}/root", spec.init_pid)))
+        .map_err(|e| format!("sandbox root: {e}"))?;
+    let pids = spec.cgroup.pids();
+    rep.processes = pids.len();
+    let mut plans = Vec::new();
+    for pid in pids {
+        match scan(pid, old) {
+            Ok(Some(p)) => plans.push(p),
+            Ok(None) => {}
+            Err(ScanError::Gone) => {}
+            Err(ScanError::Refuse(msg)) => return Err(msg),
+        }
+    }
+    rep.scan_us = us(t);
+
+    let t = Instant::now();
+    let mnt = spec
+        .layers
+        .fsmount(true)
+        .map_err(|e| format!("mount new generation: {e}"))?;
+    let ns = std::fs::File::open(format!("/proc/{}/ns/mnt", spec.init_pid))
+        .map_err(|e| format!("sandbox mount namespace: {e}"))?;
+    run_in_child(|| pivot_into(ns.as_fd(), &mnt))?;
+    drop(mnt);
+    rep.mount_us = us(t);
+
+    let t = Instant::now();
+    // Stop every thread of every process to re-point (so none writes through a descriptor mid-swap), thaw, and
+    // fix them.
+    let mut held: Vec<(ProcPlan, Vec<Tracee>)> = Vec::new();
+    for plan in plans {
+        let mut tracees = Vec::new();
+        let mut failed = None;
+        for &tid in &plan.threads {
+            match Tracee::attach(
+                Pid::from_raw(plan.pid),
+                Pid::from_raw(tid),
+                plan.syscall_insn,
+                TRAP_TIMEOUT,
+            ) {
+                Ok(tr) => tracees.push(tr),
+                Err(deltabox_sys::inject::InjectError::Exited(_)) => {}
+                Err(e) => failed = Some(e.to_string()),
+            }
+        }
+        if let Some(e) = failed {
+            kill(
+                plan.pid,
+                &format!("pid {}: cannot seize: {e}", plan.pid),
+                rep,
+            );
+            continue;
+        }
+        held.push((plan, tracees));
+    }
+    spec.cgroup.thaw().map_err(|e| format!("thaw: {e}"))?;
+    for (plan, tracees) in &mut held {
+        if let Err(e) = repoint(plan, tracees, rep) {
+            tracees.clear();
+            kill(plan.pid, &format!("pid {}: {e}", plan.pid), rep);
+        }
+    }
+    drop(held);
+    rep.repoint_us = us(t);
+    Ok(())
+}
+
+fn kill(pid: i32, why: &str, rep: &mut SwitchReport) {
+    // SAFETY: kill(2) with plain integers.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    rep.killed.push(why.to_string());
+}
+
+enum ScanError {
+    Gone,
+    Refuse(String),
+}
+
+fn comm(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// What must be re-pointed in `pid`; `None` if nothing.
+fn scan(pid: i32, old: u64) -> Result<Option<ProcPlan>, ScanError> {
+    let gone = |_| ScanError::Gone;
+    let who = || format!("process {pid} ({})", comm(pid));
+    let root = std::fs::read_link(format!("/proc/{pid}/root")).map_err(gone)?;
+    let root_mnt = procfs::mnt_id(Path::new(&format!("/proc/{pid}/root"))).map_err(gone)?;
+    if root_mnt != old || root != Path::new("/") {
+        return Err(ScanError::Refuse(format!(
+            "{} has its own root directory ({}): cannot move it to the new generation",
+            who(),
+            root.display()
+        )));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(gone)?;
+    let traced = status
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .is_some_and(|v| v.trim() != "0");
+    let threads = procfs::threads(pid).map_err(gone)?;
+    let mut cwds = Vec::new();
+    for &tid in &threads {
+        let link = format!("/proc/{pid}/task/{tid}/cwd");
+        let Ok(mnt) = procfs::mnt_id(Path::new(&link)) else {
+            continue;
+        };
+        if mnt != old {
+            continue;
+        }
+        let path = std::fs::read_link(&link).map_err(gone)?;
+        let s = path.to_string_lossy();
+        if s.ends_with(" (deleted)") {
+            return Err(ScanError::Refuse(format!(
+                "{} works in a deleted directory ({s})",
+                who()
+            )));
+        }
+        if path != Path::new("/") {
+            cwds.push((tid, path));
+        }
+    }
+    let mut fds = Vec::new();
+    for f in procfs::open_files(pid).map_err(gone)? {
+        if f.mnt_id != old {
+            continue;
+        }
+        if f.deleted {
+            return Err(ScanError::Refuse(format!(
+                "{} fd {} holds a deleted file open ({})",
+                who(),
+                f.fd,
+                f.target.display()
+            )));
+        }
+        fds.push(f);
+    }
+    for m in procfs::shared_writable_mappings(pid).map_err(gone)? {
+        if m.mnt_id == old {
+            return Err(ScanError::Refuse(format!(
+                "{} has a shared writable mapping of {} ({})",
+                who(),
+                m.path,
+                m.range
+            )));
+        }
+    }
+    if cwds.is_empty() && fds.is_empty() {
+        return Ok(None);
+    }
+    if traced {
+        return Err(ScanError::Refuse(format!(
+            "{} is being traced by another process: cannot re-point it",
+            who()
+        )));
+    }
+    let syscall_insn = find_syscall_insn(Pid::from_raw(pid))
+        .map_err(|e| ScanError::Refuse(format!("{}: {e}", who())))?;
+    Ok(Some(ProcPlan {
+        pid,
+        threads,
+        syscall_insn,
+        cwds,
+        fds,
+    }))
+}
+
+fn check(what: &str, r: i64) -> Result<i64, String> {
+    if r < 0 {
+        return Err(format!(
+            "{what}: {}",
+            std::io::Error::from_raw_os_error(-r as i32)
+        ));
+    }
+    Ok(r)
+}
+
+fn repoint(plan: &ProcPlan, tracees: &mut [Tracee], rep: &mut SwitchReport) -> Result<(), String> {
+    for t in tracees.iter_mut() {
+        t.wait_stop().map_err(|e| e.to_string())?;
+    }
+    let Some(main) = tracees
+        .iter()
+        .position(|t| t.tid().as_raw() == plan.pid)
+        .or(if tracees.is_empty() { None } else { Some(0) })
+    else {
+        return Ok(());
+    };
+    for f in &plan.fds {
+        let t = &mut tracees[main];
+        let p = t.write_path(&f.target).map_err(|e| e.to_string())?;
+        let flags = (f.flags as i32 & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC))
+            | libc::O_NOCTTY
+            | libc::O_CLOEXEC;
+        let what = format!("fd {} ({})", f.fd, f.target.display());
+        let nfd = check(
+            &what,
+            t.syscall(
+                libc::SYS_openat,
+                &[libc::AT_FDCWD as u64, p, flags as u64, 0],
+            )
+            .map_err(|e| e.to_string())?,
+        )?;
+        rep.syscalls += 1;
+        if f.pos > 0 {
+            check(
+                &what,
+                t.syscall(libc::SYS_lseek, &[nfd as u64, f.pos, libc::SEEK_SET as u64])
+                    .map_err(|e| e.to_string())?,
+            )?;
+            rep.syscalls += 1;
+        }
+        let cloexec = (f.flags as i32 & libc::O_CLOEXEC) as u64;
+        check(
+            &what,
+            t.syscall(libc::SYS_dup3, &[nfd as u64, f.fd as u64, cloexec])
+                .map_err(|e| e.to_string())?,
+        )?;
+        check(
+            &what,
+            t.syscall(libc::SYS_close, &[nfd as u64])
+                .map_err(|e| e.to_string())?,
+        )?;
+        rep.syscalls += 2;
+        rep.fds += 1;
+    }
+    // A chdir moves every thread sharing the fs_struct; threads that unshared theirs get their own.
+    let mut done: Vec<&Path> = Vec::new();
+    for (tid, path) in &plan.cwds {
+        if done.contains(&path.as_path()) && !unshared_fs(plan.pid, *tid) {
+            continue;
+        }
+        let Some(t) = tracees.iter_mut().find(|t| t.tid().as_raw() == *tid) else {
+            continue;
+        };
+        let p = t.write_path(path).map_err(|e| e.to_string())?;
+        check(
+            &format!("cwd {}", path.display()),
+            t.syscall(libc::SYS_chdir, &[p])
+                .map_err(|e| e.to_string())?,
+        )?;
+        rep.syscalls += 1;
+        rep.cwds += 1;
+        done.push(path);
+    }
+    Ok(())
+}
+
+/// Whether thread `tid` may have its own fs_struct (then its cwd must be fixed on its own). Conservative: any
+/// non-main thread whose cwd still differs after the main chdir counts.
+fn unshared_fs(pid: i32, tid: i32) -> bool {
+    tid != pid
+}
+
+/// In the grandchild, inside the sandbox's mount namespace: mount the generation, move the submounts, pivot.
+fn pivot_into(ns: std::os::fd::BorrowedFd<'_>, mnt: &OwnedFd) -> Result<(), String> {
+    use rustix::mount::{mount_move, move_mount, unmount, MoveMountFlags, UnmountFlags};
+    let e = |what: &str| {
+        let what = what.to_string();
+        move |err: rustix::io::Errno| format!("{what}: {err}")
+    };
+    rustix::thread::move_into_link_name_space(ns, Some(rustix::thread::LinkNameSpaceType::Mount))
+        .map_err(e("setns"))?;
+    rustix::process::chdir("/").map_err(e("chdir /"))?;
+    let mp = format!("/{}", deltabox_fs::GENERATION_MOUNTPOINT);
+    move_mount(
+        mnt.as_fd(),
+        "",
+        rustix::fs::CWD,
+        mp.as_str(),
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(e("mount new generation"))?;
+    for sub in ["proc", "dev", "tmp"] {
+        mount_move(format!("/{sub}"), format!("{mp}/{sub}")).map_err(e(&format!("move /{sub}")))?;
+    }
+    rustix::process::pivot_root(mp.as_str(), format!("{mp}{mp}").as_str())
+        .map_err(e("pivot_root"))?;
+    rustix::process::chdir("/").map_err(e("chdir /"))?;
+    unmount(mp.as_str(), UnmountFlags::DETACH).map_err(e("detach old generation"))?;
+    crate::rootfs::mount_generation_guard(Path::new("/")).map_err(|err| err.to_string())
+}
+
+/// Runs `f` in a forked child and returns its result (an error message travels back through a pipe).
+fn run_in_child(f: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
+    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| format!("pipe: {e}"))?;
+    // SAFETY: the helper is single-threaded (forked from the single-threaded zygote).
+    match unsafe { deltabox_sys::clone_process(0) }.map_err(|e| format!("fork: {e}"))? {
+        deltabox_sys::CloneResult::Child => {
+            drop(r);
+            let code = match f() {
+                Ok(()) => 0,
+                Err(msg) => {
+                    let _ = rustix::io::write(&w, msg.as_bytes());
+                    1
+                }
+            };
+            // SAFETY: leave without running the parent's destructors or atexit handlers twice.
+            unsafe { libc::_exit(code) }
+        }
+        deltabox_sys::CloneResult::Parent(pid) => {
+            drop(w);
+            let mut msg = Vec::new();
+            let mut buf = [0u8; 1024];
+            while let Ok(n @ 1..) = rustix::io::read(&r, &mut buf) {
+                msg.extend_from_slice(&buf[..n]);
+            }
+            let status = nix::sys::wait::waitpid(Pid::from_raw(pid.as_raw_nonzero().get()), None);
+            match status {
+                Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) if msg.is_empty() => Ok(()),
+                _ if !msg.is_empty() => Err(String::from_utf8_lossy(&msg).into_owned()),
+                other => Err(format!("generation switch child ended with {other:?}")),
+            }
+        }
+    }
+}

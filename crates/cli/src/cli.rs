@@ -44,6 +44,12 @@ pub enum Command {
     Checkpoint { id: String },
     /// Roll a sandbox's files back to a checkpoint (its processes are restarted until process C/R lands).
     Rollback { id: String, checkpoint: String },
+    /// Fork a checkpoint into N new sandboxes; prints their ids, one a line.
+    Fork {
+        checkpoint: String,
+        #[arg(short = 'n', long, default_value_t = 1)]
+        n: usize,
+    },
     /// List a sandbox's checkpoints.
     Checkpoints { id: String },
     /// Freeze every process of a sandbox.

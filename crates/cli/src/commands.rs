@@ -232,6 +232,24 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32> 
             }
             Ok(0)
         }
+        Command::Fork { checkpoint, n } => {
+            let body = api::ForkBody { n };
+            let list: Vec<SandboxInfo> = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/checkpoints/{}/fork", seg(&checkpoint)),
+                    Some(&body),
+                )
+                .await?;
+            if json {
+                print_json(&list)?;
+            } else {
+                for s in list {
+                    println!("{}", s.id);
+                }
+            }
+            Ok(0)
+        }
         Command::Checkpoints { id } => {
             let list: Vec<CheckpointInfo> = client
                 .call(

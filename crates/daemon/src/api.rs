@@ -256,3 +256,11 @@ pub struct Health {
     /// Sandboxes known.
     pub sandboxes: usize,
 }
+
+/// `POST /v1/checkpoints/{id}/fork`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkBody {
+    /// How many sandboxes (1..=64).
+    pub n: usize,
+}

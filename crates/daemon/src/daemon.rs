@@ -81,6 +81,9 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("worker: {e}")))
 }
 
+/// Most sandboxes one fork call may create.
+pub const MAX_FORK: usize = 64;
+
 fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
@@ -192,10 +195,28 @@ impl Daemon {
                 )))
             }
         };
-        let id = random_id("");
         let images = self.images.clone();
         let image_ref = req.image.clone();
         let image = blocking(move || images.resolve(image_ref.as_deref())).await??;
+        let start = FsState {
+            upper: String::new(),
+            chain: vec![],
+            base: image.layers.clone(),
+            head: None,
+        };
+        self.create_on(limits, network, &image, start).await
+    }
+
+    /// Creates and starts a sandbox whose files are `start.chain` over `start.base` (empty for a new sandbox,
+    /// a checkpoint's chain for a fork), with a fresh writable layer.
+    async fn create_on(
+        self: &Arc<Self>,
+        limits: Limits,
+        network: NetworkMode,
+        image: &deltabox_fs::BaseImage,
+        start: FsState,
+    ) -> Result<SandboxInfo, ApiError> {
+        let id = random_id("");
         let hostname = format!("dbx-{}", &id[..8]);
         let _layers = self.layers_lock.lock().await;
         // Until the sandbox is registered, any failure undoes what was made so far.
@@ -218,12 +239,7 @@ impl Daemon {
         prepared.map_err(|e| ApiError::internal(format!("prepare sandbox directory: {e}")))?;
         let cgroup = self.cgroups.create(&id, &limits)?;
         undo.cgroup = Some(cgroup.clone());
-        let fs = FsState {
-            upper,
-            chain: vec![],
-            base: image.layers.clone(),
-            head: None,
-        };
+        let fs = FsState { upper, ..start };
         let sb = self
             .start_init(&id, &hostname, network, &fs, cgroup, image.config.clone())
             .await?;
@@ -244,8 +260,8 @@ impl Daemon {
             init_pid: Some(sb.handle.init_pid()),
             sessions: 0,
             upper: Some(self.layer_dir(&fs.upper).join("diff").display().to_string()),
-            head: None,
-            depth: 0,
+            head: fs.head.clone(),
+            depth: fs.chain.len(),
         };
         if let Err(e) = self
             .store
@@ -426,6 +442,56 @@ impl Daemon {
             duration_ms: start.elapsed().as_secs_f64() * 1e3,
             switch: Some(report),
         })
+    }
+
+    /// Forks checkpoint `cid` into `n` new sandboxes, each with its own writable layer over the checkpoint's
+    /// frozen chain (shared, never copied), and the source's image, limits and network. All or nothing.
+    pub async fn fork(self: &Arc<Self>, cid: &str, n: usize) -> Result<Vec<SandboxInfo>, ApiError> {
+        if !(1..=MAX_FORK).contains(&n) {
+            return Err(ApiError::invalid(format!(
+                "n must be between 1 and {MAX_FORK}"
+            )));
+        }
+        let ck = if valid_id(cid) {
+            self.store.checkpoint(cid)?
+        } else {
+            None
+        }
+        .ok_or_else(|| ApiError::not_found(format!("no checkpoint {cid:?}")))?;
+        let src = self.get(&ck.sandbox_id).await?;
+        let images = self.images.clone();
+        let image_ref = src.image.clone();
+        let mut image = blocking(move || images.resolve(Some(&image_ref))).await??;
+        image.layers = ck.base.clone();
+        let limits = Limits {
+            memory_bytes: src.memory_bytes,
+            pids: src.pids,
+            cpus: src.cpus,
+        };
+        let network = if src.network == "host" {
+            NetworkMode::Host
+        } else {
+            NetworkMode::None
+        };
+        let mut made = Vec::new();
+        for _ in 0..n {
+            let start = FsState {
+                upper: String::new(),
+                chain: ck.chain.clone(),
+                base: ck.base.clone(),
+                head: Some(cid.to_string()),
+            };
+            match self.create_on(limits, network, &image, start).await {
+                Ok(info) => made.push(info),
+                Err(e) => {
+                    for m in &made {
+                        let _ = self.remove(&m.id).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(made)
     }
 
     /// A sandbox's checkpoints, oldest first.

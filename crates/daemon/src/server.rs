@@ -53,6 +53,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
             get(list_checkpoints).post(checkpoint),
         )
         .route("/v1/sandboxes/{id}/rollback", post(rollback))
+        .route("/v1/checkpoints/{id}/fork", post(fork))
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .route("/v1/sandboxes/{id}/exec/stream", post(exec_stream))
         .route(
@@ -106,6 +107,14 @@ async fn resume(State(d): D, Path(id): Path<String>) -> Result<impl IntoResponse
 
 async fn checkpoint(State(d): D, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
     Ok((StatusCode::CREATED, Json(d.checkpoint(&id).await?)))
+}
+
+async fn fork(
+    State(d): D,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<crate::api::ForkBody>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok((StatusCode::CREATED, Json(d.fork(&id, body.n).await?)))
 }
 
 async fn list_checkpoints(

@@ -128,12 +128,12 @@ pub fn build_mask_layer(
         hasher.update(format!("{e:?}\n").as_bytes());
     }
     let digest = hex::encode(&hasher.finalize()[..8]);
-    let final_dir = layers_dir.join(format!("hostmask-{digest}"));
+    let final_dir = layers_dir.join(format!("hostmask2-{digest}"));
     if final_dir.is_dir() {
         return Ok(final_dir);
     }
     std::fs::create_dir_all(layers_dir).map_err(Error::io("create", layers_dir))?;
-    let tmp = layers_dir.join(format!(".hostmask-{digest}-{}", std::process::id()));
+    let tmp = layers_dir.join(format!(".hostmask2-{digest}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(Error::io("create", &tmp))?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
@@ -240,7 +240,7 @@ mod tests {
         assert_eq!(
             rustix::fs::getxattr(
                 mask.join("home").as_path(),
-                "user.overlay.opaque",
+                crate::whiteout::OPAQUE_XATTR,
                 &mut [0u8; 4]
             )
             .unwrap(),

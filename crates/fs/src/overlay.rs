@@ -25,12 +25,16 @@ pub struct LayerStack {
 }
 
 impl LayerStack {
-    /// Creates the overlay superblock and returns a detached mount of it (an `fsmount` fd).
+    /// Creates the overlay superblock and returns a detached mount of it (an `fsmount` fd), to be moved into a
+    /// sandbox's mount namespace.
     ///
-    /// `userxattr`: the mount is made inside a user namespace, where `trusted.*` xattrs are not settable.
-    /// `volatile`: skip syncs of the upper layer; a sandbox's writable layer does not outlive a crash anyway, and
-    /// unmounting a non-volatile ext4 upper costs a 20–40 ms sync.
-    pub fn fsmount(&self, userxattr: bool) -> Result<OwnedFd> {
+    /// Mounted by host root (the zygote), never inside the sandbox's user namespace: overlayfs then keeps its
+    /// metadata in `trusted.*` xattrs, which sandbox processes can neither read nor forge, and can use
+    /// `redirect_dir=on`, without which `rename(2)` of a directory that lives in a lower layer (every directory
+    /// after a checkpoint) fails with `EXDEV`. `volatile`: skip syncs of the upper layer (unmounting a
+    /// non-volatile ext4 upper costs a 20–40 ms sync); durability of frozen layers is handled separately.
+    /// `index` stays off: with it, a layer that is still the upper of a detached generation is refused as a lower.
+    pub fn fsmount(&self) -> Result<OwnedFd> {
         if self.lowers.is_empty() || self.lowers.len() > MAX_LOWER_LAYERS {
             return Err(Error::Mount {
                 target: self.upper.clone(),
@@ -52,9 +56,7 @@ impl LayerStack {
         }
         fsconfig_set_string(fs.as_fd(), "upperdir", &self.upper).map_err(|e| err(Some(&fs), e))?;
         fsconfig_set_string(fs.as_fd(), "workdir", &self.work).map_err(|e| err(Some(&fs), e))?;
-        if userxattr {
-            fsconfig_set_flag(fs.as_fd(), "userxattr").map_err(|e| err(Some(&fs), e))?;
-        }
+        fsconfig_set_string(fs.as_fd(), "redirect_dir", "on").map_err(|e| err(Some(&fs), e))?;
         fsconfig_set_flag(fs.as_fd(), "volatile").map_err(|e| err(Some(&fs), e))?;
         fsconfig_create(fs.as_fd()).map_err(|e| err(Some(&fs), e))?;
         fsmount(
@@ -66,8 +68,8 @@ impl LayerStack {
     }
 
     /// Mounts the stack at `target`.
-    pub fn mount_at(&self, target: &Path, userxattr: bool) -> Result<()> {
-        let mnt = self.fsmount(userxattr)?;
+    pub fn mount_at(&self, target: &Path) -> Result<()> {
+        let mnt = self.fsmount()?;
         move_mount(
             mnt.as_fd(),
             "",

@@ -1,4 +1,4 @@
-//! overlayfs whiteouts and opaque directories, in the `userxattr` flavour sandboxes mount with.
+//! overlayfs whiteouts and opaque directories, as overlays mounted by host root read them (`trusted.*`).
 
 use std::path::Path;
 
@@ -6,8 +6,8 @@ use rustix::fs::{FileType, Mode};
 
 use crate::{Error, Result};
 
-/// Opaque marker xattr when the overlay is mounted with `userxattr` (inside a user namespace).
-pub const OPAQUE_XATTR: &str = "user.overlay.opaque";
+/// Opaque marker xattr (the overlay is mounted by host root, without `userxattr`).
+pub const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 
 /// Creates a whiteout at `path`: a 0/0 character device, which hides the same name in lower layers.
 pub fn make_whiteout(path: &Path) -> Result<()> {

@@ -118,7 +118,7 @@ fn switch_frozen(spec: &SwitchSpec, rep: &mut SwitchReport) -> Result<(), String
     let t = Instant::now();
     let mnt = spec
         .layers
-        .fsmount(true)
+        .fsmount()
         .map_err(|e| format!("mount new generation: {e}"))?;
     let ns = std::fs::File::open(format!("/proc/{}/ns/mnt", spec.init_pid))
         .map_err(|e| format!("sandbox mount namespace: {e}"))?;

@@ -23,7 +23,13 @@ const FD_STAGING: RawFd = 256;
 ///
 /// `go` is readable once the zygote has written our uid/gid maps and placed us in the cgroup; `report` gets
 /// `OK` or the error that stopped the setup.
-pub fn sandbox_main(spec: &SandboxSpec, ctrl: OwnedFd, go: OwnedFd, report: OwnedFd) -> ! {
+pub fn sandbox_main(
+    spec: &SandboxSpec,
+    root_mnt: OwnedFd,
+    ctrl: OwnedFd,
+    go: OwnedFd,
+    report: OwnedFd,
+) -> ! {
     let mut report = std::fs::File::from(report);
     let _ = rustix::thread::set_name(c"deltabox-init");
     // Die with the zygote (and so with the daemon) instead of lingering unowned.
@@ -33,7 +39,7 @@ pub fn sandbox_main(spec: &SandboxSpec, ctrl: OwnedFd, go: OwnedFd, report: Owne
         std::process::exit(1);
     }
     drop(go);
-    match setup(spec) {
+    match setup(spec, root_mnt) {
         Ok(()) => {
             let _ = report.write_all(b"OK");
             drop(report);
@@ -46,7 +52,7 @@ pub fn sandbox_main(spec: &SandboxSpec, ctrl: OwnedFd, go: OwnedFd, report: Owne
     }
 }
 
-fn setup(spec: &SandboxSpec) -> std::io::Result<()> {
+fn setup(spec: &SandboxSpec, root_mnt: OwnedFd) -> std::io::Result<()> {
     // The zygote ignores SIGCHLD (auto-reap); pid 1 must see its children's exits.
     // SAFETY: resetting a disposition to SIG_DFL installs no handler code.
     unsafe { nix::sys::signal::signal(Signal::SIGCHLD, nix::sys::signal::SigHandler::SigDfl) }
@@ -54,7 +60,7 @@ fn setup(spec: &SandboxSpec) -> std::io::Result<()> {
     // SAFETY: single-threaded process; unsharing NEWCGROUP changes no memory-safety invariant.
     unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWCGROUP) }
         .map_err(|e| std::io::Error::other(format!("new cgroup namespace: {e}")))?;
-    crate::rootfs::setup(spec)?;
+    crate::rootfs::setup(spec, root_mnt)?;
     rustix::system::sethostname(spec.hostname.as_bytes())
         .map_err(|e| std::io::Error::other(format!("sethostname: {e}")))?;
     if spec.network == NetworkMode::None {

@@ -59,10 +59,10 @@ fn opts(s: &CStr) -> Option<&CStr> {
 
 /// Mounts the layer stack, `/proc`, `/dev`, `/tmp`, then `pivot_root`s into it and drops the old root.
 ///
-/// Runs in the sandbox's init, already in its user namespace (so the overlay is mounted with `userxattr`) and
-/// mount namespace. `/proc` is mounted before the pivot: the kernel only allows a new procfs while a
+/// Runs in the sandbox's init, already in its user and mount namespaces; the overlay itself was created by the
+/// zygote (see `LayerStack::fsmount`). `/proc` is mounted before the pivot: the kernel only allows a new procfs while a
 /// fully-visible one is still in the namespace.
-pub fn setup(spec: &SandboxSpec) -> io::Result<()> {
+pub fn setup(spec: &SandboxSpec, root_mnt: std::os::fd::OwnedFd) -> io::Result<()> {
     let root = &spec.rootfs;
     ctx(
         "make private",
@@ -72,9 +72,16 @@ pub fn setup(spec: &SandboxSpec) -> io::Result<()> {
             MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
         ),
     )?;
-    spec.layers
-        .mount_at(root, true)
-        .map_err(|e| io::Error::other(e.to_string()))?;
+    // The overlay was created by the zygote (host root); we only attach it.
+    let attach = rustix::mount::move_mount(
+        std::os::fd::AsFd::as_fd(&root_mnt),
+        "",
+        rustix::fs::CWD,
+        root,
+        rustix::mount::MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    );
+    ctx("attach root", root, attach)?;
+    drop(root_mnt);
 
     let proc_dir = root.join("proc");
     ctx(

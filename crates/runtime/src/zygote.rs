@@ -104,6 +104,7 @@ fn in_helper<T: serde::Serialize + serde::de::DeserializeOwned>(
 }
 
 fn create(spec: &SandboxSpec) -> std::result::Result<(i32, OwnedFd), String> {
+    let root_mnt = spec.layers.fsmount().map_err(|e| e.to_string())?;
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
     let (go_r, go_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| format!("pipe: {e}"))?;
@@ -124,7 +125,7 @@ fn create(spec: &SandboxSpec) -> std::result::Result<(i32, OwnedFd), String> {
                 drop(ours);
                 drop(go_w);
                 drop(rep_r);
-                crate::init::sandbox_main(spec, OwnedFd::from(theirs), go_r, rep_w)
+                crate::init::sandbox_main(spec, root_mnt, OwnedFd::from(theirs), go_r, rep_w)
             }
             deltabox_sys::CloneResult::Parent(pid) => pid.as_raw_nonzero().get(),
         };

@@ -10,5 +10,6 @@ mod daemon_lifecycle;
 mod images;
 mod isolation;
 mod limits;
+mod model;
 mod real_programs;
 mod sessions;

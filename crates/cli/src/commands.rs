@@ -250,6 +250,24 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32> 
             }
             Ok(0)
         }
+        Command::RmCheckpoint { checkpoint } => {
+            client
+                .call::<()>(
+                    Method::DELETE,
+                    &format!("/v1/checkpoints/{}", seg(&checkpoint)),
+                    None::<&()>,
+                )
+                .await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"checkpoint": checkpoint, "removed": true})
+                );
+            } else {
+                println!("{checkpoint}");
+            }
+            Ok(0)
+        }
         Command::Checkpoints { id } => {
             let list: Vec<CheckpointInfo> = client
                 .call(

@@ -494,6 +494,45 @@ impl Daemon {
         Ok(made)
     }
 
+    /// Deletes a checkpoint: it can no longer be rolled back to or forked, and its layers are freed once nothing
+    /// else uses them. Refused while a later checkpoint or another sandbox (a fork) builds on it.
+    pub async fn remove_checkpoint(&self, cid: &str) -> Result<(), ApiError> {
+        let ck = if valid_id(cid) {
+            self.store.checkpoint(cid)?
+        } else {
+            None
+        }
+        .ok_or_else(|| ApiError::not_found(format!("no checkpoint {cid:?}")))?;
+        let top = ck.chain.first().cloned().unwrap_or_default();
+        let mut needed_by = Vec::new();
+        for c in self.store.all_checkpoints()? {
+            if c.id != ck.id && (c.parent.as_deref() == Some(cid) || c.chain.contains(&top)) {
+                needed_by.push(format!("checkpoint {}", c.id));
+            }
+        }
+        for s in self.store.list()? {
+            if s.id == ck.sandbox_id {
+                continue;
+            }
+            if self
+                .store
+                .fs_state(&s.id)?
+                .is_some_and(|fs| fs.chain.contains(&top))
+            {
+                needed_by.push(format!("sandbox {} (a fork)", s.id));
+            }
+        }
+        if !needed_by.is_empty() {
+            return Err(ApiError::conflict(
+                "checkpoint_in_use",
+                format!("checkpoint {cid} is needed by {}", needed_by.join(", ")),
+            ));
+        }
+        self.store.delete_checkpoint(cid)?;
+        self.gc_layers().await;
+        Ok(())
+    }
+
     /// A sandbox's checkpoints, oldest first.
     pub async fn list_checkpoints(&self, id: &str) -> Result<Vec<CheckpointInfo>, ApiError> {
         self.get(id).await?;

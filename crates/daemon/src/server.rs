@@ -53,6 +53,10 @@ pub fn router(d: Arc<Daemon>) -> Router {
             get(list_checkpoints).post(checkpoint),
         )
         .route("/v1/sandboxes/{id}/rollback", post(rollback))
+        .route(
+            "/v1/checkpoints/{id}",
+            axum::routing::delete(remove_checkpoint),
+        )
         .route("/v1/checkpoints/{id}/fork", post(fork))
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .route("/v1/sandboxes/{id}/exec/stream", post(exec_stream))
@@ -115,6 +119,14 @@ async fn fork(
     ApiJson(body): ApiJson<crate::api::ForkBody>,
 ) -> Result<impl IntoResponse, ApiError> {
     Ok((StatusCode::CREATED, Json(d.fork(&id, body.n).await?)))
+}
+
+async fn remove_checkpoint(
+    State(d): D,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    d.remove_checkpoint(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn list_checkpoints(

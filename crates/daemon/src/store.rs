@@ -277,6 +277,21 @@ impl Store {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
+    /// Every checkpoint.
+    pub fn all_checkpoints(&self) -> Result<Vec<CheckpointRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, sandbox_id, parent, chain, base, created_at FROM checkpoints ORDER BY created_at, rowid")?;
+        let rows = stmt.query_map([], Self::checkpoint_row)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Deletes one checkpoint record.
+    pub fn delete_checkpoint(&self, id: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM checkpoints WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+
     /// Deletes a sandbox's checkpoints.
     pub fn delete_checkpoints_of(&self, sandbox: &str) -> Result<(), StoreError> {
         self.conn().execute(

@@ -196,3 +196,73 @@ fn bad_checkpoint_ids_are_refused() {
     d.ok(&["resume", &a]);
     d.stop_and_check(&[a, b]);
 }
+
+#[test]
+fn forks_share_layers_and_checkpoints_are_removed_only_when_unneeded() {
+    let d = TestDaemon::start();
+    let id = d.create(&["--memory", "256M"]);
+    let (_, _, _) = d.sh(&id, "mkdir -p /work && echo base > /work/f");
+    let c1 = d.ok(&["checkpoint", &id]).trim().to_string();
+    d.sh(&id, "echo two > /work/g");
+    let c2 = d.ok(&["checkpoint", &id]).trim().to_string();
+    let forks: Vec<String> = d
+        .ok(&["fork", &c2, "-n", "3"])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(forks.len(), 3);
+    for (i, f) in forks.iter().enumerate() {
+        let info = d.json(&["info", f]);
+        assert_eq!(info["head"], c2.as_str());
+        assert_eq!(
+            info["memory_bytes"],
+            256 << 20,
+            "forks keep the source's limits"
+        );
+        let (code, out, _) = d.sh(f, &format!("cat /work/f /work/g; echo fork{i} > /work/f"));
+        assert_eq!((code, out.as_str()), (0, "base\ntwo\n"));
+    }
+    // Each fork wrote only to its own layer.
+    for (i, f) in forks.iter().enumerate() {
+        assert_eq!(d.sh(f, "cat /work/f").1, format!("fork{i}\n"));
+    }
+    assert_eq!(d.sh(&id, "cat /work/f").1, "base\n");
+    // c1 has a descendant, c2 has forks: both refused, with the reason.
+    let out = d.cli(&["rm-checkpoint", &c1]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("needed by checkpoint {c2}")),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = d.cli(&["rm-checkpoint", &c2]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(a fork)"));
+    // Removing the source keeps what the forks need.
+    d.ok(&["rm", &id]);
+    assert_eq!(d.sh(&forks[0], "cat /work/g").1, "two\n");
+    let out = d.cli(&["fork", "c-000000000000"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no checkpoint"));
+    for bad in ["0", "65"] {
+        let out = d.cli(&["fork", &c2, "-n", bad]);
+        assert!(!out.status.success(), "n={bad}");
+    }
+    // A fork's own checkpoint can be removed when nothing builds on it.
+    let cf = d.ok(&["checkpoint", &forks[1]]).trim().to_string();
+    d.ok(&["rm-checkpoint", &cf]);
+    assert!(
+        String::from_utf8_lossy(&d.cli(&["rollback", &forks[1], &cf]).stderr)
+            .contains("no checkpoint")
+    );
+    for f in &forks {
+        d.ok(&["rm", f]);
+    }
+    assert_eq!(
+        std::fs::read_dir(d.dir.join("store/layers"))
+            .map(|r| r.count())
+            .unwrap_or(0),
+        0,
+        "no layer outlives its users"
+    );
+    let mut all = forks.clone();
+    all.push(id);
+    d.stop_and_check(&all);
+}

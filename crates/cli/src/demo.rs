@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use deltabox_daemon::api::{
-    CreateSandbox, ExecBody, ExecResult, RunInSession, SandboxInfo, SessionInfo, SessionResult,
-    StartSession,
+    CheckpointInfo, CreateSandbox, ExecBody, ExecResult, ForkBody, RollbackBody, RollbackInfo,
+    RunInSession, SandboxInfo, SessionInfo, SessionResult, StartSession,
 };
 use deltabox_daemon::Client;
 use hyper::Method;
@@ -40,6 +40,8 @@ struct Demo<'a> {
     client: &'a Client,
     id: String,
     step: usize,
+    /// (label, checkpoint id, round-trip ms) of every checkpoint taken.
+    checkpoints: Vec<(String, String, f64)>,
 }
 
 impl Demo<'_> {
@@ -73,6 +75,48 @@ impl Demo<'_> {
             t.elapsed().as_secs_f64() * 1e3
         );
         Ok(r)
+    }
+
+    /// Checkpoints the sandbox (files; processes keep running) and prints the latency.
+    async fn checkpoint(&mut self, label: &str) -> Result<String> {
+        let t = Instant::now();
+        let c: CheckpointInfo = self
+            .client
+            .call(
+                Method::POST,
+                &format!("/v1/sandboxes/{}/checkpoints", self.id),
+                None::<&()>,
+            )
+            .await?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let sw = c.switch.unwrap_or_default();
+        println!(
+            "    -> checkpoint {} ({label}): {ms:.2} ms round trip; in the sandbox: frozen {:.2} ms, {} cwd + {} fds re-pointed",
+            c.id,
+            sw.total_us as f64 / 1e3,
+            sw.cwds,
+            sw.fds
+        );
+        self.checkpoints.push((label.to_string(), c.id.clone(), ms));
+        Ok(c.id)
+    }
+
+    async fn rollback(&self, cid: &str) -> Result<f64> {
+        let t = Instant::now();
+        let body = RollbackBody {
+            checkpoint: cid.to_string(),
+        };
+        let r: RollbackInfo = self
+            .client
+            .call(
+                Method::POST,
+                &format!("/v1/sandboxes/{}/rollback", self.id),
+                Some(&body),
+            )
+            .await?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        println!("    -> rolled back to {cid} in {ms:.2} ms ({})", r.note);
+        Ok(ms)
     }
 
     async fn exec(&self, argv: &[&str]) -> Result<ExecResult> {
@@ -118,6 +162,7 @@ pub async fn run(client: &Client) -> Result<i32> {
         client,
         id: info.id.clone(),
         step: 0,
+        checkpoints: Vec::new(),
     };
     let result = trajectory(&mut d).await;
     let rm = client
@@ -171,6 +216,7 @@ async fn trajectory(d: &mut Demo<'_>) -> Result<()> {
     d.say("agent writes a module with a bug, and its tests");
     let write = format!("mkdir -p /work/calc && cd /work/calc && cat > calc.py <<'EOF'\n{CALC}EOF\ncat > test_calc.py <<'EOF'\n{TESTS}EOF\nls -l");
     d.session(&bash.id, &write).await?;
+    let written = d.checkpoint("module written").await?;
 
     d.say("agent runs the tests (the session remembers the working directory)");
     let r = d
@@ -179,6 +225,7 @@ async fn trajectory(d: &mut Demo<'_>) -> Result<()> {
     if !r.stdout.contains("FAILED") {
         bail!("the buggy module should fail its tests");
     }
+    d.checkpoint("tests run").await?;
 
     d.say("agent edits the file to fix the bug");
     d.session(
@@ -192,6 +239,7 @@ async fn trajectory(d: &mut Demo<'_>) -> Result<()> {
     if r.exit_code != Some(0) {
         bail!("the fixed module should pass its tests");
     }
+    let fixed = d.checkpoint("bug fixed").await?;
 
     d.say("agent explores in the python REPL (variables persist between commands)");
     d.session(&py.id, "import sys; sys.path.insert(0, '/work/calc')\nimport calc\ndata = [calc.add(i, i) for i in range(100_000)]\nlen(data)").await?;
@@ -201,6 +249,7 @@ async fn trajectory(d: &mut Demo<'_>) -> Result<()> {
     }
 
     d.say("agent commits the fix with git");
+    d.checkpoint("REPL explored").await?;
     d.session(&bash.id, "git init -q . && git add -A && git -c user.name=agent -c user.email=agent@example.invalid commit -qm 'fix add' && git log --oneline").await?;
 
     d.say("what the sandbox sees: its own pid 1, hostname, an empty /home, no host secrets, loopback only");
@@ -225,5 +274,77 @@ async fn trajectory(d: &mut Demo<'_>) -> Result<()> {
         r.timed_out, r.session_alive
     );
     d.session(&bash.id, "echo still here in $(pwd)").await?;
+
+    d.say("the agent explores a bad branch: deletes the project");
+    d.session(&bash.id, "rm -rf /work/calc && ls /work").await?;
+
+    d.say("roll back to the checkpoint before the fix: the bug is back");
+    d.rollback(&written).await?;
+    let bash: SessionInfo = d
+        .client
+        .call(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/sessions", d.id),
+            Some(&start("bash")),
+        )
+        .await?;
+    let r = d
+        .session(
+            &bash.id,
+            "cd /work/calc && python3 -m unittest -q 2>&1 | tail -n 1",
+        )
+        .await?;
+    if !r.stdout.contains("FAILED") {
+        bail!("rollback should have restored the buggy module");
+    }
+
+    d.say("roll forward to the fixed checkpoint, and fork it three times");
+    d.rollback(&fixed).await?;
+    let t = Instant::now();
+    let forks: Vec<SandboxInfo> = d
+        .client
+        .call(
+            Method::POST,
+            &format!("/v1/checkpoints/{fixed}/fork"),
+            Some(&ForkBody { n: 3 }),
+        )
+        .await?;
+    println!(
+        "    -> forked 3 sandboxes in {:.2} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    for f in &forks {
+        let body = ExecBody {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "cd /work/calc && python3 -m unittest -q 2>&1 | tail -n 1".into(),
+            ],
+            ..Default::default()
+        };
+        let r: ExecResult = d
+            .client
+            .call(
+                Method::POST,
+                &format!("/v1/sandboxes/{}/exec", f.id),
+                Some(&body),
+            )
+            .await?;
+        println!("    | fork {}: {}", f.id, r.stdout.trim());
+        d.client
+            .call::<()>(
+                Method::DELETE,
+                &format!("/v1/sandboxes/{}", f.id),
+                None::<&()>,
+            )
+            .await?;
+    }
+    let mut ms: Vec<f64> = d.checkpoints.iter().map(|c| c.2).collect();
+    ms.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "\ncheckpoints taken: {} (median {:.2} ms round trip, debug/release as built)",
+        ms.len(),
+        ms[ms.len() / 2]
+    );
     Ok(())
 }

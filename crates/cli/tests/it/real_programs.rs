@@ -98,3 +98,37 @@ fn exec_passes_stdin_env_cwd_and_exact_bytes() {
     assert!(out.stdout[7..].iter().all(|&b| b == 0xff));
     d.stop_and_check(&[id]);
 }
+
+#[test]
+fn pip_and_git_across_checkpoints() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let s = d.ok(&["session", "start", &id, "bash"]).trim().to_string();
+    let run = |s: &str, cmd: &str| {
+        let r = d.json(&["session", "run", "--timeout", "180", &id, s, cmd]);
+        assert_eq!(r["exit_code"], 0, "{cmd}: {r}");
+        r["stdout"].as_str().unwrap().to_string()
+    };
+    run(&s, "mkdir -p /work/repo /work/pkg/hello && cd /work/repo && git init -q -b main . && git config user.email a@b.invalid && git config user.name agent && echo one > f && git add f && git commit -qm first");
+    run(&s, "cd /work && printf 'def hi():\\n    return 42\\n' > pkg/hello/__init__.py && printf '[build-system]\\nrequires=[\"setuptools\"]\\nbuild-backend=\"setuptools.build_meta\"\\n[project]\\nname=\"hello\"\\nversion=\"0.1\"\\n' > pkg/pyproject.toml && python3 -m venv --system-site-packages venv");
+    let clean = d.ok(&["checkpoint", &id]).trim().to_string();
+    // The shell works on across the checkpoint, in its directory.
+    run(&s, "cd /work/repo && echo two >> f && git commit -qam second && /work/venv/bin/pip install -q --no-index --no-build-isolation /work/pkg");
+    assert_eq!(run(&s, "/work/venv/bin/python -c 'import hello; print(hello.hi())'; git log --format=%s | tr '\\n' ' '"), "42\nsecond first ");
+    let installed = d.ok(&["checkpoint", &id]).trim().to_string();
+    d.ok(&["rollback", &id, &clean]);
+    let s = d.ok(&["session", "start", &id, "bash"]).trim().to_string();
+    let r = d.json(&[
+        "session",
+        "run",
+        &id,
+        &s,
+        "/work/venv/bin/python -c 'import hello'",
+    ]);
+    assert_ne!(r["exit_code"], 0, "the package is gone after rollback");
+    assert_eq!(run(&s, "cd /work/repo && git log --format=%s && git fsck --full 2>&1 && git status --porcelain && cat f"), "first\none\n");
+    d.ok(&["rollback", &id, &installed]);
+    let s = d.ok(&["session", "start", &id, "bash"]).trim().to_string();
+    assert_eq!(run(&s, "/work/venv/bin/python -c 'import hello; print(hello.hi())'; cd /work/repo && git fsck --full 2>&1 && git log --format=%s | tr '\\n' ' '"), "42\nsecond first ");
+    d.stop_and_check(&[id]);
+}

@@ -145,6 +145,12 @@ pub struct DaemonArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCmd {
+    /// DeltaFS checkpoint/rollback against tree size and chain depth, copy baselines, workload slowdown.
+    Fs {
+        /// Smaller trees, fewer repetitions (for CI).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Sandbox create→ready, exec and session round trips, against bubblewrap in the same run.
     Runtime {
         /// Iterations per measurement.

@@ -39,7 +39,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         .build()?;
     rt.block_on(async move {
         let client = ensure_daemon(&cli.socket, &cli.state_dir).await?;
-        dispatch(&client, cli.command, cli.json).await
+        dispatch(&client, cli.command, cli.json, &cli.state_dir).await
     })
 }
 
@@ -82,7 +82,12 @@ fn secs_to_ms(s: Option<f64>) -> Result<Option<u64>> {
     }
 }
 
-async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32> {
+async fn dispatch(
+    client: &Client,
+    command: Command,
+    json: bool,
+    state_dir: &std::path::Path,
+) -> Result<i32> {
     match command {
         Command::Create(a) => {
             let body = CreateSandbox {
@@ -294,6 +299,9 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32> 
         Command::Pause { id } => lifecycle(client, &id, "pause", json).await,
         Command::Resume { id } => lifecycle(client, &id, "resume", json).await,
         Command::Demo => crate::demo::run(client).await,
+        Command::Bench(BenchCmd::Fs { quick }) => {
+            crate::bench_fs::fs(client, state_dir, quick).await
+        }
         Command::Bench(BenchCmd::Runtime { iterations }) => {
             crate::bench::runtime(client, iterations, json).await
         }

@@ -422,6 +422,15 @@ impl Daemon {
                 return Err(ApiError::conflict("checkpoint_refused", e));
             }
         };
+        // Fault injection for tests: die between switching and recording, as a crash or kill -9 would.
+        if self
+            .config
+            .state_dir
+            .join("fault-crash-after-switch")
+            .exists()
+        {
+            std::process::abort();
+        }
         // The sandbox runs on the new generation from here on, whatever the database says.
         *sb.fs.lock().map_err(|_| ApiError::internal("poisoned"))? = next.clone();
         let row = CheckpointRow {

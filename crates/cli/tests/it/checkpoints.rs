@@ -266,3 +266,40 @@ fn forks_share_layers_and_checkpoints_are_removed_only_when_unneeded() {
     all.push(id);
     d.stop_and_check(&all);
 }
+
+#[test]
+fn daemon_killed_between_switch_and_record_restarts_consistent() {
+    let mut d = TestDaemon::start();
+    let id = d.create(&[]);
+    d.sh(&id, "mkdir -p /work && echo one > /work/f");
+    let c1 = d.ok(&["checkpoint", &id]).trim().to_string();
+    d.sh(&id, "echo two > /work/f");
+    let layers_before: Vec<_> = std::fs::read_dir(d.dir.join("store/layers"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    std::fs::write(d.dir.join("fault-crash-after-switch"), "").unwrap();
+    let out = d.cli(&["checkpoint", &id]);
+    assert!(!out.status.success(), "the daemon died mid-checkpoint");
+    std::fs::remove_file(d.dir.join("fault-crash-after-switch")).unwrap();
+    d.kill9();
+    d.spawn();
+    // Recorded state only: the sandbox is lost, the unrecorded generation's layer is gone, c1 still works.
+    assert_eq!(d.json(&["info", &id])["status"], "lost");
+    let mut layers_after: Vec<_> = std::fs::read_dir(d.dir.join("store/layers"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let mut before = layers_before.clone();
+    before.sort();
+    layers_after.sort();
+    assert_eq!(layers_after, before, "no unrecorded layer left behind");
+    assert_eq!(d.json(&["checkpoints", &id]).as_array().unwrap().len(), 1);
+    d.ok(&["rollback", &id, &c1]);
+    assert_eq!(d.sh(&id, "cat /work/f").1, "one\n");
+    assert!(
+        cgroup_dirs_of(&id).len() >= 1,
+        "running again, in its cgroup"
+    );
+    d.stop_and_check(&[id]);
+}

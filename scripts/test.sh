@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets everything up, then runs every test: unit and integration (real sandboxes, as root), then the demo and
-# a short benchmark on a throw-away daemon (their figures are printed, never asserted).
+# short benchmarks on a throw-away daemon (their figures are printed, never asserted).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -8,7 +8,7 @@ scripts/setup.sh
 cargo nextest run --workspace --profile ci
 
 state=$(mktemp -d /var/tmp/deltabox-check.XXXXXX)
-export DELTABOX_STATE_DIR="$state" DELTABOX_SOCKET="$state/api.sock" DELTABOX_STORE_SIZE=4G
+export DELTABOX_STATE_DIR="$state" DELTABOX_SOCKET="$state/api.sock" DELTABOX_STORE_SIZE=16G
 cleanup() {
     pkill -TERM -f "deltabox --socket $state/api.sock" 2>/dev/null || true
     for _ in $(seq 100); do pgrep -f "deltabox --socket $state/api.sock" >/dev/null || break; sleep 0.1; done
@@ -18,3 +18,4 @@ cleanup() {
 trap cleanup EXIT
 target/release/deltabox demo
 target/release/deltabox bench runtime --iterations 10
+target/release/deltabox bench fs --quick

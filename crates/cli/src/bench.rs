@@ -10,12 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use deltabox_daemon::api::{
-    CreateSandbox, ExecBody, ExecResult, RunInSession, SandboxInfo, SessionInfo, SessionResult,
-    StartSession,
-};
+use deltabox_daemon::api::{CreateSandbox, ExecBody, RunInSession, SessionInfo, StartSession};
 use deltabox_daemon::Client;
-use hyper::Method;
 
 #[derive(serde::Serialize)]
 struct Stat {
@@ -145,12 +141,7 @@ pub async fn runtime(client: &Client, n: usize, json: bool) -> Result<i32> {
         let body = CreateSandbox {
             ..Default::default()
         };
-        let (info, ms) = timed(async {
-            Ok(client
-                .call::<SandboxInfo>(Method::POST, "/v1/sandboxes", Some(&body))
-                .await?)
-        })
-        .await?;
+        let (info, ms) = timed(async { Ok(client.create(&body).await?) }).await?;
         create.push(ms);
         ids.push(info.id);
     }
@@ -161,16 +152,7 @@ pub async fn runtime(client: &Client, n: usize, json: bool) -> Result<i32> {
         ..Default::default()
     };
     for i in 0..=n {
-        let (r, ms) = timed(async {
-            Ok(client
-                .call::<ExecResult>(
-                    Method::POST,
-                    &format!("/v1/sandboxes/{id}/exec"),
-                    Some(&body),
-                )
-                .await?)
-        })
-        .await?;
+        let (r, ms) = timed(async { Ok(client.exec(&id, &body).await?) }).await?;
         anyhow::ensure!(r.exit_code == Some(0), "exec true failed");
         if i > 0 {
             exec.push(ms);
@@ -183,13 +165,7 @@ pub async fn runtime(client: &Client, n: usize, json: bool) -> Result<i32> {
             cwd: None,
             env: Default::default(),
         };
-        let s: SessionInfo = client
-            .call(
-                Method::POST,
-                &format!("/v1/sandboxes/{id}/sessions"),
-                Some(&start),
-            )
-            .await?;
+        let s: SessionInfo = client.start_session(&id, &start).await?;
         let body = RunInSession {
             command: cmd.into(),
             timeout_ms: None,
@@ -197,16 +173,8 @@ pub async fn runtime(client: &Client, n: usize, json: bool) -> Result<i32> {
         };
         let mut v = Vec::new();
         for i in 0..=n {
-            let (_r, ms) = timed(async {
-                Ok(client
-                    .call::<SessionResult>(
-                        Method::POST,
-                        &format!("/v1/sandboxes/{id}/sessions/{}/run", s.id),
-                        Some(&body),
-                    )
-                    .await?)
-            })
-            .await?;
+            let (_r, ms) =
+                timed(async { Ok(client.run_in_session(&id, &s.id, &body).await?) }).await?;
             if i > 0 {
                 v.push(ms);
             }
@@ -215,12 +183,7 @@ pub async fn runtime(client: &Client, n: usize, json: bool) -> Result<i32> {
     }
     let mut remove = Vec::new();
     for id in &ids {
-        let (_, ms) = timed(async {
-            Ok(client
-                .call::<()>(Method::DELETE, &format!("/v1/sandboxes/{id}"), None::<&()>)
-                .await?)
-        })
-        .await?;
+        let (_, ms) = timed(async { Ok(client.remove(id).await?) }).await?;
         remove.push(ms);
     }
     stats.push(stat("create→ready", "deltabox", create));

@@ -8,11 +8,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use deltabox_daemon::api::{
-    CheckpointInfo, CreateSandbox, ExecBody, ExecResult, RollbackBody, RollbackInfo, SandboxInfo,
-};
+use deltabox_daemon::api::{CheckpointInfo, CreateSandbox, ExecBody, ExecResult, SandboxInfo};
 use deltabox_daemon::Client;
-use hyper::Method;
 
 /// Median and p99 of a sample, in ms.
 fn stats(mut v: Vec<f64>) -> (f64, f64) {
@@ -27,13 +24,7 @@ async fn exec(c: &Client, id: &str, script: &str) -> Result<ExecResult> {
         timeout_ms: Some(600_000),
         ..Default::default()
     };
-    let r: ExecResult = c
-        .call(
-            Method::POST,
-            &format!("/v1/sandboxes/{id}/exec"),
-            Some(&body),
-        )
-        .await?;
+    let r: ExecResult = c.exec(id, &body).await?;
     ensure!(
         r.exit_code == Some(0),
         "bench step failed: {script}: {}",
@@ -44,27 +35,13 @@ async fn exec(c: &Client, id: &str, script: &str) -> Result<ExecResult> {
 
 async fn checkpoint(c: &Client, id: &str) -> Result<(String, f64)> {
     let t = Instant::now();
-    let ck: CheckpointInfo = c
-        .call(
-            Method::POST,
-            &format!("/v1/sandboxes/{id}/checkpoints"),
-            None::<&()>,
-        )
-        .await?;
+    let ck: CheckpointInfo = c.checkpoint(id).await?;
     Ok((ck.id, t.elapsed().as_secs_f64() * 1e3))
 }
 
 async fn rollback(c: &Client, id: &str, cid: &str) -> Result<f64> {
     let t = Instant::now();
-    let _: RollbackInfo = c
-        .call(
-            Method::POST,
-            &format!("/v1/sandboxes/{id}/rollback"),
-            Some(&RollbackBody {
-                checkpoint: cid.into(),
-            }),
-        )
-        .await?;
+    c.rollback(id, cid).await?;
     Ok(t.elapsed().as_secs_f64() * 1e3)
 }
 
@@ -117,9 +94,7 @@ pub async fn fs(client: &Client, state_dir: &Path, quick: bool) -> Result<i32> {
         "files", "checkpoint med (p99)", "rollback med (p99)", "cp -a", "cp -a --reflink"
     );
     for &n in sizes {
-        let sb: SandboxInfo = client
-            .call(Method::POST, "/v1/sandboxes", Some(&create("4G")))
-            .await?;
+        let sb: SandboxInfo = client.create(&create("4G")).await?;
         exec(client, &sb.id, &format!("{MAKE_TREE} {n} /work/tree")).await?;
         let (base, _) = checkpoint(client, &sb.id).await?;
         let mut cks = Vec::new();
@@ -131,13 +106,7 @@ pub async fn fs(client: &Client, state_dir: &Path, quick: bool) -> Result<i32> {
         for _ in 0..reps.min(8) {
             rbs.push(rollback(client, &sb.id, &base).await?);
         }
-        client
-            .call::<()>(
-                Method::DELETE,
-                &format!("/v1/sandboxes/{}", sb.id),
-                None::<&()>,
-            )
-            .await?;
+        client.remove(&sb.id).await?;
         // Baselines on the same filesystem: copy the same tree.
         let src = scratch.join(format!("src{n}"));
         let st = Command::new("bash")
@@ -177,9 +146,7 @@ pub async fn fs(client: &Client, state_dir: &Path, quick: bool) -> Result<i32> {
         "{:>8} {:>22} {:>22}",
         "depth", "checkpoint med (p99)", "rollback med (p99)"
     );
-    let sb: SandboxInfo = client
-        .call(Method::POST, "/v1/sandboxes", Some(&create("2G")))
-        .await?;
+    let sb: SandboxInfo = client.create(&create("2G")).await?;
     exec(client, &sb.id, &format!("{MAKE_TREE} 1000 /work/tree")).await?;
     let mut depth = 0;
     for &target in depths {
@@ -208,13 +175,7 @@ pub async fn fs(client: &Client, state_dir: &Path, quick: bool) -> Result<i32> {
             format!("{rm:.2} ms ({rp99:.2})")
         );
     }
-    client
-        .call::<()>(
-            Method::DELETE,
-            &format!("/v1/sandboxes/{}", sb.id),
-            None::<&()>,
-        )
-        .await?;
+    client.remove(&sb.id).await?;
     println!("(depths beyond ~490 need layer compaction, which is not implemented yet)");
 
     println!("\nworkload (git over 300 files, compileall, venv + local pip install), seconds, interleaved rounds:");
@@ -224,9 +185,7 @@ pub async fn fs(client: &Client, state_dir: &Path, quick: bool) -> Result<i32> {
     let mut in_box: Vec<(usize, Vec<f64>)> = depths.iter().map(|&d| (d, Vec::new())).collect();
     let mut boxes = Vec::new();
     for &d in depths {
-        let sb: SandboxInfo = client
-            .call(Method::POST, "/v1/sandboxes", Some(&create("2G")))
-            .await?;
+        let sb: SandboxInfo = client.create(&create("2G")).await?;
         for i in 0..d.saturating_sub(1) {
             exec(
                 client,
@@ -273,9 +232,7 @@ pub async fn fs(client: &Client, state_dir: &Path, quick: bool) -> Result<i32> {
         );
     }
     for id in boxes {
-        client
-            .call::<()>(Method::DELETE, &format!("/v1/sandboxes/{id}"), None::<&()>)
-            .await?;
+        client.remove(&id).await?;
     }
     println!("\nnot measured yet: btrfs snapshots (no btrfs store here), depths of 1,000 and 10,000 (need compaction)");
     Ok(0)

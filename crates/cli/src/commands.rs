@@ -8,25 +8,13 @@ use deltabox_daemon::api::{
     self, CheckpointInfo, CreateSandbox, ExecBody, ExecResult, RollbackInfo, SandboxInfo,
     SessionInfo, SessionResult, StreamEvent,
 };
+use deltabox_daemon::client::seg;
 use deltabox_daemon::Client;
 use hyper::Method;
 
 use crate::cli::{BenchCmd, Cli, Command, SessionCmd};
 use crate::daemon_cmd::ensure_daemon;
 use crate::output;
-
-/// Percent-encodes a user-supplied path segment (an id), so `../x` cannot walk the API's URL space.
-pub fn seg(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
 
 /// Runs a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> Result<i32> {

@@ -6,11 +6,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use deltabox_daemon::api::{
-    CheckpointInfo, CreateSandbox, ExecBody, ExecResult, ForkBody, RollbackBody, RollbackInfo,
-    RunInSession, SandboxInfo, SessionInfo, SessionResult, StartSession,
+    CheckpointInfo, CreateSandbox, ExecBody, ExecResult, RunInSession, SandboxInfo, SessionInfo,
+    SessionResult, StartSession,
 };
 use deltabox_daemon::Client;
-use hyper::Method;
 
 const CALC: &str = r#"def add(a, b):
     return a - b   # bug: the agent will fix this
@@ -57,14 +56,7 @@ impl Demo<'_> {
             max_output_bytes: None,
         };
         let t = Instant::now();
-        let r: SessionResult = self
-            .client
-            .call(
-                Method::POST,
-                &format!("/v1/sandboxes/{}/sessions/{sid}/run", self.id),
-                Some(&body),
-            )
-            .await?;
+        let r: SessionResult = self.client.run_in_session(&self.id, sid, &body).await?;
         for line in r.stdout.lines().chain(r.stderr.lines()) {
             println!("    | {line}");
         }
@@ -80,14 +72,7 @@ impl Demo<'_> {
     /// Checkpoints the sandbox (files; processes keep running) and prints the latency.
     async fn checkpoint(&mut self, label: &str) -> Result<String> {
         let t = Instant::now();
-        let c: CheckpointInfo = self
-            .client
-            .call(
-                Method::POST,
-                &format!("/v1/sandboxes/{}/checkpoints", self.id),
-                None::<&()>,
-            )
-            .await?;
+        let c: CheckpointInfo = self.client.checkpoint(&self.id).await?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let sw = c.switch.unwrap_or_default();
         println!(
@@ -103,17 +88,7 @@ impl Demo<'_> {
 
     async fn rollback(&self, cid: &str) -> Result<f64> {
         let t = Instant::now();
-        let body = RollbackBody {
-            checkpoint: cid.to_string(),
-        };
-        let r: RollbackInfo = self
-            .client
-            .call(
-                Method::POST,
-                &format!("/v1/sandboxes/{}/rollback", self.id),
-                Some(&body),
-            )
-            .await?;
+        let r = self.client.rollback(&self.id, cid).await?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         println!("    -> rolled back to {cid} in {ms:.2} ms ({})", r.note);
         Ok(ms)
@@ -125,14 +100,7 @@ impl Demo<'_> {
             timeout_ms: Some(60_000),
             ..Default::default()
         };
-        let r: ExecResult = self
-            .client
-            .call(
-                Method::POST,
-                &format!("/v1/sandboxes/{}/exec", self.id),
-                Some(&body),
-            )
-            .await?;
+        let r: ExecResult = self.client.exec(&self.id, &body).await?;
         for line in r.stdout.lines().chain(r.stderr.lines()) {
             println!("    | {line}");
         }
@@ -150,9 +118,7 @@ pub async fn run(client: &Client) -> Result<i32> {
         pids: Some(256),
         ..Default::default()
     };
-    let info: SandboxInfo = client
-        .call(Method::POST, "/v1/sandboxes", Some(&body))
-        .await?;
+    let info: SandboxInfo = client.create(&body).await?;
     println!(
         "\ncreated sandbox {} in {:.1} ms (memory 1G, pids 256, loopback only)",
         info.id,
@@ -165,13 +131,7 @@ pub async fn run(client: &Client) -> Result<i32> {
         checkpoints: Vec::new(),
     };
     let result = trajectory(&mut d).await;
-    let rm = client
-        .call::<()>(
-            Method::DELETE,
-            &format!("/v1/sandboxes/{}", info.id),
-            None::<&()>,
-        )
-        .await;
+    let rm = client.remove(&info.id).await;
     match (&result, rm) {
         (Ok(()), Ok(())) => {
             println!(
@@ -192,22 +152,8 @@ async fn trajectory(d: &mut Demo<'_>) -> Result<()> {
         cwd: None,
         env: Default::default(),
     };
-    let bash: SessionInfo = d
-        .client
-        .call(
-            Method::POST,
-            &format!("/v1/sandboxes/{}/sessions", d.id),
-            Some(&start("bash")),
-        )
-        .await?;
-    let py: SessionInfo = d
-        .client
-        .call(
-            Method::POST,
-            &format!("/v1/sandboxes/{}/sessions", d.id),
-            Some(&start("python3")),
-        )
-        .await?;
+    let bash: SessionInfo = d.client.start_session(&d.id, &start("bash")).await?;
+    let py: SessionInfo = d.client.start_session(&d.id, &start("python3")).await?;
     println!(
         "started a bash session ({}) and a python3 session ({})",
         bash.id, py.id
@@ -261,14 +207,7 @@ async fn trajectory(d: &mut Demo<'_>) -> Result<()> {
         timeout_ms: Some(500),
         max_output_bytes: None,
     };
-    let r: SessionResult = d
-        .client
-        .call(
-            Method::POST,
-            &format!("/v1/sandboxes/{}/sessions/{}/run", d.id, bash.id),
-            Some(&body),
-        )
-        .await?;
+    let r: SessionResult = d.client.run_in_session(&d.id, &bash.id, &body).await?;
     println!(
         "    -> timed out: {}, session alive: {}",
         r.timed_out, r.session_alive
@@ -280,14 +219,7 @@ async fn trajectory(d: &mut Demo<'_>) -> Result<()> {
 
     d.say("roll back to the checkpoint before the fix: the bug is back");
     d.rollback(&written).await?;
-    let bash: SessionInfo = d
-        .client
-        .call(
-            Method::POST,
-            &format!("/v1/sandboxes/{}/sessions", d.id),
-            Some(&start("bash")),
-        )
-        .await?;
+    let bash: SessionInfo = d.client.start_session(&d.id, &start("bash")).await?;
     let r = d
         .session(
             &bash.id,
@@ -301,14 +233,7 @@ async fn trajectory(d: &mut Demo<'_>) -> Result<()> {
     d.say("roll forward to the fixed checkpoint, and fork it three times");
     d.rollback(&fixed).await?;
     let t = Instant::now();
-    let forks: Vec<SandboxInfo> = d
-        .client
-        .call(
-            Method::POST,
-            &format!("/v1/checkpoints/{fixed}/fork"),
-            Some(&ForkBody { n: 3 }),
-        )
-        .await?;
+    let forks = d.client.fork(&fixed, 3).await?;
     println!(
         "    -> forked 3 sandboxes in {:.2} ms",
         t.elapsed().as_secs_f64() * 1e3
@@ -322,22 +247,9 @@ async fn trajectory(d: &mut Demo<'_>) -> Result<()> {
             ],
             ..Default::default()
         };
-        let r: ExecResult = d
-            .client
-            .call(
-                Method::POST,
-                &format!("/v1/sandboxes/{}/exec", f.id),
-                Some(&body),
-            )
-            .await?;
+        let r: ExecResult = d.client.exec(&f.id, &body).await?;
         println!("    | fork {}: {}", f.id, r.stdout.trim());
-        d.client
-            .call::<()>(
-                Method::DELETE,
-                &format!("/v1/sandboxes/{}", f.id),
-                None::<&()>,
-            )
-            .await?;
+        d.client.remove(&f.id).await?;
     }
     let mut ms: Vec<f64> = d.checkpoints.iter().map(|c| c.2).collect();
     ms.sort_by(|a, b| a.total_cmp(b));

@@ -158,3 +158,111 @@ impl Client {
         Ok(())
     }
 }
+
+/// Percent-encodes a path segment (an id), so that `../x` cannot walk the API's URL space.
+pub fn seg(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+use crate::api::{
+    CheckpointInfo, CreateSandbox, ExecBody, ExecResult, ForkBody, RollbackBody, RollbackInfo,
+    RunInSession, SandboxInfo, SessionInfo, SessionResult, StartSession,
+};
+
+/// Typed calls, one per endpoint.
+impl Client {
+    /// `POST /v1/sandboxes`.
+    pub async fn create(&self, body: &CreateSandbox) -> Result<SandboxInfo, ClientError> {
+        self.call(Method::POST, "/v1/sandboxes", Some(body)).await
+    }
+
+    /// `DELETE /v1/sandboxes/{id}`.
+    pub async fn remove(&self, id: &str) -> Result<(), ClientError> {
+        self.call(
+            Method::DELETE,
+            &format!("/v1/sandboxes/{}", seg(id)),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// `POST /v1/sandboxes/{id}/exec`.
+    pub async fn exec(&self, id: &str, body: &ExecBody) -> Result<ExecResult, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/exec", seg(id)),
+            Some(body),
+        )
+        .await
+    }
+
+    /// `POST /v1/sandboxes/{id}/sessions`.
+    pub async fn start_session(
+        &self,
+        id: &str,
+        body: &StartSession,
+    ) -> Result<SessionInfo, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/sessions", seg(id)),
+            Some(body),
+        )
+        .await
+    }
+
+    /// `POST /v1/sandboxes/{id}/sessions/{sid}/run`.
+    pub async fn run_in_session(
+        &self,
+        id: &str,
+        sid: &str,
+        body: &RunInSession,
+    ) -> Result<SessionResult, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/sessions/{}/run", seg(id), seg(sid)),
+            Some(body),
+        )
+        .await
+    }
+
+    /// `POST /v1/sandboxes/{id}/checkpoints`.
+    pub async fn checkpoint(&self, id: &str) -> Result<CheckpointInfo, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/checkpoints", seg(id)),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// `POST /v1/sandboxes/{id}/rollback`.
+    pub async fn rollback(&self, id: &str, checkpoint: &str) -> Result<RollbackInfo, ClientError> {
+        let body = RollbackBody {
+            checkpoint: checkpoint.to_string(),
+        };
+        self.call(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/rollback", seg(id)),
+            Some(&body),
+        )
+        .await
+    }
+
+    /// `POST /v1/checkpoints/{id}/fork`.
+    pub async fn fork(&self, checkpoint: &str, n: usize) -> Result<Vec<SandboxInfo>, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/checkpoints/{}/fork", seg(checkpoint)),
+            Some(&ForkBody { n }),
+        )
+        .await
+    }
+}

@@ -298,7 +298,7 @@ fn daemon_killed_between_switch_and_record_restarts_consistent() {
     d.ok(&["rollback", &id, &c1]);
     assert_eq!(d.sh(&id, "cat /work/f").1, "one\n");
     assert!(
-        cgroup_dirs_of(&id).len() >= 1,
+        !cgroup_dirs_of(&id).is_empty(),
         "running again, in its cgroup"
     );
     d.stop_and_check(&[id]);

@@ -50,6 +50,8 @@ pub enum Command {
         #[arg(short = 'n', long, default_value_t = 1)]
         n: usize,
     },
+    /// Files added (A), deleted (D) and changed (M) from checkpoint FROM to checkpoint TO.
+    Diff { from: String, to: String },
     /// Delete a checkpoint (refused while later checkpoints or forks build on it).
     RmCheckpoint { checkpoint: String },
     /// List a sandbox's checkpoints.

@@ -243,6 +243,28 @@ async fn dispatch(
             }
             Ok(0)
         }
+        Command::Diff { from, to } => {
+            let d: deltabox_runtime::diff::DiffResult = client
+                .call(
+                    Method::GET,
+                    &format!("/v1/checkpoints/{}/diff/{}", seg(&from), seg(&to)),
+                    None::<&()>,
+                )
+                .await?;
+            if json {
+                print_json(&d)?;
+            } else {
+                let mut lines: Vec<(String, char)> =
+                    d.added.into_iter().map(|p| (p, 'A')).collect();
+                lines.extend(d.deleted.into_iter().map(|p| (p, 'D')));
+                lines.extend(d.changed.into_iter().map(|p| (p, 'M')));
+                lines.sort();
+                for (p, k) in lines {
+                    println!("{k}\t{p}");
+                }
+            }
+            Ok(0)
+        }
         Command::RmCheckpoint { checkpoint } => {
             client
                 .call::<()>(

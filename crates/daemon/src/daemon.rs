@@ -542,6 +542,56 @@ impl Daemon {
         Ok(())
     }
 
+    /// The files added, deleted and changed from checkpoint `a` to checkpoint `b`, computed from the layers the
+    /// two chains do not share.
+    pub async fn diff(
+        &self,
+        a: &str,
+        b: &str,
+    ) -> Result<deltabox_runtime::diff::DiffResult, ApiError> {
+        let get = |c: &str| -> Result<CheckpointRow, ApiError> {
+            if valid_id(c) {
+                self.store.checkpoint(c)?
+            } else {
+                None
+            }
+            .ok_or_else(|| ApiError::not_found(format!("no checkpoint {c:?}")))
+        };
+        let (ca, cb) = (get(a)?, get(b)?);
+        if ca.base != cb.base {
+            return Err(ApiError::conflict(
+                "different_base",
+                format!("checkpoints {a} and {b} are on different base images"),
+            ));
+        }
+        let common = ca
+            .chain
+            .iter()
+            .rev()
+            .zip(cb.chain.iter().rev())
+            .take_while(|(x, y)| x == y)
+            .count();
+        let unique: Vec<PathBuf> = ca.chain[..ca.chain.len() - common]
+            .iter()
+            .chain(cb.chain[..cb.chain.len() - common].iter())
+            .map(|l| self.layer_dir(l).join("diff"))
+            .collect();
+        let lowers = |c: &CheckpointRow| -> Vec<PathBuf> {
+            c.chain
+                .iter()
+                .map(|l| self.layer_dir(l).join("diff"))
+                .chain(c.base.iter().cloned())
+                .collect()
+        };
+        let spec = deltabox_runtime::diff::DiffSpec {
+            a: lowers(&ca),
+            b: lowers(&cb),
+            unique,
+        };
+        let zygote = self.zygote.clone();
+        Ok(blocking(move || zygote.diff(&spec)).await??)
+    }
+
     /// A sandbox's checkpoints, oldest first.
     pub async fn list_checkpoints(&self, id: &str) -> Result<Vec<CheckpointInfo>, ApiError> {
         self.get(id).await?;

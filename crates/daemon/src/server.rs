@@ -58,6 +58,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
             axum::routing::delete(remove_checkpoint),
         )
         .route("/v1/checkpoints/{id}/fork", post(fork))
+        .route("/v1/checkpoints/{id}/diff/{other}", get(diff))
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .route("/v1/sandboxes/{id}/exec/stream", post(exec_stream))
         .route(
@@ -127,6 +128,13 @@ async fn remove_checkpoint(
 ) -> Result<impl IntoResponse, ApiError> {
     d.remove_checkpoint(&id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn diff(
+    State(d): D,
+    Path((a, b)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(d.diff(&a, &b).await?))
 }
 
 async fn list_checkpoints(

@@ -85,6 +85,29 @@ impl LayerStack {
     }
 }
 
+/// A read-only overlay of `lowers` (topmost first; at least two), as a detached mount: the merged view of a
+/// checkpoint, for reading (diff) without a writable layer.
+pub fn fsmount_readonly(lowers: &[std::path::PathBuf]) -> Result<OwnedFd> {
+    let target = lowers.first().cloned().unwrap_or_default();
+    let err = |fs: Option<&OwnedFd>, e: rustix::io::Errno| Error::Mount {
+        target: target.clone(),
+        source: e.into(),
+        detail: fs.map(read_fs_log).unwrap_or_default(),
+    };
+    let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).map_err(|e| err(None, e))?;
+    for lower in lowers {
+        fsconfig_set_string(fs.as_fd(), "lowerdir+", lower).map_err(|e| err(Some(&fs), e))?;
+    }
+    fsconfig_set_string(fs.as_fd(), "redirect_dir", "follow").map_err(|e| err(Some(&fs), e))?;
+    fsconfig_create(fs.as_fd()).map_err(|e| err(Some(&fs), e))?;
+    fsmount(
+        fs.as_fd(),
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::MOUNT_ATTR_RDONLY,
+    )
+    .map_err(|e| err(Some(&fs), e))
+}
+
 /// Reads the kernel's messages for a failed fs_context ("e overlayfs: ..."), which say far more than errno.
 fn read_fs_log(fs: &OwnedFd) -> String {
     let mut out = String::new();

@@ -41,6 +41,8 @@ pub enum ZygoteRequest {
     Create(SandboxSpec),
     /// Move a running sandbox onto a new filesystem generation.
     Switch(crate::generation::SwitchSpec),
+    /// Compare two checkpoints' layers.
+    Diff(crate::diff::DiffSpec),
 }
 
 /// Zygote → daemon.
@@ -54,6 +56,8 @@ pub enum ZygoteReply {
     Failed { error: String },
     /// The sandbox runs on the new generation.
     Switched(crate::generation::SwitchReport),
+    /// The difference between two checkpoints.
+    Diffed(crate::diff::DiffResult),
 }
 
 /// Daemon → init.

@@ -58,6 +58,10 @@ pub fn run(sock: OwnedFd, host_root: &Path) -> io::Result<()> {
                 }
                 Err(error) => send_reply(&sock, &ZygoteReply::Failed { error }, &[])?,
             },
+            ZygoteRequest::Diff(spec) => match in_helper(|| crate::diff::diff(&spec)) {
+                Ok(d) => send_reply(&sock, &ZygoteReply::Diffed(d), &[])?,
+                Err(error) => send_reply(&sock, &ZygoteReply::Failed { error }, &[])?,
+            },
             ZygoteRequest::Switch(spec) => match in_helper(|| crate::generation::switch(&spec)) {
                 Ok(report) => send_reply(&sock, &ZygoteReply::Switched(report), &[])?,
                 Err(error) => send_reply(&sock, &ZygoteReply::Failed { error }, &[])?,
@@ -281,6 +285,23 @@ impl Zygote {
         match Self::recv_locked(&sock)? {
             (ZygoteReply::Switched(report), _) => Ok(report),
             (ZygoteReply::Failed { error }, _) => Err(Error::Checkpoint(error)),
+            (other, _) => Err(Error::Zygote(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Compares two checkpoints' layers (blocking). See [`crate::diff`].
+    pub fn diff(&self, spec: &crate::diff::DiffSpec) -> Result<crate::diff::DiffResult> {
+        let sock = self
+            .sock
+            .lock()
+            .map_err(|_| Error::Zygote("lock poisoned".into()))?;
+        let payload = serde_json::to_vec(&ZygoteRequest::Diff(spec.clone()))
+            .map_err(|e| Error::Zygote(e.to_string()))?;
+        deltabox_sys::fdpass::send_frame(&*sock, &payload, &[])
+            .map_err(|e| Error::Zygote(format!("exited? {e}")))?;
+        match Self::recv_locked(&sock)? {
+            (ZygoteReply::Diffed(d), _) => Ok(d),
+            (ZygoteReply::Failed { error }, _) => Err(Error::Zygote(format!("diff: {error}"))),
             (other, _) => Err(Error::Zygote(format!("unexpected reply {other:?}"))),
         }
     }

@@ -303,3 +303,74 @@ fn daemon_killed_between_switch_and_record_restarts_consistent() {
     );
     d.stop_and_check(&[id]);
 }
+
+#[test]
+fn diff_lists_what_changed_between_checkpoints() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let (code, _, err) = d.sh(&id, "mkdir -p /work/d /work/dir/sub && echo 1 > /work/d/x && echo keep > /work/k && echo old > /work/old && echo s > /work/dir/sub/f && echo same > /work/same");
+    assert_eq!(code, 0, "{err}");
+    let c1 = d.ok(&["checkpoint", &id]).trim().to_string();
+    let (code, _, err) = d.sh(&id, "echo 2 > /work/d/x && echo new > /work/new && rm /work/old && mv /work/dir /work/dir2 && chmod 600 /work/k && cat /work/same > /dev/null && touch /work/same");
+    assert_eq!(code, 0, "{err}");
+    let c2 = d.ok(&["checkpoint", &id]).trim().to_string();
+    let v = d.json(&["diff", &c1, &c2]);
+    let list = |k: &str| -> Vec<String> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        list("added"),
+        [
+            "/work/dir2",
+            "/work/dir2/sub",
+            "/work/dir2/sub/f",
+            "/work/new"
+        ]
+    );
+    assert_eq!(
+        list("deleted"),
+        ["/work/dir", "/work/dir/sub", "/work/dir/sub/f", "/work/old"]
+    );
+    assert_eq!(
+        list("changed"),
+        ["/work/d/x", "/work/k"],
+        "a touched-but-identical file is not a change"
+    );
+    // The other way round, and the text form.
+    let back = d.json(&["diff", &c2, &c1]);
+    assert_eq!(back["added"], v["deleted"]);
+    assert_eq!(back["deleted"], v["added"]);
+    let text = d.ok(&["diff", &c1, &c2]);
+    assert!(
+        text.contains("M\t/work/d/x\n")
+            && text.contains("A\t/work/new\n")
+            && text.contains("D\t/work/old\n"),
+        "{text}"
+    );
+    assert!(d.json(&["diff", &c2, &c2])["changed"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // Across branches: a fork's checkpoint against its source's.
+    let f = d.ok(&["fork", &c1]).trim().to_string();
+    d.sh(&f, "echo fork > /work/k");
+    let cf = d.ok(&["checkpoint", &f]).trim().to_string();
+    let v = d.json(&["diff", &c2, &cf]);
+    assert!(v["changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p == "/work/k"));
+    assert!(v["added"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p == "/work/old"));
+    let out = d.cli(&["diff", &c1, "c-000000000000"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no checkpoint"));
+    d.stop_and_check(&[id, f]);
+}

@@ -374,3 +374,48 @@ fn diff_lists_what_changed_between_checkpoints() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no checkpoint"));
     d.stop_and_check(&[id, f]);
 }
+
+#[test]
+fn a_full_layer_store_gives_clear_errors_and_loses_nothing() {
+    let d = TestDaemon::start_with(&[("DELTABOX_STORE_SIZE", "600M")]);
+    let id = d.create(&["--memory", "1G"]);
+    let (code, sum, err) = d.sh(&id, "mkdir -p /work && head -c 100000000 /dev/urandom > /work/big && sha256sum /work/big | cut -c1-64");
+    assert_eq!(code, 0, "{err}");
+    let frozen = upper(&d, &id);
+    let c1 = d.ok(&["checkpoint", &id]).trim().to_string();
+    // Fill the store from inside.
+    let (code, _, err) = d.sh(
+        &id,
+        "dd if=/dev/zero of=/work/filler bs=1M 2>/tmp/dd.err; rc=$?; cat /tmp/dd.err >&2; exit $rc",
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("No space left"), "{err}");
+    // Modifying the checkpointed file needs a copy-up: it either works (XFS shares the extents) or fails
+    // cleanly with ENOSPC; either way the frozen layer keeps its content.
+    let (code, _, err) = d.sh(&id, "echo more >> /work/big");
+    assert!(code == 0 || err.contains("No space left"), "{err}");
+    let out = d.cli(&["checkpoint", &id]);
+    assert!(
+        out.status.success() || String::from_utf8_lossy(&out.stderr).contains("space"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let host_sum = std::process::Command::new("sha256sum")
+        .arg(frozen.join("work/big"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        &String::from_utf8_lossy(&host_sum.stdout)[..64],
+        sum.trim(),
+        "the frozen layer is intact"
+    );
+    // The daemon is fine, space comes back, and the checkpoint still restores the file.
+    d.ok(&["ls"]);
+    let (code, _, err) = d.sh(&id, "rm -f /work/filler");
+    assert_eq!(code, 0, "{err}");
+    d.ok(&["checkpoint", &id]);
+    d.ok(&["rollback", &id, &c1]);
+    let (_, after, _) = d.sh(&id, "sha256sum /work/big | cut -c1-64");
+    assert_eq!(after, sum);
+    d.stop_and_check(&[id]);
+}

@@ -234,6 +234,13 @@ pub async fn fs(client: &Client, state_dir: &Path, quick: bool) -> Result<i32> {
     for id in boxes {
         client.remove(&id).await?;
     }
+    println!("\nfirst in-place write to a large file that lives in a frozen layer (overlayfs copy-up), by store filesystem:");
+    for fs in ["xfs", "ext4"] {
+        match copy_up(fs, if quick { 256 } else { 1024 }) {
+            Ok((mb, ms)) => println!("{fs:>8}: {mb} MiB file: first 1-byte write {ms:.2} ms"),
+            Err(e) => println!("{fs:>8}: not measured ({e:#})"),
+        }
+    }
     println!("\nnot measured yet: btrfs snapshots (no btrfs store here), depths of 1,000 and 10,000 (need compaction)");
     Ok(0)
 }
@@ -246,4 +253,82 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
     let d = std::env::temp_dir().join(format!("deltabox-bench-native-{}", std::process::id()));
     std::fs::create_dir_all(&d)?;
     Ok(d)
+}
+
+/// Times the copy-up of a `mb` MiB file from a lower layer on a fresh `fs` filesystem (a loop image): the cost the
+/// first in-place edit of a checkpointed file pays. XFS shares extents (reflink); ext4 copies the data.
+fn copy_up(fs: &str, mb: usize) -> Result<(usize, f64)> {
+    use std::io::{Seek, SeekFrom, Write};
+    let dir = std::env::temp_dir().join(format!("deltabox-copyup-{fs}-{}", std::process::id()));
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt)?;
+    let img = dir.join("img");
+    std::fs::File::create(&img)?.set_len((mb as u64 + 512) * 3 << 20)?;
+    let cleanup = |dir: &Path| {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(dir.join("mnt/merged"))
+            .status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(dir.join("mnt"))
+            .status();
+        let _ = std::fs::remove_dir_all(dir);
+    };
+    let result = (|| -> Result<(usize, f64)> {
+        let mkfs = if fs == "xfs" {
+            vec!["mkfs.xfs", "-q", "-f", "-m", "reflink=1"]
+        } else {
+            vec!["mkfs.ext4", "-q", "-F"]
+        };
+        let st = Command::new(mkfs[0]).args(&mkfs[1..]).arg(&img).output()?;
+        ensure!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        ensure!(
+            Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&mnt)
+                .status()?
+                .success(),
+            "mount {fs}"
+        );
+        for d in ["lower", "upper", "work", "merged"] {
+            std::fs::create_dir_all(mnt.join(d))?;
+        }
+        let mut f = std::fs::File::create(mnt.join("lower/big"))?;
+        let chunk = vec![7u8; 1 << 20];
+        for _ in 0..mb {
+            f.write_all(&chunk)?;
+        }
+        f.sync_all()?;
+        drop(f);
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            mnt.join("lower").display(),
+            mnt.join("upper").display(),
+            mnt.join("work").display()
+        );
+        ensure!(
+            Command::new("mount")
+                .args(["-t", "overlay", "overlay", "-o", &opts])
+                .arg(mnt.join("merged"))
+                .status()?
+                .success(),
+            "mount overlay"
+        );
+        let t = Instant::now();
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(mnt.join("merged/big"))?;
+        f.seek(SeekFrom::Start(4096))?;
+        f.write_all(b"x")?;
+        drop(f);
+        Ok((mb, t.elapsed().as_secs_f64() * 1e3))
+    })();
+    cleanup(&dir);
+    result
 }

@@ -263,7 +263,7 @@ fn copy_up(fs: &str, mb: usize) -> Result<(usize, f64)> {
     let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt)?;
     let img = dir.join("img");
-    std::fs::File::create(&img)?.set_len((mb as u64 + 512) * 3 << 20)?;
+    std::fs::File::create(&img)?.set_len(((mb as u64 + 512) * 3) << 20)?;
     let cleanup = |dir: &Path| {
         let _ = Command::new("umount")
             .arg("-l")

@@ -249,17 +249,21 @@ impl Zygote {
         Ok((reply, fds))
     }
 
-    /// Creates a sandbox (blocking). Returns init's host pid and its control socket.
-    pub fn create(&self, spec: &SandboxSpec) -> Result<(i32, UnixStream)> {
+    /// Sends one request and waits for its reply (blocking; requests are serialised).
+    fn request(&self, req: ZygoteRequest) -> Result<(ZygoteReply, Vec<OwnedFd>)> {
         let sock = self
             .sock
             .lock()
             .map_err(|_| Error::Zygote("lock poisoned".into()))?;
-        let payload = serde_json::to_vec(&ZygoteRequest::Create(spec.clone()))
-            .map_err(|e| Error::Zygote(e.to_string()))?;
+        let payload = serde_json::to_vec(&req).map_err(|e| Error::Zygote(e.to_string()))?;
         deltabox_sys::fdpass::send_frame(&*sock, &payload, &[])
             .map_err(|e| Error::Zygote(format!("exited? {e}")))?;
-        match Self::recv_locked(&sock)? {
+        Self::recv_locked(&sock)
+    }
+
+    /// Creates a sandbox (blocking). Returns init's host pid and its control socket.
+    pub fn create(&self, spec: &SandboxSpec) -> Result<(i32, UnixStream)> {
+        match self.request(ZygoteRequest::Create(spec.clone()))? {
             (ZygoteReply::Created { pid }, mut fds) if fds.len() == 1 => {
                 let fd = fds.remove(0);
                 Ok((pid, UnixStream::from(fd)))
@@ -274,15 +278,7 @@ impl Zygote {
         &self,
         spec: &crate::generation::SwitchSpec,
     ) -> Result<crate::generation::SwitchReport> {
-        let sock = self
-            .sock
-            .lock()
-            .map_err(|_| Error::Zygote("lock poisoned".into()))?;
-        let payload = serde_json::to_vec(&ZygoteRequest::Switch(spec.clone()))
-            .map_err(|e| Error::Zygote(e.to_string()))?;
-        deltabox_sys::fdpass::send_frame(&*sock, &payload, &[])
-            .map_err(|e| Error::Zygote(format!("exited? {e}")))?;
-        match Self::recv_locked(&sock)? {
+        match self.request(ZygoteRequest::Switch(spec.clone()))? {
             (ZygoteReply::Switched(report), _) => Ok(report),
             (ZygoteReply::Failed { error }, _) => Err(Error::Checkpoint(error)),
             (other, _) => Err(Error::Zygote(format!("unexpected reply {other:?}"))),
@@ -291,15 +287,7 @@ impl Zygote {
 
     /// Compares two checkpoints' layers (blocking). See [`crate::diff`].
     pub fn diff(&self, spec: &crate::diff::DiffSpec) -> Result<crate::diff::DiffResult> {
-        let sock = self
-            .sock
-            .lock()
-            .map_err(|_| Error::Zygote("lock poisoned".into()))?;
-        let payload = serde_json::to_vec(&ZygoteRequest::Diff(spec.clone()))
-            .map_err(|e| Error::Zygote(e.to_string()))?;
-        deltabox_sys::fdpass::send_frame(&*sock, &payload, &[])
-            .map_err(|e| Error::Zygote(format!("exited? {e}")))?;
-        match Self::recv_locked(&sock)? {
+        match self.request(ZygoteRequest::Diff(spec.clone()))? {
             (ZygoteReply::Diffed(d), _) => Ok(d),
             (ZygoteReply::Failed { error }, _) => Err(Error::Zygote(format!("diff: {error}"))),
             (other, _) => Err(Error::Zygote(format!("unexpected reply {other:?}"))),

@@ -203,18 +203,6 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Cgroup directories of daemon instances under `/sys/fs/cgroup/*/deltabox/` (one per running daemon).
-pub fn instance_cgroups() -> std::collections::BTreeSet<PathBuf> {
-    let mut found = std::collections::BTreeSet::new();
-    for ctrl in ["memory", "pids", "cpu", "freezer", "unified"] {
-        if let Ok(tags) = std::fs::read_dir(Path::new("/sys/fs/cgroup").join(ctrl).join("deltabox"))
-        {
-            found.extend(tags.flatten().map(|t| t.path()).filter(|p| p.is_dir()));
-        }
-    }
-    found
-}
-
 pub fn assert_no_leaks(dir: &Path, ids: &[String]) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -73,9 +73,9 @@ pub async fn fs(client: &Client, state_dir: &Path, quick: bool) -> Result<i32> {
     };
     let depths: &[usize] = if quick { &[1, 50] } else { &[1, 100, 400] };
     let reps = if quick { 5 } else { 15 };
-    let scratch = state_dir.join("store/bench-scratch");
-    let _ = std::fs::remove_dir_all(&scratch);
-    std::fs::create_dir_all(&scratch)?;
+    let scratch = ScratchDir(state_dir.join("store/bench-scratch"));
+    let _ = std::fs::remove_dir_all(&*scratch);
+    std::fs::create_dir_all(&*scratch)?;
     let create = |c: &'static str| CreateSandbox {
         memory: Some(c.into()),
         ..Default::default()
@@ -139,7 +139,7 @@ pub async fn fs(client: &Client, state_dir: &Path, quick: bool) -> Result<i32> {
             rl
         );
     }
-    let _ = std::fs::remove_dir_all(&scratch);
+    drop(scratch);
 
     println!("\ncheckpoint / rollback against chain depth (1k-file tree):");
     println!(
@@ -219,7 +219,7 @@ pub async fn fs(client: &Client, state_dir: &Path, quick: bool) -> Result<i32> {
             in_box[i].1.push(r.duration_ms / 1e3);
         }
     }
-    let _ = std::fs::remove_dir_all(&native_dir);
+    drop(native_dir);
     let (nm, _) = stats(native.clone());
     println!("{:>22} {:>10.3}", "native (host ext4)", nm);
     for (d, v) in in_box {
@@ -249,10 +249,26 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
-fn tempfile_dir() -> Result<std::path::PathBuf> {
+/// A scratch directory removed when dropped, whatever happened in between.
+struct ScratchDir(std::path::PathBuf);
+
+impl std::ops::Deref for ScratchDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempfile_dir() -> Result<ScratchDir> {
     let d = std::env::temp_dir().join(format!("deltabox-bench-native-{}", std::process::id()));
     std::fs::create_dir_all(&d)?;
-    Ok(d)
+    Ok(ScratchDir(d))
 }
 
 /// Times the copy-up of a `mb` MiB file from a lower layer on a fresh `fs` filesystem (a loop image): the cost the

@@ -637,7 +637,14 @@ impl Daemon {
                 let _g = sb.lifecycle.lock().await;
                 sb.sessions.lock().await.clear();
                 let cg = sb.cgroup.clone();
-                blocking(move || cg.kill_all()).await??;
+                if let Err(e) = blocking(move || cg.kill_all())
+                    .await
+                    .and_then(|r| r.map_err(ApiError::from))
+                {
+                    // Nothing changed: keep the sandbox reachable as it was.
+                    self.live.write().await.insert(id.to_string(), sb.clone());
+                    return Err(e);
+                }
                 let _ = tokio::time::timeout(Duration::from_secs(5), sb.handle.closed()).await;
                 (
                     sb.cgroup.clone(),

@@ -58,6 +58,8 @@ pub struct Daemon {
     live: RwLock<HashMap<String, Arc<Sandbox>>>,
     /// Held from creating a layer until it is recorded, and by layer GC: GC never sees an unrecorded layer.
     layers_lock: tokio::sync::Mutex<()>,
+    /// Wakes the background layer GC.
+    gc_wanted: Arc<tokio::sync::Notify>,
 }
 
 fn now() -> i64 {
@@ -110,8 +112,19 @@ impl Daemon {
             store,
             live: RwLock::new(HashMap::new()),
             layers_lock: Default::default(),
+            gc_wanted: Default::default(),
         });
         d.recover();
+        // Unreachable layers are deleted in the background, off every request's critical path; requests only
+        // ask (and many asks coalesce into one pass).
+        let (weak, wanted) = (Arc::downgrade(&d), d.gc_wanted.clone());
+        tokio::spawn(async move {
+            loop {
+                wanted.notified().await;
+                let Some(d) = weak.upgrade() else { return };
+                d.gc_layers().await;
+            }
+        });
         Ok(d)
     }
 
@@ -538,7 +551,7 @@ impl Daemon {
             ));
         }
         self.store.delete_checkpoint(cid)?;
-        self.gc_layers().await;
+        self.gc_wanted.notify_one();
         Ok(())
     }
 
@@ -703,7 +716,7 @@ impl Daemon {
         drop(layers_guard);
         self.register(sb).await;
         // The writable layer it left is no longer used by anything.
-        self.gc_layers().await;
+        self.gc_wanted.notify_one();
         Ok(RollbackInfo {
             sandbox_id: id.to_string(),
             checkpoint: cid.to_string(),
@@ -795,7 +808,7 @@ impl Daemon {
         self.store.delete_checkpoints_of(id)?;
         self.store.delete(id)?;
         // Its writable layer and the layers only its checkpoints used.
-        self.gc_layers().await;
+        self.gc_wanted.notify_one();
         Ok(())
     }
 

@@ -203,6 +203,15 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Waits (up to 10 s) until `cond` holds: for effects that happen in the background, like layer GC.
+pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn assert_no_leaks(dir: &Path, ids: &[String]) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

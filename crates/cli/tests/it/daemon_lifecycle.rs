@@ -78,7 +78,7 @@ fn graceful_stop_and_restart() {
     let upper = std::path::PathBuf::from(d.json(&["info", &id])["upper"].as_str().unwrap());
     assert!(upper.exists());
     d.ok(&["rm", &id]);
-    assert!(!upper.exists());
+    eventually("rm deletes the writable layer", || !upper.exists());
     assert_eq!(d.json(&["ls"]).as_array().unwrap().len(), 0);
     d.stop_and_check(&[id]);
 }

@@ -89,7 +89,7 @@ fn host_files_unchanged_after_rm_rf_root() {
     let upper = std::path::PathBuf::from(d.json(&["info", &id2])["upper"].as_str().unwrap());
     assert!(upper.join("usr/bin/dbx-it-probe").exists());
     d.ok(&["rm", &id, &id2]);
-    assert!(!upper.exists(), "rm deletes the writable layer");
+    eventually("rm deletes the writable layer", || !upper.exists());
     assert!(!d.dir.join("store/sandboxes").join(&id2).exists());
     d.stop_and_check(&[id, id2]);
 }

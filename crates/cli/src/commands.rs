@@ -85,9 +85,7 @@ async fn dispatch(
                 cpus: a.cpus,
                 network: a.network,
             };
-            let info: SandboxInfo = client
-                .call(Method::POST, "/v1/sandboxes", Some(&body))
-                .await?;
+            let info: SandboxInfo = client.create(&body).await?;
             if json {
                 print_json(&info)?;
             } else {
@@ -155,13 +153,7 @@ async fn dispatch(
                 max_output_bytes: None,
             };
             if json {
-                let r: ExecResult = client
-                    .call(
-                        Method::POST,
-                        &format!("/v1/sandboxes/{}/exec", seg(&a.id)),
-                        Some(&body),
-                    )
-                    .await?;
+                let r: ExecResult = client.exec(&a.id, &body).await?;
                 print_json(&r)?;
                 return Ok(r.shell_code());
             }
@@ -171,14 +163,7 @@ async fn dispatch(
         Command::Rm { ids } => {
             let mut failed = false;
             for id in &ids {
-                match client
-                    .call::<()>(
-                        Method::DELETE,
-                        &format!("/v1/sandboxes/{}", seg(id)),
-                        None::<&()>,
-                    )
-                    .await
-                {
+                match client.remove(id).await {
                     Ok(()) if json => {
                         println!("{}", serde_json::json!({"id": id, "removed": true}))
                     }
@@ -192,13 +177,7 @@ async fn dispatch(
             Ok(i32::from(failed))
         }
         Command::Checkpoint { id } => {
-            let c: CheckpointInfo = client
-                .call(
-                    Method::POST,
-                    &format!("/v1/sandboxes/{}/checkpoints", seg(&id)),
-                    None::<&()>,
-                )
-                .await?;
+            let c: CheckpointInfo = client.checkpoint(&id).await?;
             if json {
                 print_json(&c)?;
             } else {
@@ -207,14 +186,7 @@ async fn dispatch(
             Ok(0)
         }
         Command::Rollback { id, checkpoint } => {
-            let body = api::RollbackBody { checkpoint };
-            let r: RollbackInfo = client
-                .call(
-                    Method::POST,
-                    &format!("/v1/sandboxes/{}/rollback", seg(&id)),
-                    Some(&body),
-                )
-                .await?;
+            let r: RollbackInfo = client.rollback(&id, &checkpoint).await?;
             if json {
                 print_json(&r)?;
             } else {
@@ -226,14 +198,7 @@ async fn dispatch(
             Ok(0)
         }
         Command::Fork { checkpoint, n } => {
-            let body = api::ForkBody { n };
-            let list: Vec<SandboxInfo> = client
-                .call(
-                    Method::POST,
-                    &format!("/v1/checkpoints/{}/fork", seg(&checkpoint)),
-                    Some(&body),
-                )
-                .await?;
+            let list: Vec<SandboxInfo> = client.fork(&checkpoint, n).await?;
             if json {
                 print_json(&list)?;
             } else {
@@ -390,13 +355,7 @@ async fn session(client: &Client, cmd: SessionCmd, json: bool) -> Result<i32> {
                 cwd,
                 env: Default::default(),
             };
-            let s: SessionInfo = client
-                .call(
-                    Method::POST,
-                    &format!("/v1/sandboxes/{}/sessions", seg(&id)),
-                    Some(&body),
-                )
-                .await?;
+            let s: SessionInfo = client.start_session(&id, &body).await?;
             if json {
                 print_json(&s)?;
             } else {
@@ -415,13 +374,7 @@ async fn session(client: &Client, cmd: SessionCmd, json: bool) -> Result<i32> {
                 timeout_ms: secs_to_ms(timeout)?,
                 max_output_bytes: None,
             };
-            let r: SessionResult = client
-                .call(
-                    Method::POST,
-                    &format!("/v1/sandboxes/{}/sessions/{}/run", seg(&id), seg(&session)),
-                    Some(&body),
-                )
-                .await?;
+            let r: SessionResult = client.run_in_session(&id, &session, &body).await?;
             if json {
                 print_json(&r)?;
             } else {

@@ -1,11 +1,11 @@
 //! Mounting a [`LayerStack`] as overlayfs with the new mount API.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use rustix::mount::{
-    fsconfig_create, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount,
-    FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags,
+    fsconfig_create, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, FsMountFlags,
+    FsOpenFlags, MountAttrFlags,
 };
 
 use crate::{Error, Result};
@@ -65,23 +65,6 @@ impl LayerStack {
             MountAttrFlags::empty(),
         )
         .map_err(|e| err(Some(&fs), e))
-    }
-
-    /// Mounts the stack at `target`.
-    pub fn mount_at(&self, target: &Path) -> Result<()> {
-        let mnt = self.fsmount()?;
-        move_mount(
-            mnt.as_fd(),
-            "",
-            rustix::fs::CWD,
-            target,
-            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
-        )
-        .map_err(|e| Error::Mount {
-            target: target.to_path_buf(),
-            source: e.into(),
-            detail: String::new(),
-        })
     }
 }
 

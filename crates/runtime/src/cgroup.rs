@@ -281,14 +281,6 @@ impl Cgroup {
             .collect()
     }
 
-    /// Moves `pid` into this cgroup.
-    pub fn add(&self, pid: i32) -> Result<()> {
-        for f in self.procs_files() {
-            write(&f, &pid.to_string())?;
-        }
-        Ok(())
-    }
-
     /// Pids (host view) in the cgroup.
     pub fn pids(&self) -> Vec<i32> {
         let f = match self.version {

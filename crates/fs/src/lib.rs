@@ -5,6 +5,7 @@
 //! or an unpacked OCI image) and mounts overlays with the new mount API, which has no 4 KiB option-string cap on
 //! the number of lower layers (later steps stack hundreds of checkpoint layers).
 
+pub mod compact;
 pub mod error;
 pub mod host_base;
 pub mod image;

@@ -76,6 +76,7 @@ pub fn run_daemon(socket: PathBuf, state_dir: PathBuf, args: DaemonArgs) -> Resu
         socket,
         tcp: args.listen,
         token: None,
+        ..Config::from_env()
     };
     if args.listen.is_some() {
         let file = args

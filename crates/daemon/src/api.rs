@@ -79,8 +79,11 @@ pub struct CheckpointInfo {
     pub parent: Option<String>,
     /// Seconds since the epoch.
     pub created_at: i64,
-    /// Frozen layers in its chain.
+    /// Checkpoints in its lineage (its depth), however compacted.
     pub depth: usize,
+    /// Overlay layers its chain has now (compaction merges old ones).
+    #[serde(default)]
+    pub layers: usize,
     /// Wall time of the checkpoint call in the daemon (0 in listings).
     pub duration_ms: f64,
     /// Phase timings of the generation switch (only when just taken).

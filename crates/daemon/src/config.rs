@@ -19,10 +19,28 @@ pub struct Config {
     pub tcp: Option<SocketAddr>,
     /// The bearer token for TCP.
     pub token: Option<String>,
+    /// Chains with at least this many frozen layers get compacted in the background.
+    pub compact_at: usize,
+    /// Layers merged into one per compaction level.
+    pub compact_fanout: usize,
+}
+
+/// Default [`Config::compact_at`]: well under overlayfs's 500 lower layers, and short enough that lookups stay
+/// native speed.
+pub const DEFAULT_COMPACT_AT: usize = 64;
+/// Default [`Config::compact_fanout`].
+pub const DEFAULT_COMPACT_FANOUT: usize = 16;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 impl Config {
-    /// Defaults, overridden by `DELTABOX_STATE_DIR` and `DELTABOX_SOCKET`.
+    /// Defaults, overridden by `DELTABOX_STATE_DIR`, `DELTABOX_SOCKET`, `DELTABOX_COMPACT_AT` and
+    /// `DELTABOX_COMPACT_FANOUT`.
     pub fn from_env() -> Config {
         Config {
             state_dir: std::env::var_os("DELTABOX_STATE_DIR")
@@ -33,6 +51,8 @@ impl Config {
                 .unwrap_or_else(|| DEFAULT_SOCKET.into()),
             tcp: None,
             token: None,
+            compact_at: env_usize("DELTABOX_COMPACT_AT", DEFAULT_COMPACT_AT).clamp(2, 400),
+            compact_fanout: env_usize("DELTABOX_COMPACT_FANOUT", DEFAULT_COMPACT_FANOUT).clamp(2, 64),
         }
     }
 

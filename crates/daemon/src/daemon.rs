@@ -1,6 +1,6 @@
 //! The daemon's operations on sandboxes, independent of HTTP.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,6 +16,7 @@ use crate::api::{
     self, CreateSandbox, ExecBody, ExecResult, SandboxInfo, SessionInfo, SessionResult,
 };
 use crate::api::{CheckpointInfo, RollbackInfo};
+use crate::compaction::{MergeIndex, MergedLayer};
 use crate::error::{start_err, StartError};
 use crate::sandbox::Sandbox;
 use crate::store::{CheckpointRow, FsState, Store};
@@ -60,6 +61,14 @@ pub struct Daemon {
     layers_lock: tokio::sync::Mutex<()>,
     /// Wakes the background layer GC.
     gc_wanted: Arc<tokio::sync::Notify>,
+    /// Merged layers, for rewriting chains (mirrors the `merged_layers` table).
+    merges: std::sync::Mutex<MergeIndex>,
+    /// Layers a compaction in progress reads or writes: GC keeps them though nothing records them yet.
+    pins: std::sync::Mutex<HashSet<String>>,
+    /// Wakes the background compactor.
+    compact_wanted: Arc<tokio::sync::Notify>,
+    /// One compaction pass at a time.
+    compact_lock: tokio::sync::Mutex<()>,
 }
 
 fn now() -> i64 {
@@ -83,6 +92,9 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("worker: {e}")))
 }
 
+/// Layers kept free below overlayfs's limit before a checkpoint compacts synchronously.
+const COMPACT_MARGIN: usize = 8;
+
 /// Most sandboxes one fork call may create.
 pub const MAX_FORK: usize = 64;
 
@@ -99,6 +111,11 @@ impl Daemon {
             .map_err(|e| start_err("open database", e))?;
         let cgroups = CgroupManager::detect(&format!("deltabox/{}", config.instance_tag()))
             .map_err(|e| start_err("cgroups", e))?;
+        let merges = MergeIndex::new(
+            store
+                .merged_layers()
+                .map_err(|e| start_err("read merged layers", e))?,
+        );
         let images = ImageStore::new(
             config.store_dir().join("images"),
             zygote.host_root(),
@@ -113,6 +130,10 @@ impl Daemon {
             live: RwLock::new(HashMap::new()),
             layers_lock: Default::default(),
             gc_wanted: Default::default(),
+            merges: std::sync::Mutex::new(merges),
+            pins: Default::default(),
+            compact_wanted: Default::default(),
+            compact_lock: Default::default(),
         });
         d.recover();
         // Unreachable layers are deleted in the background, off every request's critical path; requests only
@@ -125,6 +146,18 @@ impl Daemon {
                 d.gc_layers().await;
             }
         });
+        // Long chains are compacted in the background too (a checkpoint waits only if a chain nears the limit).
+        let (weak, wanted) = (Arc::downgrade(&d), d.compact_wanted.clone());
+        tokio::spawn(async move {
+            loop {
+                wanted.notified().await;
+                let Some(d) = weak.upgrade() else { return };
+                if let Err(e) = d.compact().await {
+                    tracing::warn!("compaction: {}", e.message);
+                }
+            }
+        });
+        d.compact_wanted.notify_one();
         Ok(d)
     }
 
@@ -274,7 +307,7 @@ impl Daemon {
             sessions: 0,
             upper: Some(self.layer_dir(&fs.upper).join("diff").display().to_string()),
             head: fs.head.clone(),
-            depth: fs.chain.len(),
+            depth: self.depth(&fs.chain),
         };
         if let Err(e) = self
             .store
@@ -377,12 +410,38 @@ impl Daemon {
         });
     }
 
-    /// Deletes layer directories that no sandbox and no checkpoint uses.
+    /// Deletes layer directories that no sandbox and no checkpoint uses (merged layers included: also those a
+    /// sandbox's next checkpoint would use).
     async fn gc_layers(&self) {
         let _layers = self.layers_lock.lock().await;
-        let Ok(used) = self.store.referenced_layers() else {
+        let Ok(mut used) = self.store.referenced_layers() else {
             return;
         };
+        let Ok(sandboxes) = self.store.list() else {
+            return;
+        };
+        {
+            let Ok(mut merges) = self.merges.lock() else {
+                return;
+            };
+            for s in sandboxes {
+                if let Ok(Some(fs)) = self.store.fs_state(&s.id) {
+                    merges.rewrite_noting(&fs.chain, &mut used);
+                }
+            }
+            used.extend(self.pins.lock().map(|p| p.clone()).unwrap_or_default());
+            let dead: Vec<String> = merges
+                .ids()
+                .filter(|id| !used.contains(*id))
+                .cloned()
+                .collect();
+            if self.store.delete_merged(&dead).is_err() {
+                return;
+            }
+            for id in &dead {
+                merges.remove(id);
+            }
+        }
         let dir = self.config.store_dir().join("layers");
         let _ = blocking(move || {
             for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
@@ -394,6 +453,160 @@ impl Daemon {
         .await;
     }
 
+    /// `chain` with the runs merged layers cover replaced by them.
+    fn rewrite(&self, chain: &[String]) -> Result<Vec<String>, ApiError> {
+        Ok(self
+            .merges
+            .lock()
+            .map_err(|_| ApiError::internal("poisoned"))?
+            .rewrite(chain))
+    }
+
+    /// The chain a checkpoint of a sandbox on `fs` gets: its writable layer over its (compacted) chain.
+    fn next_chain(&self, fs: &FsState) -> Result<Vec<String>, ApiError> {
+        let mut chain = vec![fs.upper.clone()];
+        chain.extend(self.rewrite(&fs.chain)?);
+        Ok(chain)
+    }
+
+    /// A chain's depth in checkpoints.
+    fn depth(&self, chain: &[String]) -> usize {
+        self.merges
+            .lock()
+            .map(|m| m.depth(chain) as usize)
+            .unwrap_or(chain.len())
+    }
+
+    /// Merges runs of old layers of long chains (see [`crate::compaction`]) until no chain that needs it can be
+    /// shortened further; returns how many merged layers were built. Checkpoint chains are rewritten to use them;
+    /// running sandboxes keep their mounted chain and use the merged layers from their next generation on.
+    pub async fn compact(&self) -> Result<usize, ApiError> {
+        let _one = self.compact_lock.lock().await;
+        let (at, fanout) = (self.config.compact_at, self.config.compact_fanout);
+        let mut built = 0;
+        // Each round merges one level; a few rounds suffice for any chain.
+        for _round in 0..32 {
+            let plan = {
+                let _layers = self.layers_lock.lock().await;
+                let mut chains: Vec<Vec<String>> = self
+                    .store
+                    .long_chains(at)?
+                    .into_iter()
+                    .map(|(_, c)| c)
+                    .collect();
+                for s in self.store.list()? {
+                    if let Some(fs) = self.store.fs_state(&s.id)? {
+                        chains.push(fs.chain);
+                    }
+                }
+                let merges = self
+                    .merges
+                    .lock()
+                    .map_err(|_| ApiError::internal("poisoned"))?;
+                let mut todo: HashMap<Vec<String>, u64> = HashMap::new();
+                for c in chains {
+                    let c = merges.rewrite(&c);
+                    if c.len() < at {
+                        continue;
+                    }
+                    for (parts, span) in merges.next_merges(&c, fanout) {
+                        if merges.by_parts(&parts).is_none() {
+                            todo.insert(parts, span);
+                        }
+                    }
+                }
+                drop(merges);
+                let plan: Vec<MergedLayer> = todo
+                    .into_iter()
+                    .map(|(parts, span)| MergedLayer {
+                        id: random_id("m-"),
+                        parts,
+                        span,
+                    })
+                    .collect();
+                let mut pins = self.pins.lock().map_err(|_| ApiError::internal("poisoned"))?;
+                for m in &plan {
+                    pins.insert(m.id.clone());
+                    pins.extend(m.parts.iter().cloned());
+                }
+                plan
+            };
+            if plan.is_empty() {
+                break;
+            }
+            let result = self.build_merged(&plan).await;
+            let recorded = match result {
+                Ok(()) => self.record_merged(&plan, at).await,
+                Err(e) => Err(e),
+            };
+            if let Ok(mut pins) = self.pins.lock() {
+                for m in &plan {
+                    pins.remove(&m.id);
+                    for p in &m.parts {
+                        pins.remove(p);
+                    }
+                }
+            }
+            if let Err(e) = recorded {
+                for m in &plan {
+                    let _ = std::fs::remove_dir_all(self.layer_dir(&m.id));
+                }
+                return Err(e);
+            }
+            built += plan.len();
+            self.gc_wanted.notify_one();
+        }
+        Ok(built)
+    }
+
+    /// Writes the merged layers of `plan` (off the async runtime).
+    async fn build_merged(&self, plan: &[MergedLayer]) -> Result<(), ApiError> {
+        let jobs: Vec<(Vec<PathBuf>, PathBuf)> = plan
+            .iter()
+            .map(|m| {
+                (
+                    m.parts.iter().map(|p| self.layer_dir(p).join("diff")).collect(),
+                    self.layer_dir(&m.id).join("diff"),
+                )
+            })
+            .collect();
+        blocking(move || -> Result<(), ApiError> {
+            for (parts, out) in jobs {
+                std::fs::create_dir_all(&out)
+                    .map_err(|e| ApiError::internal(format!("create {}: {e}", out.display())))?;
+                deltabox_fs::compact::merge_layers(&parts, &out)
+                    .map_err(|e| ApiError::internal(format!("merge layers: {e}")))?;
+            }
+            Ok(())
+        })
+        .await?
+    }
+
+    /// Records built merged layers and rewrites the long checkpoint chains to use them, atomically.
+    async fn record_merged(&self, plan: &[MergedLayer], at: usize) -> Result<(), ApiError> {
+        let _layers = self.layers_lock.lock().await;
+        let mut merges = self
+            .merges
+            .lock()
+            .map_err(|_| ApiError::internal("poisoned"))?;
+        let mut next = merges.clone();
+        for m in plan {
+            next.insert(m.clone());
+        }
+        let rewritten: Vec<(String, Vec<String>)> = self
+            .store
+            .long_chains(at)?
+            .into_iter()
+            .filter_map(|(id, chain)| {
+                let new = next.rewrite(&chain);
+                (new != chain).then_some((id, new))
+            })
+            .collect();
+        self.store.record_merges(plan, &rewritten, now())?;
+        *merges = next;
+        Ok(())
+    }
+
     /// Checkpoints a running sandbox's files: its writable layer is frozen into the chain and the sandbox moves,
     /// processes and all, onto a new generation with a fresh writable layer. No data is copied.
     pub async fn checkpoint(&self, id: &str) -> Result<CheckpointInfo, ApiError> {
@@ -401,18 +614,31 @@ impl Daemon {
         let sb = self.live(id).await?;
         let _g = sb.lifecycle.lock().await;
         Self::check_running(&sb)?;
+        let fs_now = || -> Result<FsState, ApiError> {
+            Ok(sb
+                .fs
+                .lock()
+                .map_err(|_| ApiError::internal("poisoned"))?
+                .clone())
+        };
+        if self.next_chain(&fs_now()?)?.len() + fs_now()?.base.len() + COMPACT_MARGIN
+            > deltabox_fs::overlay::MAX_LOWER_LAYERS
+        {
+            // Checkpoints came faster than background compaction: compact now rather than fail.
+            if let Err(e) = self.compact().await {
+                tracing::warn!("compaction: {}", e.message);
+            }
+        }
         let _layers = self.layers_lock.lock().await;
-        let cur = sb
-            .fs
-            .lock()
-            .map_err(|_| ApiError::internal("poisoned"))?
-            .clone();
-        let mut chain = vec![cur.upper.clone()];
-        chain.extend(cur.chain.iter().cloned());
+        let cur = fs_now()?;
+        let chain = self.next_chain(&cur)?;
         if chain.len() + cur.base.len() > deltabox_fs::overlay::MAX_LOWER_LAYERS {
             return Err(ApiError::conflict(
                 "chain_too_deep",
-                format!("sandbox {id} is {} checkpoints deep: the layer limit is reached (compaction is not implemented yet)", chain.len() - 1),
+                format!(
+                    "sandbox {id}'s chain has {} layers and compaction could not shorten it (see the daemon log)",
+                    chain.len()
+                ),
             ));
         }
         let cid = random_id("c-");
@@ -455,12 +681,16 @@ impl Daemon {
             created_at: now(),
         };
         self.store.record_checkpoint(&row, &next)?;
+        if row.chain.len() >= self.config.compact_at {
+            self.compact_wanted.notify_one();
+        }
         Ok(CheckpointInfo {
             id: cid,
             sandbox_id: id.to_string(),
             parent: row.parent,
             created_at: row.created_at,
-            depth: row.chain.len(),
+            depth: self.depth(&row.chain),
+            layers: row.chain.len(),
             duration_ms: start.elapsed().as_secs_f64() * 1e3,
             switch: Some(report),
         })
@@ -499,7 +729,7 @@ impl Daemon {
         for _ in 0..n {
             let start = FsState {
                 upper: String::new(),
-                chain: ck.chain.clone(),
+                chain: self.rewrite(&ck.chain)?,
                 base: ck.base.clone(),
                 head: Some(cid.to_string()),
             };
@@ -613,7 +843,8 @@ impl Daemon {
             .checkpoints_of(id)?
             .into_iter()
             .map(|c| CheckpointInfo {
-                depth: c.chain.len(),
+                depth: self.depth(&c.chain),
+                layers: c.chain.len(),
                 id: c.id,
                 sandbox_id: c.sandbox_id,
                 parent: c.parent,
@@ -692,7 +923,7 @@ impl Daemon {
         let layers_guard = self.layers_lock.lock().await;
         let next = FsState {
             upper: self.new_layer()?,
-            chain: ck.chain.clone(),
+            chain: self.rewrite(&ck.chain)?,
             base: ck.base.clone(),
             head: Some(cid.to_string()),
         };
@@ -749,7 +980,7 @@ impl Daemon {
     async fn decorate(&self, mut info: SandboxInfo) -> SandboxInfo {
         if let Ok(Some(fs)) = self.store.fs_state(&info.id) {
             info.upper = Some(self.layer_dir(&fs.upper).join("diff").display().to_string());
-            info.depth = fs.chain.len();
+            info.depth = self.depth(&fs.chain);
             info.head = fs.head;
         }
         if let Some(s) = self.live.read().await.get(&info.id) {

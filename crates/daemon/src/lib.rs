@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod client;
+pub mod compaction;
 pub mod config;
 pub mod daemon;
 pub mod error;

@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::api::SandboxInfo;
+use crate::compaction::MergedLayer;
 
 /// The metadata store.
 #[derive(Debug)]
@@ -58,6 +59,24 @@ impl Store {
                     created_at INTEGER NOT NULL
                  );
                  PRAGMA user_version = 1;
+                 COMMIT;",
+            )?;
+        }
+        if version < 2 {
+            // Compaction: merged layers (each replaces a run of `parts`, topmost first, covering `span`
+            // checkpoints), and each checkpoint's chain length so that long chains are found without parsing all.
+            conn.execute_batch(
+                "BEGIN;
+                 CREATE TABLE IF NOT EXISTS merged_layers (
+                    id TEXT PRIMARY KEY,
+                    parts TEXT NOT NULL,
+                    span INTEGER NOT NULL,
+                    created_at INTEGER NOT NULL
+                 );
+                 ALTER TABLE checkpoints ADD COLUMN chain_len INTEGER NOT NULL DEFAULT 0;
+                 UPDATE checkpoints SET chain_len = json_array_length(chain);
+                 CREATE INDEX IF NOT EXISTS checkpoints_chain_len ON checkpoints(chain_len);
+                 PRAGMA user_version = 2;
                  COMMIT;",
             )?;
         }
@@ -227,8 +246,8 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
-            "INSERT INTO checkpoints (id, sandbox_id, parent, chain, base, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![c.id, c.sandbox_id, c.parent, json(&c.chain), json(&c.base), c.created_at],
+            "INSERT INTO checkpoints (id, sandbox_id, parent, chain, base, created_at, chain_len) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![c.id, c.sandbox_id, c.parent, json(&c.chain), json(&c.base), c.created_at, c.chain.len() as i64],
         )?;
         tx.execute(
             "UPDATE sandboxes SET upper = ?2, chain = ?3, base = ?4, head = ?5 WHERE id = ?1",
@@ -317,6 +336,68 @@ impl Store {
             out.extend(from_json::<Vec<String>>(chain?));
         }
         Ok(out)
+    }
+}
+
+impl Store {
+    /// Every merged layer.
+    pub fn merged_layers(&self) -> Result<Vec<MergedLayer>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, parts, span FROM merged_layers")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(MergedLayer {
+                id: r.get(0)?,
+                parts: from_json(r.get(1)?),
+                span: r.get::<_, i64>(2)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Checkpoints whose chains have at least `min_len` layers: (id, chain).
+    pub fn long_chains(&self, min_len: usize) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, chain FROM checkpoints WHERE chain_len >= ?1")?;
+        let rows = stmt.query_map(params![min_len as i64], |r| {
+            Ok((r.get::<_, String>(0)?, from_json(r.get(1)?)))
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Records merged layers and the checkpoint chains rewritten to use them, in one transaction.
+    pub fn record_merges(
+        &self,
+        merged: &[MergedLayer],
+        rewritten: &[(String, Vec<String>)],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for m in merged {
+            tx.execute(
+                "INSERT INTO merged_layers (id, parts, span, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![m.id, json(&m.parts), m.span as i64, now],
+            )?;
+        }
+        for (id, chain) in rewritten {
+            tx.execute(
+                "UPDATE checkpoints SET chain = ?2, chain_len = ?3 WHERE id = ?1",
+                params![id, json(chain), chain.len() as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Forgets merged layers (their directories are being deleted).
+    pub fn delete_merged(&self, ids: &[String]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for id in ids {
+            tx.execute("DELETE FROM merged_layers WHERE id = ?1", params![id])?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 }
 

@@ -7,6 +7,7 @@ mod common;
 mod bad_input;
 mod checkpoints;
 mod daemon_lifecycle;
+mod deep_chain;
 mod images;
 mod isolation;
 mod limits;

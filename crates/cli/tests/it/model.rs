@@ -358,7 +358,10 @@ fn random_operations_checkpoints_rollbacks_and_forks_match_the_model() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x5eed_1234_abcd);
-    let d = TestDaemon::start();
+    // Compaction at its most aggressive (merge pairs as soon as a chain has 4 layers), concurrently with
+    // everything else: every rollback and fork below then goes through merged layers, merges of merged layers,
+    // and chains rewritten while the sandbox runs.
+    let d = TestDaemon::start_with(&[("DELTABOX_COMPACT_AT", "4"), ("DELTABOX_COMPACT_FANOUT", "2")]);
     let id = d.create(&[]);
     let mut s = start_py(&d, &id);
     let mut rng = Rng(seed);
@@ -412,5 +415,16 @@ fn random_operations_checkpoints_rollbacks_and_forks_match_the_model() {
     }
     eprintln!("model test: {steps} steps: {ops} file operations, {cks} checkpoints, {rbs} rollbacks, {forks} forks");
     assert!(cks > 0 && rbs > 0 && forks > 0);
+    let listed = d.json(&["checkpoints", &id, "--json"]);
+    let compacted = listed
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter(|c| c["layers"].as_u64() < c["depth"].as_u64())
+        .count();
+    eprintln!("model test: {compacted} checkpoints on compacted chains");
+    if steps >= 500 {
+        assert!(compacted > 0, "no checkpoint chain was ever compacted");
+    }
     d.stop_and_check(&[id]);
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what DeltaBox needs on a Debian 12 machine and builds it. Idempotent: installs only what is missing.
-#   apt:       bubblewrap (the benchmark's baseline), xfsprogs (the layer store), python3, git, procps, util-linux
+#   apt:       bubblewrap and btrfs-progs (benchmark baselines), xfsprogs (the layer store), python3, git, procps,
+#              util-linux
 #   crates.io: cargo-nextest (the test runner: one process per test, needed for namespace work)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 missing=()
-for pair in bubblewrap:bwrap xfsprogs:mkfs.xfs python3:python3 git:git procps:ps util-linux:losetup; do
+for pair in bubblewrap:bwrap btrfs-progs:mkfs.btrfs xfsprogs:mkfs.xfs python3:python3 git:git procps:ps util-linux:losetup; do
     command -v "${pair#*:}" >/dev/null 2>&1 || missing+=("${pair%%:*}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -1,7 +1,7 @@
 //! `deltabox bench fs`: DeltaFS checkpoint and rollback latency against tree size and chain depth, with the
-//! copy-based baselines (`cp -a`, `cp -a --reflink=always` on the same XFS layer store) measured in the same
-//! run, and the slowdown of a git/python/pip workload inside DeltaFS against the same workload on the host.
-//! Prints numbers; asserts none.
+//! baselines measured in the same run (`cp -a` and `cp -a --reflink=always` on the same XFS layer store, btrfs
+//! snapshots on a btrfs loop image), and the slowdown of a git/python/pip workload inside DeltaFS against the
+//! same workload on the host. Prints numbers; asserts none.
 
 use std::path::Path;
 use std::process::Command;
@@ -34,9 +34,19 @@ async fn exec(c: &Client, id: &str, script: &str) -> Result<ExecResult> {
 }
 
 async fn checkpoint(c: &Client, id: &str) -> Result<(String, f64)> {
+    let (ck, ms) = checkpoint_info(c, id).await?;
+    Ok((ck.id, ms))
+}
+
+async fn checkpoint_info(c: &Client, id: &str) -> Result<(CheckpointInfo, f64)> {
     let t = Instant::now();
     let ck: CheckpointInfo = c.checkpoint(id).await?;
-    Ok((ck.id, t.elapsed().as_secs_f64() * 1e3))
+    Ok((ck, t.elapsed().as_secs_f64() * 1e3))
+}
+
+/// The filesystem part of a checkpoint: mounting the new generation and pivoting the sandbox onto it.
+fn fs_part_ms(ck: &CheckpointInfo) -> f64 {
+    ck.switch.as_ref().map_or(0.0, |s| s.mount_us as f64 / 1e3)
 }
 
 async fn rollback(c: &Client, id: &str, cid: &str) -> Result<f64> {
@@ -71,7 +81,12 @@ pub async fn fs(client: &Client, state_dir: &Path, quick: bool) -> Result<i32> {
     } else {
         &[1_000, 10_000, 100_000]
     };
-    let depths: &[usize] = if quick { &[1, 50] } else { &[1, 100, 400] };
+    let depths: &[usize] = if quick {
+        &[1, 100, 1_000]
+    } else {
+        &[1, 100, 1_000, 10_000]
+    };
+    let workload_depths: &[usize] = if quick { &[1, 100] } else { &[1, 100, 500] };
     let reps = if quick { 5 } else { 15 };
     let scratch = ScratchDir(state_dir.join("store/bench-scratch"));
     let _ = std::fs::remove_dir_all(&*scratch);
@@ -90,17 +105,25 @@ pub async fn fs(client: &Client, state_dir: &Path, quick: bool) -> Result<i32> {
         "\ncheckpoint / rollback against tree size (each checkpoint after touching one file):"
     );
     println!(
-        "{:>8} {:>22} {:>22} {:>14} {:>18}",
-        "files", "checkpoint med (p99)", "rollback med (p99)", "cp -a", "cp -a --reflink"
+        "{:>8} {:>22} {:>12} {:>22} {:>12} {:>18} {:>19}",
+        "files",
+        "checkpoint med (p99)",
+        "fs part med",
+        "rollback med (p99)",
+        "cp -a",
+        "cp -a --reflink",
+        "btrfs snap / rb med"
     );
     for &n in sizes {
         let sb: SandboxInfo = client.create(&create("4G")).await?;
         exec(client, &sb.id, &format!("{MAKE_TREE} {n} /work/tree")).await?;
         let (base, _) = checkpoint(client, &sb.id).await?;
-        let mut cks = Vec::new();
+        let (mut cks, mut fs_parts) = (Vec::new(), Vec::new());
         for i in 0..reps {
             exec(client, &sb.id, &format!("touch /work/tree/0/0/touched{i}")).await?;
-            cks.push(checkpoint(client, &sb.id).await?.1);
+            let (ck, ms) = checkpoint_info(client, &sb.id).await?;
+            cks.push(ms);
+            fs_parts.push(fs_part_ms(&ck));
         }
         let mut rbs = Vec::new();
         for _ in 0..reps.min(8) {
@@ -127,64 +150,91 @@ pub async fn fs(client: &Client, state_dir: &Path, quick: bool) -> Result<i32> {
                 .arg(scratch.join(format!("rl{n}"))),
         );
         let (cm, cp99) = stats(cks);
+        let (fm, _) = stats(fs_parts);
         let (rm, rp99) = stats(rbs);
         let rl = rl
             .map(|v| format!("{v:.1} ms"))
             .unwrap_or_else(|_| "n/a".into());
+        let btrfs = match btrfs_snapshots(n, reps) {
+            Ok((s, r)) => format!("{s:.2} / {r:.2} ms"),
+            Err(e) => {
+                eprintln!("btrfs baseline not measured: {e:#}");
+                "n/a".into()
+            }
+        };
         println!(
-            "{n:>8} {:>22} {:>22} {:>14} {:>18}",
+            "{n:>8} {:>22} {:>12} {:>22} {:>12} {:>18} {:>19}",
             format!("{cm:.2} ms ({cp99:.2})"),
+            format!("{fm:.2} ms"),
             format!("{rm:.2} ms ({rp99:.2})"),
             format!("{cp:.1} ms"),
-            rl
+            rl,
+            btrfs
         );
     }
     drop(scratch);
 
-    println!("\ncheckpoint / rollback against chain depth (1k-file tree):");
+    println!("\ncheckpoint / rollback against chain depth (1k-file tree; a file changed before every checkpoint;");
+    println!("old layers merged in the background, so a chain's overlay layers stay few however deep it is):");
     println!(
-        "{:>8} {:>22} {:>22}",
-        "depth", "checkpoint med (p99)", "rollback med (p99)"
+        "{:>8} {:>7} {:>22} {:>12} {:>22} {:>16}",
+        "depth",
+        "layers",
+        "checkpoint med (p99)",
+        "fs part med",
+        "rollback med (p99)",
+        "time to build"
     );
     let sb: SandboxInfo = client.create(&create("2G")).await?;
     exec(client, &sb.id, &format!("{MAKE_TREE} 1000 /work/tree")).await?;
     let mut depth = 0;
+    let built = Instant::now();
     for &target in depths {
         while depth + 1 < target {
-            exec(client, &sb.id, &format!("echo {depth} > /work/tree/0/0/d")).await?;
+            if depth % 10 == 0 {
+                exec(client, &sb.id, &format!("echo {depth} > /work/tree/0/0/d")).await?;
+            }
             checkpoint(client, &sb.id).await?;
             depth += 1;
         }
-        let mut cks = Vec::new();
-        let mut last = String::new();
+        let build_s = built.elapsed().as_secs_f64();
+        let (mut cks, mut fs_parts) = (Vec::new(), Vec::new());
+        let mut last = None;
         for _ in 0..reps {
-            let (c, ms) = checkpoint(client, &sb.id).await?;
+            let (ck, ms) = checkpoint_info(client, &sb.id).await?;
             cks.push(ms);
-            last = c;
+            fs_parts.push(fs_part_ms(&ck));
+            last = Some(ck);
         }
         depth += reps;
+        let last = last.context("no checkpoint")?;
         let mut rbs = Vec::new();
         for _ in 0..reps.min(5) {
-            rbs.push(rollback(client, &sb.id, &last).await?);
+            rbs.push(rollback(client, &sb.id, &last.id).await?);
         }
         let (cm, cp99) = stats(cks);
+        let (fm, _) = stats(fs_parts);
         let (rm, rp99) = stats(rbs);
         println!(
-            "{target:>8} {:>22} {:>22}",
+            "{:>8} {:>7} {:>22} {:>12} {:>22} {:>16}",
+            target,
+            last.layers,
             format!("{cm:.2} ms ({cp99:.2})"),
-            format!("{rm:.2} ms ({rp99:.2})")
+            format!("{fm:.2} ms"),
+            format!("{rm:.2} ms ({rp99:.2})"),
+            format!("{build_s:.1} s total")
         );
     }
     client.remove(&sb.id).await?;
-    println!("(depths beyond ~490 need layer compaction, which is not implemented yet)");
 
     println!("\nworkload (git over 300 files, compileall, venv + local pip install), seconds, interleaved rounds:");
     let rounds = if quick { 2 } else { 4 };
     let native_dir = tempfile_dir()?;
     let mut native = Vec::new();
-    let mut in_box: Vec<(usize, Vec<f64>)> = depths.iter().map(|&d| (d, Vec::new())).collect();
+    let mut in_box: Vec<(usize, Vec<f64>)> =
+        workload_depths.iter().map(|&d| (d, Vec::new())).collect();
     let mut boxes = Vec::new();
-    for &d in depths {
+    for &d in workload_depths {
         let sb: SandboxInfo = client.create(&create("2G")).await?;
         for i in 0..d.saturating_sub(1) {
             exec(
@@ -241,7 +291,6 @@ pub async fn fs(client: &Client, state_dir: &Path, quick: bool) -> Result<i32> {
             Err(e) => println!("{fs:>8}: not measured ({e:#})"),
         }
     }
-    println!("\nnot measured yet: btrfs snapshots (no btrfs store here), depths of 1,000 and 10,000 (need compaction)");
     Ok(0)
 }
 
@@ -269,6 +318,76 @@ fn tempfile_dir() -> Result<ScratchDir> {
     let d = std::env::temp_dir().join(format!("deltabox-bench-native-{}", std::process::id()));
     std::fs::create_dir_all(&d)?;
     Ok(ScratchDir(d))
+}
+
+/// The btrfs baseline on a fresh btrfs loop image: the same tree in a subvolume; checkpoint = read-only snapshot
+/// after touching one file, rollback = a writable snapshot of the checkpoint (the new working copy; deleting the
+/// old one, which btrfs does slowly in the background, is not counted). Medians in ms.
+fn btrfs_snapshots(n: usize, reps: usize) -> Result<(f64, f64)> {
+    use std::os::fd::AsFd;
+    let dir = std::env::temp_dir().join(format!("deltabox-btrfs-{}", std::process::id()));
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt)?;
+    let img = dir.join("img");
+    std::fs::File::create(&img)?.set_len(4 << 30)?;
+    let result = (|| -> Result<(f64, f64)> {
+        let out = Command::new("mkfs.btrfs")
+            .args(["-q", "-f"])
+            .arg(&img)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "mkfs.btrfs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(
+            Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&mnt)
+                .status()?
+                .success(),
+            "mount btrfs"
+        );
+        let out = Command::new("btrfs")
+            .args(["-q", "subvolume", "create"])
+            .arg(mnt.join("work"))
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "btrfs subvolume create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let st = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "{MAKE_TREE} {n} {}",
+                mnt.join("work/tree").display()
+            ))
+            .status()?;
+        ensure!(st.success(), "making the btrfs tree failed");
+        let parent = std::fs::File::open(&mnt)?;
+        let (mut snaps, mut rbs) = (Vec::new(), Vec::new());
+        for i in 0..reps {
+            std::fs::write(mnt.join(format!("work/tree/0/0/touched{i}")), b"")?;
+            let work = std::fs::File::open(mnt.join("work"))?;
+            let name = std::ffi::CString::new(format!("ck{i}"))?;
+            let t = Instant::now();
+            deltabox_sys::btrfs::snapshot(work.as_fd(), parent.as_fd(), &name, true)?;
+            snaps.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        for i in 0..reps.min(8) {
+            let ck = std::fs::File::open(mnt.join("ck0"))?;
+            let name = std::ffi::CString::new(format!("rb{i}"))?;
+            let t = Instant::now();
+            deltabox_sys::btrfs::snapshot(ck.as_fd(), parent.as_fd(), &name, false)?;
+            rbs.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok((stats(snaps).0, stats(rbs).0))
+    })();
+    let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 /// Times the copy-up of a `mb` MiB file from a lower layer on a fresh `fs` filesystem (a loop image): the cost the

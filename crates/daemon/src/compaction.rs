@@ -218,7 +218,11 @@ mod tests {
         // b shares l1..l20 with a: the level-1 merges of l1..l16 and l17..l20 are reused, not rebuilt.
         assert_eq!(ix.depth(&cb), 22);
         assert_eq!(ix.depth(&ca), 40);
-        assert!(ix.by_id.len() - before <= 1, "{} new merges", ix.by_id.len() - before);
+        assert!(
+            ix.by_id.len() - before <= 1,
+            "{} new merges",
+            ix.by_id.len() - before
+        );
         assert_eq!(ca.last(), cb.last());
     }
 

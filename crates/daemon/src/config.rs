@@ -52,7 +52,8 @@ impl Config {
             tcp: None,
             token: None,
             compact_at: env_usize("DELTABOX_COMPACT_AT", DEFAULT_COMPACT_AT).clamp(2, 400),
-            compact_fanout: env_usize("DELTABOX_COMPACT_FANOUT", DEFAULT_COMPACT_FANOUT).clamp(2, 64),
+            compact_fanout: env_usize("DELTABOX_COMPACT_FANOUT", DEFAULT_COMPACT_FANOUT)
+                .clamp(2, 64),
         }
     }
 

@@ -1,6 +1,6 @@
 //! The daemon's operations on sandboxes, independent of HTTP.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -64,7 +64,7 @@ pub struct Daemon {
     /// Merged layers, for rewriting chains (mirrors the `merged_layers` table).
     merges: std::sync::Mutex<MergeIndex>,
     /// Layers a compaction in progress reads or writes: GC keeps them though nothing records them yet.
-    pins: std::sync::Mutex<HashSet<String>>,
+    pins: std::sync::Mutex<HashMap<String, usize>>,
     /// Wakes the background compactor.
     compact_wanted: Arc<tokio::sync::Notify>,
     /// One compaction pass at a time.
@@ -285,7 +285,10 @@ impl Daemon {
         prepared.map_err(|e| ApiError::internal(format!("prepare sandbox directory: {e}")))?;
         let cgroup = self.cgroups.create(&id, &limits)?;
         undo.cgroup = Some(cgroup.clone());
-        let fs = FsState { upper, ..start };
+        let mut fs = FsState { upper, ..start };
+        if let Some(cid) = fs.head.clone() {
+            fs.chain = self.current_chain(&cid)?;
+        }
         let sb = self
             .start_init(&id, &hostname, network, &fs, cgroup, image.config.clone())
             .await?;
@@ -429,7 +432,9 @@ impl Daemon {
                     merges.rewrite_noting(&fs.chain, &mut used);
                 }
             }
-            used.extend(self.pins.lock().map(|p| p.clone()).unwrap_or_default());
+            if let Ok(pins) = self.pins.lock() {
+                used.extend(pins.keys().cloned());
+            }
             let dead: Vec<String> = merges
                 .ids()
                 .filter(|id| !used.contains(*id))
@@ -451,6 +456,38 @@ impl Daemon {
             }
         })
         .await;
+    }
+
+    /// Keeps `layers` from GC until unpinned (call with `layers_lock` held, or on layers already protected).
+    fn pin<'a>(&self, layers: impl IntoIterator<Item = &'a String>) {
+        if let Ok(mut pins) = self.pins.lock() {
+            for l in layers {
+                *pins.entry(l.clone()).or_default() += 1;
+            }
+        }
+    }
+
+    /// Undoes one [`Daemon::pin`] of `layers`.
+    fn unpin<'a>(&self, layers: impl IntoIterator<Item = &'a String>) {
+        if let Ok(mut pins) = self.pins.lock() {
+            for l in layers {
+                if let Some(n) = pins.get_mut(l) {
+                    *n -= 1;
+                    if *n == 0 {
+                        pins.remove(l);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A checkpoint's chain as recorded now, compacted (call with `layers_lock` held: compaction may have rewritten
+    /// it, and GC may have freed the layers of an older reading, since the caller last looked).
+    fn current_chain(&self, cid: &str) -> Result<Vec<String>, ApiError> {
+        let ck = self.store.checkpoint(cid)?.ok_or_else(|| {
+            ApiError::not_found(format!("checkpoint {cid} was deleted meanwhile"))
+        })?;
+        self.rewrite(&ck.chain)
     }
 
     /// `chain` with the runs merged layers cover replaced by them.
@@ -524,10 +561,8 @@ impl Daemon {
                         span,
                     })
                     .collect();
-                let mut pins = self.pins.lock().map_err(|_| ApiError::internal("poisoned"))?;
                 for m in &plan {
-                    pins.insert(m.id.clone());
-                    pins.extend(m.parts.iter().cloned());
+                    self.pin(std::iter::once(&m.id).chain(&m.parts));
                 }
                 plan
             };
@@ -539,13 +574,8 @@ impl Daemon {
                 Ok(()) => self.record_merged(&plan, at).await,
                 Err(e) => Err(e),
             };
-            if let Ok(mut pins) = self.pins.lock() {
-                for m in &plan {
-                    pins.remove(&m.id);
-                    for p in &m.parts {
-                        pins.remove(p);
-                    }
-                }
+            for m in &plan {
+                self.unpin(std::iter::once(&m.id).chain(&m.parts));
             }
             if let Err(e) = recorded {
                 for m in &plan {
@@ -565,7 +595,10 @@ impl Daemon {
             .iter()
             .map(|m| {
                 (
-                    m.parts.iter().map(|p| self.layer_dir(p).join("diff")).collect(),
+                    m.parts
+                        .iter()
+                        .map(|p| self.layer_dir(p).join("diff"))
+                        .collect(),
                     self.layer_dir(&m.id).join("diff"),
                 )
             })
@@ -800,7 +833,25 @@ impl Daemon {
             }
             .ok_or_else(|| ApiError::not_found(format!("no checkpoint {c:?}")))
         };
-        let (ca, cb) = (get(a)?, get(b)?);
+        // Read and pin both chains together: GC must not free their layers while the diff reads them.
+        let (ca, cb) = {
+            let _layers = self.layers_lock.lock().await;
+            let (ca, cb) = (get(a)?, get(b)?);
+            self.pin(ca.chain.iter().chain(&cb.chain));
+            (ca, cb)
+        };
+        let result = self.diff_chains(a, b, &ca, &cb).await;
+        self.unpin(ca.chain.iter().chain(&cb.chain));
+        result
+    }
+
+    async fn diff_chains(
+        &self,
+        a: &str,
+        b: &str,
+        ca: &CheckpointRow,
+        cb: &CheckpointRow,
+    ) -> Result<deltabox_runtime::diff::DiffResult, ApiError> {
         if ca.base != cb.base {
             return Err(ApiError::conflict(
                 "different_base",
@@ -827,8 +878,8 @@ impl Daemon {
                 .collect()
         };
         let spec = deltabox_runtime::diff::DiffSpec {
-            a: lowers(&ca),
-            b: lowers(&cb),
+            a: lowers(ca),
+            b: lowers(cb),
             unique,
         };
         let zygote = self.zygote.clone();
@@ -921,9 +972,20 @@ impl Daemon {
             }
         };
         let layers_guard = self.layers_lock.lock().await;
+        let chain = match self.current_chain(cid) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = self.store.set_status(
+                    id,
+                    "exited",
+                    Some(&format!("rollback to {cid} failed: {}", e.message)),
+                );
+                return Err(e);
+            }
+        };
         let next = FsState {
             upper: self.new_layer()?,
-            chain: self.rewrite(&ck.chain)?,
+            chain,
             base: ck.base.clone(),
             head: Some(cid.to_string()),
         };

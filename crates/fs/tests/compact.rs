@@ -260,7 +260,7 @@ fn check_seed(seed: u64) {
         ("bottom run", [&layers[..8], &[a.clone()][..]].concat()),
         (
             "middle run",
-            [&layers[..4], &[b.clone()], &layers[8..]].concat(),
+            [&layers[..4], std::slice::from_ref(&b), &layers[8..]].concat(),
         ),
         (
             "two merged",

@@ -3,6 +3,7 @@
 //! This is the only DeltaBox crate with non-trivial `unsafe`: everything here is a small, safe wrapper whose
 //! soundness argument sits next to the call. Higher crates build policy on top and never call `libc` for these.
 
+pub mod btrfs;
 pub mod caps;
 pub mod clone;
 pub mod fdpass;

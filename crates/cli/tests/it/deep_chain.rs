@@ -11,7 +11,10 @@ fn ten_thousand_checkpoints_deep_restore_exactly() {
         .unwrap_or(10_000);
     let d = TestDaemon::start();
     let id = d.create(&[]);
-    let (code, _, err) = d.sh(&id, "mkdir -p /work/dir0 && echo 0 > /work/n && echo keep > /work/dir0/f");
+    let (code, _, err) = d.sh(
+        &id,
+        "mkdir -p /work/dir0 && echo 0 > /work/n && echo keep > /work/dir0/f",
+    );
     assert_eq!(code, 0, "{err}");
     // (checkpoint number, id, expected /work/n, expected directory name)
     let mut marks: Vec<(usize, String, usize, usize)> = Vec::new();
@@ -37,12 +40,19 @@ fn ten_thousand_checkpoints_deep_restore_exactly() {
     assert_eq!(list.len(), n);
     let last = &list[n - 1];
     assert_eq!(last["depth"].as_u64(), Some(n as u64));
-    let most_layers = list.iter().filter_map(|c| c["layers"].as_u64()).max().unwrap();
+    let most_layers = list
+        .iter()
+        .filter_map(|c| c["layers"].as_u64())
+        .max()
+        .unwrap();
     eprintln!(
         "deep chain: {n} checkpoints; the last has {} layers; the longest chain {most_layers}",
         last["layers"]
     );
-    assert!(most_layers < 200, "chains stayed long: {most_layers} layers");
+    assert!(
+        most_layers < 200,
+        "chains stayed long: {most_layers} layers"
+    );
     for (i, c, value, dir) in &marks {
         d.ok(&["rollback", &id, c]);
         let (code, out, err) = d.sh(&id, &format!("cat /work/n /work/dir{dir}/f && ls /work"));

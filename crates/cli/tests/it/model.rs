@@ -361,7 +361,10 @@ fn random_operations_checkpoints_rollbacks_and_forks_match_the_model() {
     // Compaction at its most aggressive (merge pairs as soon as a chain has 4 layers), concurrently with
     // everything else: every rollback and fork below then goes through merged layers, merges of merged layers,
     // and chains rewritten while the sandbox runs.
-    let d = TestDaemon::start_with(&[("DELTABOX_COMPACT_AT", "4"), ("DELTABOX_COMPACT_FANOUT", "2")]);
+    let d = TestDaemon::start_with(&[
+        ("DELTABOX_COMPACT_AT", "4"),
+        ("DELTABOX_COMPACT_FANOUT", "2"),
+    ]);
     let id = d.create(&[]);
     let mut s = start_py(&d, &id);
     let mut rng = Rng(seed);

@@ -61,6 +61,8 @@ pub struct Daemon {
     layers_lock: tokio::sync::Mutex<()>,
     /// Wakes the background layer GC.
     gc_wanted: Arc<tokio::sync::Notify>,
+    /// Layers that may have lost their last user, for the GC to check.
+    gc_candidates: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Merged layers, for rewriting chains (mirrors the `merged_layers` table).
     merges: std::sync::Mutex<MergeIndex>,
     /// Layers a compaction in progress reads or writes: GC keeps them though nothing records them yet.
@@ -130,6 +132,7 @@ impl Daemon {
             live: RwLock::new(HashMap::new()),
             layers_lock: Default::default(),
             gc_wanted: Default::default(),
+            gc_candidates: Default::default(),
             merges: std::sync::Mutex::new(merges),
             pins: Default::default(),
             compact_wanted: Default::default(),
@@ -175,17 +178,10 @@ impl Daemon {
                 );
             }
         }
-        // Layers created but never recorded (the daemon died mid-checkpoint or mid-create) are leftovers too.
-        if let Ok(used) = self.store.referenced_layers() {
-            for e in std::fs::read_dir(self.config.store_dir().join("layers"))
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                if !used.contains(e.file_name().to_string_lossy().as_ref()) {
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
-            }
+        // Layers created but never recorded (the daemon died mid-checkpoint, mid-create or mid-compaction) are
+        // leftovers too.
+        for dir in self.unused_layers(None).unwrap_or_default() {
+            let _ = std::fs::remove_dir_all(dir);
         }
         // Nothing runs yet, so every cgroup under our parent is a leftover.
         for name in self.cgroups.list() {
@@ -413,49 +409,93 @@ impl Daemon {
         });
     }
 
-    /// Deletes layer directories that no sandbox and no checkpoint uses (merged layers included: also those a
-    /// sandbox's next checkpoint would use).
+    /// Deletes the candidate layers (see [`Daemon::gc_later`]) that nothing uses any more, merged layers included.
     async fn gc_layers(&self) {
         let _layers = self.layers_lock.lock().await;
-        let Ok(mut used) = self.store.referenced_layers() else {
-            return;
+        let candidates: Vec<String> = match self.gc_candidates.lock() {
+            Ok(mut c) => c.drain().collect(),
+            Err(_) => return,
         };
-        let Ok(sandboxes) = self.store.list() else {
+        if candidates.is_empty() {
             return;
-        };
-        {
-            let Ok(mut merges) = self.merges.lock() else {
-                return;
-            };
-            for s in sandboxes {
-                if let Ok(Some(fs)) = self.store.fs_state(&s.id) {
-                    merges.rewrite_noting(&fs.chain, &mut used);
-                }
-            }
-            if let Ok(pins) = self.pins.lock() {
-                used.extend(pins.keys().cloned());
-            }
-            let dead: Vec<String> = merges
-                .ids()
-                .filter(|id| !used.contains(*id))
-                .cloned()
-                .collect();
-            if self.store.delete_merged(&dead).is_err() {
-                return;
-            }
-            for id in &dead {
-                merges.remove(id);
-            }
         }
-        let dir = self.config.store_dir().join("layers");
+        let t = std::time::Instant::now();
+        let Ok(dead) = self.unused_layers(Some(candidates)) else {
+            return;
+        };
+        tracing::debug!(
+            "layer gc: {} unused layers found in {:.2} ms",
+            dead.len(),
+            t.elapsed().as_secs_f64() * 1e3
+        );
         let _ = blocking(move || {
-            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                if !used.contains(e.file_name().to_string_lossy().as_ref()) {
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
+            for dir in dead {
+                let _ = std::fs::remove_dir_all(dir);
             }
         })
         .await;
+    }
+
+    /// Queues layers that may have lost their last user for the background GC.
+    fn gc_later(&self, layers: impl IntoIterator<Item = String>) {
+        if let Ok(mut c) = self.gc_candidates.lock() {
+            c.extend(layers);
+        }
+        self.gc_wanted.notify_one();
+    }
+
+    /// The layers a sandbox on `fs` holds: its writable layer, its mounted chain, and the merged layers its next
+    /// checkpoint would use (GC candidates once it leaves them).
+    fn held_by(&self, fs: &FsState) -> Vec<String> {
+        let mut used = std::collections::HashSet::new();
+        if let Ok(m) = self.merges.lock() {
+            m.rewrite_noting(&fs.chain, &mut used);
+        }
+        used.into_iter()
+            .chain(fs.chain.iter().cloned())
+            .chain(std::iter::once(fs.upper.clone()))
+            .collect()
+    }
+
+    /// The directories of layers nothing needs, among `candidates` (every layer directory if `None`): not a
+    /// sandbox's (mounted, or compacted for its next checkpoint), not a checkpoint's, not pinned. Merged layers
+    /// among them are forgotten at once. Call with `layers_lock` held (or before anything else runs).
+    fn unused_layers(&self, candidates: Option<Vec<String>>) -> Result<Vec<PathBuf>, ApiError> {
+        let mut used = self.store.sandbox_layers()?;
+        let sandboxes = self.store.list()?;
+        let mut merges = self
+            .merges
+            .lock()
+            .map_err(|_| ApiError::internal("poisoned"))?;
+        for s in sandboxes {
+            if let Some(fs) = self.store.fs_state(&s.id)? {
+                merges.rewrite_noting(&fs.chain, &mut used);
+            }
+        }
+        if let Ok(pins) = self.pins.lock() {
+            used.extend(pins.keys().cloned());
+        }
+        let unused = |l: &str| !used.contains(l) && !self.store.checkpoint_uses(l);
+        let dead_merged: Vec<String> = merges.ids().filter(|id| unused(id)).cloned().collect();
+        self.store.delete_merged(&dead_merged)?;
+        for id in &dead_merged {
+            merges.remove(id);
+        }
+        let layers = self.config.store_dir().join("layers");
+        let names: Vec<String> = match candidates {
+            Some(c) => c,
+            None => std::fs::read_dir(&layers)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+        };
+        Ok(names
+            .into_iter()
+            .filter(|l| !l.is_empty() && valid_id(l) && unused(l))
+            .map(|l| layers.join(l))
+            .collect())
     }
 
     /// Keeps `layers` from GC until unpinned (call with `layers_lock` held, or on layers already protected).
@@ -577,14 +617,16 @@ impl Daemon {
             for m in &plan {
                 self.unpin(std::iter::once(&m.id).chain(&m.parts));
             }
-            if let Err(e) = recorded {
-                for m in &plan {
-                    let _ = std::fs::remove_dir_all(self.layer_dir(&m.id));
+            match recorded {
+                Ok(orphans) => self.gc_later(orphans),
+                Err(e) => {
+                    for m in &plan {
+                        let _ = std::fs::remove_dir_all(self.layer_dir(&m.id));
+                    }
+                    return Err(e);
                 }
-                return Err(e);
             }
             built += plan.len();
-            self.gc_wanted.notify_one();
         }
         Ok(built)
     }
@@ -616,7 +658,11 @@ impl Daemon {
     }
 
     /// Records built merged layers and rewrites the long checkpoint chains to use them, atomically.
-    async fn record_merged(&self, plan: &[MergedLayer], at: usize) -> Result<(), ApiError> {
+    async fn record_merged(
+        &self,
+        plan: &[MergedLayer],
+        at: usize,
+    ) -> Result<Vec<String>, ApiError> {
         let _layers = self.layers_lock.lock().await;
         let mut merges = self
             .merges
@@ -635,9 +681,9 @@ impl Daemon {
                 (new != chain).then_some((id, new))
             })
             .collect();
-        self.store.record_merges(plan, &rewritten, now())?;
+        let orphans = self.store.record_merges(plan, &rewritten, now())?;
         *merges = next;
-        Ok(())
+        Ok(orphans)
     }
 
     /// Checkpoints a running sandbox's files: its writable layer is frozen into the chain and the sandbox moves,
@@ -714,6 +760,16 @@ impl Daemon {
             created_at: now(),
         };
         self.store.record_checkpoint(&row, &next)?;
+        // Layers its mounted chain had that the compacted one replaced.
+        let replaced: Vec<String> = cur
+            .chain
+            .iter()
+            .filter(|l| !row.chain.contains(l))
+            .cloned()
+            .collect();
+        if !replaced.is_empty() {
+            self.gc_later(replaced);
+        }
         if row.chain.len() >= self.config.compact_at {
             self.compact_wanted.notify_one();
         }
@@ -813,8 +869,8 @@ impl Daemon {
                 format!("checkpoint {cid} is needed by {}", needed_by.join(", ")),
             ));
         }
-        self.store.delete_checkpoint(cid)?;
-        self.gc_wanted.notify_one();
+        let orphans = self.store.delete_checkpoint(cid)?;
+        self.gc_later(orphans);
         Ok(())
     }
 
@@ -1004,12 +1060,15 @@ impl Daemon {
                 return Err(e);
             }
         };
+        let left = self.store.fs_state(id)?;
         self.store.set_fs_state(id, &next)?;
         self.store.set_status(id, "running", None)?;
         drop(layers_guard);
         self.register(sb).await;
-        // The writable layer it left is no longer used by anything.
-        self.gc_wanted.notify_one();
+        // The writable layer (and chain) it left may be used by nothing now.
+        if let Some(left) = left {
+            self.gc_later(self.held_by(&left));
+        }
         Ok(RollbackInfo {
             sandbox_id: id.to_string(),
             checkpoint: cid.to_string(),
@@ -1098,10 +1157,14 @@ impl Daemon {
             // Wait (briefly) for init's socket to close so the sandbox is really gone when we answer.
             let _ = tokio::time::timeout(Duration::from_secs(5), sb.handle.closed()).await;
         }
-        self.store.delete_checkpoints_of(id)?;
+        let left = self.store.fs_state(id)?;
+        let orphans = self.store.delete_checkpoints_of(id)?;
         self.store.delete(id)?;
-        // Its writable layer and the layers only its checkpoints used.
-        self.gc_wanted.notify_one();
+        // Its writable layer and the layers only it and its checkpoints used.
+        self.gc_later(orphans);
+        if let Some(left) = left {
+            self.gc_later(self.held_by(&left));
+        }
         Ok(())
     }
 

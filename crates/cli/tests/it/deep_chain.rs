@@ -70,3 +70,49 @@ fn ten_thousand_checkpoints_deep_restore_exactly() {
     assert_eq!(out, format!("{value}\nkeep\n"), "fork of checkpoint #{i}");
     d.stop_and_check(&[id, fork]);
 }
+
+#[test]
+fn compacted_chains_survive_a_daemon_restart() {
+    let mut d = TestDaemon::start_with(&[
+        ("DELTABOX_COMPACT_AT", "4"),
+        ("DELTABOX_COMPACT_FANOUT", "2"),
+    ]);
+    let id = d.create(&[]);
+    let mut cks = Vec::new();
+    for i in 0..24 {
+        let (code, _, err) = d.sh(&id, &format!("mkdir -p /work/d{i} && echo {i} > /work/n"));
+        assert_eq!(code, 0, "{err}");
+        cks.push(d.ok(&["checkpoint", &id]).trim().to_string());
+    }
+    let compacted = |d: &TestDaemon| {
+        d.json(&["checkpoints", &id, "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["layers"].as_u64() < c["depth"].as_u64())
+            .count()
+    };
+    eventually("background compaction", || compacted(&d) >= 16);
+    // The daemon dies (its sandbox with it) and comes back: merged layers and rewritten chains are durable, and
+    // the start-up sweep keeps every layer something still needs.
+    d.kill9();
+    d.spawn();
+    for (i, c) in cks.iter().enumerate().step_by(5).chain([(23, &cks[23])]) {
+        d.ok(&["rollback", &id, c]);
+        let (code, out, err) = d.sh(&id, "cat /work/n; ls /work | grep -c '^d'");
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(
+            out,
+            format!("{i}\n{}\n", i + 1),
+            "rollback to checkpoint #{i} after restart"
+        );
+    }
+    // And it goes on checkpointing on top of the compacted chain.
+    let (code, _, _) = d.sh(&id, "echo more > /work/n");
+    assert_eq!(code, 0);
+    let c = d.ok(&["checkpoint", &id]).trim().to_string();
+    d.ok(&["rollback", &id, &cks[3]]);
+    d.ok(&["rollback", &id, &c]);
+    assert_eq!(d.sh(&id, "cat /work/n").1, "more\n");
+    d.stop_and_check(&[id]);
+}

@@ -102,10 +102,21 @@ fn switch_frozen(spec: &SwitchSpec, rep: &mut SwitchReport) -> Result<(), String
     let t = Instant::now();
     let old = procfs::mnt_id(Path::new(&format!("/proc/{}/root", spec.init_pid)))
         .map_err(|e| format!("sandbox root: {e}"))?;
+    let mnt_ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    let sandbox_ns = mnt_ns(spec.init_pid).ok_or("sandbox init is gone")?;
     let pids = spec.cgroup.pids();
     rep.processes = pids.len();
     let mut plans = Vec::new();
     for pid in pids {
+        // pivot_root moves only the sandbox's own mount namespace: a process in a nested one would keep writing
+        // into the layer being frozen.
+        if mnt_ns(pid).is_some_and(|ns| ns != sandbox_ns) {
+            return Err(format!(
+                "process {pid} ({}) is in a mount namespace of its own (unshare -m): DeltaFS cannot move it to the \
+                 new generation",
+                comm(pid)
+            ));
+        }
         match scan(pid, old) {
             Ok(Some(p)) => plans.push(p),
             Ok(None) => {}

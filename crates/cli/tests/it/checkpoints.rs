@@ -157,6 +157,21 @@ fn unsafe_descriptors_refuse_the_checkpoint_and_change_nothing() {
         3,
         "two frozen layers and the writable one; refused attempts left nothing"
     );
+    // A process in a mount namespace of its own would keep writing into the frozen layer: refused, named.
+    run(
+        &d,
+        &id,
+        &s,
+        "unshare -m --propagation unchanged sleep 600 >/dev/null 2>&1 & sleep 0.3",
+    );
+    let out = d.cli(&["checkpoint", &id]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("mount namespace of its own") && err.contains("(sleep)"),
+        "{err}"
+    );
+    run(&d, &id, &s, "kill %1; wait");
+    d.ok(&["checkpoint", &id]);
     d.stop_and_check(&[id]);
 }
 

@@ -174,8 +174,9 @@ pub async fn fs(client: &Client, state_dir: &Path, quick: bool) -> Result<i32> {
     }
     drop(scratch);
 
-    println!("\ncheckpoint / rollback against chain depth (1k-file tree; a file changed before every checkpoint;");
-    println!("old layers merged in the background, so a chain's overlay layers stay few however deep it is):");
+    println!("\ncheckpoint / rollback against chain depth (1k-file tree; a file changed every 10th checkpoint while the");
+    println!("chain is built; old layers merged in the background, so a chain's overlay layers stay few however deep");
+    println!("it is; `layers`: the last checkpoint's; rollback: to the last checkpoint):");
     println!(
         "{:>8} {:>7} {:>22} {:>12} {:>22} {:>16}",
         "depth",
@@ -216,8 +217,8 @@ pub async fn fs(client: &Client, state_dir: &Path, quick: bool) -> Result<i32> {
         let (fm, _) = stats(fs_parts);
         let (rm, rp99) = stats(rbs);
         println!(
-            "{:>8} {:>7} {:>22} {:>12} {:>22} {:>16}",
-            target,
+            "{:>12} {:>7} {:>22} {:>12} {:>22} {:>16}",
+            format!("{target}-{}", last.depth),
             last.layers,
             format!("{cm:.2} ms ({cp99:.2})"),
             format!("{fm:.2} ms"),

@@ -178,8 +178,8 @@ pub async fn fs(client: &Client, state_dir: &Path, quick: bool) -> Result<i32> {
     println!("chain is built; old layers merged in the background, so a chain's overlay layers stay few however deep");
     println!("it is; `layers`: the last checkpoint's; rollback: to the last checkpoint):");
     println!(
-        "{:>8} {:>7} {:>22} {:>12} {:>22} {:>16}",
-        "depth",
+        "{:>12} {:>7} {:>22} {:>12} {:>22} {:>16}",
+        "depths",
         "layers",
         "checkpoint med (p99)",
         "fs part med",

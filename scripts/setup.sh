@@ -3,6 +3,7 @@
 #   apt:       bubblewrap and btrfs-progs (benchmark baselines), xfsprogs (the layer store), python3, git, procps,
 #              util-linux
 #   crates.io: cargo-nextest (the test runner: one process per test, needed for namespace work)
+#   source:    CRIU >= 4.1 (scripts/setup-criu.sh; Debian 12's criu 3.17 fails on this kernel)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+
+scripts/setup-criu.sh
 
 if ! command -v cargo >/dev/null 2>&1; then
     echo "setup: cargo not found (install Rust with rustup first)" >&2

@@ -24,6 +24,41 @@ use nix::unistd::Pid;
 
 /// `PTRACE_EVENT_STOP` (group-stop or `PTRACE_INTERRUPT` under `PTRACE_SEIZE`).
 const PTRACE_EVENT_STOP: i32 = 128;
+/// `PTRACE_EVENT_FORK`, `_VFORK`, `_CLONE`: the tracee created a process; its pid is the event message.
+const PTRACE_EVENT_FORK: i32 = 1;
+const PTRACE_EVENT_VFORK: i32 = 2;
+const PTRACE_EVENT_CLONE: i32 = 3;
+/// `SYS_clone3`.
+const SYS_CLONE3: i64 = 435;
+
+/// `struct clone_args` of `clone3(2)` (`CLONE_ARGS_SIZE_VER2`, 88 bytes).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// How [`Tracee::fork`] creates the copy.
+#[derive(Debug, Clone, Default)]
+pub struct ForkSpec {
+    /// `clone3` flags (e.g. `CLONE_PARENT`).
+    pub flags: u64,
+    /// Signal the parent gets when the copy exits (0: none, and invisible to a plain `wait`). Must be 0 with
+    /// `CLONE_PARENT`, where the kernel gives the copy the caller's own.
+    pub exit_signal: u64,
+    /// Pids to give the copy, innermost pid namespace first (`set_tid`); empty: any.
+    pub set_tid: Vec<i32>,
+}
 /// How far below the stack pointer scratch data goes (past the 128-byte red zone, with margin).
 const SCRATCH_GAP: u64 = 1024;
 
@@ -252,6 +287,16 @@ impl Tracee {
     /// Makes the thread execute system call `nr` with up to six arguments; returns the raw result (`-errno` on
     /// failure, as the kernel returns it).
     pub fn syscall(&mut self, nr: i64, args: &[u64]) -> Result<i64> {
+        self.syscall_noting_children(nr, args, &mut None)
+    }
+
+    /// [`Tracee::syscall`], recording the pid (in our pid namespace) of a process the call created.
+    fn syscall_noting_children(
+        &mut self,
+        nr: i64,
+        args: &[u64],
+        child: &mut Option<Pid>,
+    ) -> Result<i64> {
         self.wait_stop()?;
         let mut r = self.saved;
         r.rax = nr as u64;
@@ -265,6 +310,15 @@ impl Tracee {
         loop {
             match wait_for(self.tid, "single-step", self.timeout)? {
                 WaitStatus::Stopped(_, Signal::SIGTRAP) => break,
+                WaitStatus::PtraceEvent(
+                    _,
+                    _,
+                    PTRACE_EVENT_FORK | PTRACE_EVENT_VFORK | PTRACE_EVENT_CLONE,
+                ) => {
+                    let msg = ptrace::getevent(self.tid).map_err(pt("geteventmsg", self.tid))?;
+                    *child = Some(Pid::from_raw(msg as i32));
+                    ptrace::step(self.tid, None).map_err(pt("singlestep", self.tid))?;
+                }
                 WaitStatus::Stopped(_, sig) => {
                     // Keep it for after detach; delivering it now would run a handler on our register state.
                     self.stashed.push(sig);
@@ -350,6 +404,105 @@ impl Tracee {
         self.write_scratch(&bytes)
     }
 
+    /// Makes the process fork (an injected `clone3`) and returns the copy, held in its first stop with the
+    /// registers this thread had when it stopped: a copy of the process at this instant, which resumes exactly
+    /// where the process was (a blocking call it was in is restarted) once detached. Single-threaded processes
+    /// only: the copy has just this thread. The copy is traced with `PTRACE_O_EXITKILL`: if we die, it dies
+    /// rather than run as a duplicate.
+    pub fn fork(&mut self, spec: &ForkSpec) -> Result<Tracee> {
+        self.wait_stop()?;
+        let opts = ptrace::Options::PTRACE_O_TRACECLONE
+            | ptrace::Options::PTRACE_O_TRACEFORK
+            | ptrace::Options::PTRACE_O_TRACEVFORK
+            | ptrace::Options::PTRACE_O_EXITKILL;
+        ptrace::setoptions(self.tid, opts).map_err(pt("setoptions", self.tid))?;
+        let size = std::mem::size_of::<CloneArgs>();
+        let mut args = CloneArgs {
+            flags: spec.flags,
+            exit_signal: spec.exit_signal,
+            set_tid_size: spec.set_tid.len() as u64,
+            ..Default::default()
+        };
+        // One scratch block: the arguments, then the set_tid array (its address is known once placed).
+        let mut block = vec![0u8; size + 4 * spec.set_tid.len()];
+        for (i, t) in spec.set_tid.iter().enumerate() {
+            block[size + 4 * i..size + 4 * i + 4].copy_from_slice(&t.to_ne_bytes());
+        }
+        let addr = self.write_scratch(&block)?;
+        if !spec.set_tid.is_empty() {
+            args.set_tid = addr + size as u64;
+        }
+        // SAFETY: CloneArgs is repr(C) plain u64s; viewing it as bytes is sound.
+        let raw =
+            unsafe { std::slice::from_raw_parts((&args as *const CloneArgs).cast::<u8>(), size) };
+        self.write_mem(addr, raw)?;
+        let mut child = None;
+        let r = self.syscall_noting_children(SYS_CLONE3, &[addr, size as u64], &mut child)?;
+        if r < 0 {
+            return Err(InjectError::Io {
+                what: "injected clone3",
+                tid: self.tid.as_raw(),
+                source: std::io::Error::from_raw_os_error(-r as i32),
+            });
+        }
+        let child = child.ok_or(InjectError::Ptrace {
+            what: "clone3 (no fork event)",
+            tid: self.tid.as_raw(),
+            errno: Errno::ECHILD,
+        })?;
+        let mut copy = Tracee {
+            tid: child,
+            tgid: child,
+            saved: self.saved,
+            syscall_insn: self.syscall_insn,
+            timeout: self.timeout,
+            stashed: Vec::new(),
+            // A scratch page mapped in the parent was copied too: the copy unmaps its own.
+            scratch_map: self.scratch_map,
+            attached: true,
+            stopped: false,
+        };
+        copy.wait_event_stop()?;
+        ptrace::setregs(child, self.saved).map_err(pt("setregs", child))?;
+        copy.stopped = true;
+        Ok(copy)
+    }
+
+    /// The process id (thread-group leader).
+    pub fn tgid(&self) -> Pid {
+        self.tgid
+    }
+
+    /// Leaves the thread stopped and traced (registers restored, scratch memory released), for a tracer that
+    /// keeps it, like a template that must never run. Returns what [`Tracee::adopt`] needs to take it up again.
+    pub fn keep_stopped(mut self) -> Result<Held> {
+        self.wait_stop()?;
+        let unmapped = self.release_scratch_map();
+        let restored = ptrace::setregs(self.tid, self.saved).map_err(pt("setregs", self.tid));
+        self.attached = false;
+        unmapped.and(restored)?;
+        Ok(Held {
+            tid: self.tid,
+            saved: self.saved,
+            syscall_insn: self.syscall_insn,
+        })
+    }
+
+    /// Takes up a thread left by [`Tracee::keep_stopped`] (same tracer thread).
+    pub fn adopt(held: &Held, timeout: Duration) -> Tracee {
+        Tracee {
+            tid: held.tid,
+            tgid: held.tid,
+            saved: held.saved,
+            syscall_insn: held.syscall_insn,
+            timeout,
+            stashed: Vec::new(),
+            scratch_map: None,
+            attached: true,
+            stopped: true,
+        }
+    }
+
     /// Restores the registers, lets the thread go, and re-sends signals that arrived meanwhile.
     pub fn detach(mut self) -> Result<()> {
         self.finish()
@@ -387,6 +540,17 @@ impl Drop for Tracee {
     fn drop(&mut self) {
         let _ = self.finish();
     }
+}
+
+/// A single-threaded process kept in a ptrace stop by [`Tracee::keep_stopped`], with the registers it resumes with.
+#[derive(Debug, Clone)]
+pub struct Held {
+    /// Its pid (in our pid namespace).
+    pub tid: Pid,
+    /// The registers it resumes with.
+    pub saved: libc::user_regs_struct,
+    /// A `syscall` instruction in it.
+    pub syscall_insn: u64,
 }
 
 fn zeroed_regs() -> libc::user_regs_struct {

@@ -1,0 +1,177 @@
+//! A template: a stopped copy of a process at a checkpoint, from which the process is forked again on rollback.
+
+use std::time::Duration;
+
+use deltabox_sys::inject::{ForkSpec, Held, Tracee};
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::unistd::Pid;
+
+use crate::{Error, Result};
+
+/// Identity of a process that a restored copy must get back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// Its pid in its own (innermost) pid namespace.
+    pub ns_pid: i32,
+    /// Whether it led its session (`sid == pid`; then `pgid == pid` too).
+    pub session_leader: bool,
+}
+
+/// A process's copy, held in a ptrace stop by the thread that created it (only that thread may use it).
+///
+/// The copy called `setsid()` right after the fork: it must not hold its source's session or process-group id,
+/// or that pid could never be freed for a same-pid restore. A restored session leader gets its session back
+/// (`setsid()` with its old pid); any other process comes back as the leader of a session of its own.
+#[derive(Debug)]
+pub struct Template {
+    held: Held,
+    identity: Identity,
+    timeout: Duration,
+    alive: bool,
+}
+
+fn ns_ids(pid: Pid) -> Option<(i32, i32, i32)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let last = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().last())
+            .and_then(|v| v.parse::<i32>().ok())
+    };
+    Some((last("NSpid:")?, last("NSpgid:")?, last("NSsid:")?))
+}
+
+fn threads(pid: Pid) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn check(pid: Pid, what: &'static str, r: i64) -> Result<i64> {
+    if r < 0 {
+        return Err(Error::Inject(deltabox_sys::inject::InjectError::Io {
+            what,
+            tid: pid.as_raw(),
+            source: std::io::Error::from_raw_os_error(-r as i32),
+        }));
+    }
+    Ok(r)
+}
+
+impl Template {
+    /// Forks the stopped process `tracee` into a template. With `sibling`, the template becomes a child of the
+    /// process's parent (`CLONE_PARENT`, for processes whose parent is the sandbox's init); otherwise a child of
+    /// the process itself with no exit signal, which a plain `wait()` there never sees.
+    pub fn capture(tracee: &mut Tracee, sibling: bool) -> Result<Template> {
+        let pid = tracee.tgid();
+        let n = threads(pid);
+        if n != 1 {
+            return Err(Error::Unsupported {
+                pid: pid.as_raw(),
+                reason: format!(
+                    "it has {n} threads and forking copies only one (multi-threaded processes are not supported yet)"
+                ),
+            });
+        }
+        let (ns_pid, _pgid, sid) = ns_ids(pid).ok_or(Error::TemplateGone(pid.as_raw()))?;
+        let spec = ForkSpec {
+            flags: if sibling {
+                libc::CLONE_PARENT as u64
+            } else {
+                0
+            },
+            exit_signal: 0,
+            set_tid: Vec::new(),
+        };
+        let mut copy = tracee.fork(&spec)?;
+        let r = copy.syscall(libc::SYS_setsid, &[]);
+        let held = match r
+            .map_err(Error::from)
+            .and_then(|r| check(pid, "setsid in template", r))
+        {
+            Ok(_) => copy.keep_stopped()?,
+            Err(e) => {
+                kill_held(copy.tgid());
+                return Err(e);
+            }
+        };
+        Ok(Template {
+            held,
+            identity: Identity {
+                ns_pid,
+                session_leader: sid == ns_pid,
+            },
+            timeout: Duration::from_secs(5),
+            alive: true,
+        })
+    }
+
+    /// The template process's pid (in our pid namespace).
+    pub fn pid(&self) -> Pid {
+        self.held.tid
+    }
+
+    /// Who the restored process must be.
+    pub fn identity(&self) -> Identity {
+        self.identity
+    }
+
+    /// Whether the template process still exists (something in the sandbox may have killed it).
+    pub fn is_alive(&mut self) -> bool {
+        if self.alive {
+            self.alive = matches!(
+                deltabox_sys::inject::thread_state(self.held.tid),
+                Some('t' | 'T')
+            );
+        }
+        self.alive
+    }
+
+    /// Forks the template into a new live process, with the original's pid when `same_pid` (the old process must
+    /// be dead and reaped), in the template's pid namespace and as a sibling of the template. Returns the
+    /// process held in its first stop, for the caller to re-point and detach.
+    pub fn spawn(&mut self, same_pid: bool) -> Result<Tracee> {
+        if !self.is_alive() {
+            return Err(Error::TemplateGone(self.held.tid.as_raw()));
+        }
+        let mut t = Tracee::adopt(&self.held, self.timeout);
+        // With CLONE_PARENT the kernel requires exit_signal 0 and uses the template's own: SIGCHLD once the
+        // template was re-parented (its source died), as on every rollback.
+        let spec = ForkSpec {
+            flags: libc::CLONE_PARENT as u64,
+            exit_signal: 0,
+            set_tid: if same_pid {
+                vec![self.identity.ns_pid]
+            } else {
+                Vec::new()
+            },
+        };
+        let forked = t.fork(&spec);
+        // The template stays as it was, whatever happened.
+        self.held = t.keep_stopped()?;
+        let mut child = forked?;
+        let r = child.syscall(libc::SYS_setsid, &[]);
+        if let Err(e) = r
+            .map_err(Error::from)
+            .and_then(|r| check(child.tgid(), "setsid in restored process", r))
+        {
+            kill_held(child.tgid());
+            return Err(e);
+        }
+        Ok(child)
+    }
+}
+
+/// Kills a process we hold in a ptrace stop and collects its exit as its tracer.
+fn kill_held(pid: Pid) {
+    let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+    let _ = waitpid(pid, Some(WaitPidFlag::__WALL));
+}
+
+impl Drop for Template {
+    fn drop(&mut self) {
+        kill_held(self.held.tid);
+    }
+}

@@ -41,8 +41,13 @@ pub enum Command {
         ids: Vec<String>,
     },
     /// Checkpoint a sandbox's files (processes keep running); prints only the checkpoint id.
-    Checkpoint { id: String },
-    /// Roll a sandbox's files back to a checkpoint (its processes are restarted until process C/R lands).
+    Checkpoint {
+        id: String,
+        /// Checkpoint every process too (single-threaded ones), so that rollback restores them with their pids.
+        #[arg(long)]
+        processes: bool,
+    },
+    /// Roll a sandbox back to a checkpoint: files, and processes if it holds them (else they are restarted).
     Rollback { id: String, checkpoint: String },
     /// Fork a checkpoint into N new sandboxes; prints their ids, one a line.
     Fork {

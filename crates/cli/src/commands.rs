@@ -176,8 +176,8 @@ async fn dispatch(
             }
             Ok(i32::from(failed))
         }
-        Command::Checkpoint { id } => {
-            let c: CheckpointInfo = client.checkpoint(&id).await?;
+        Command::Checkpoint { id, processes } => {
+            let c: CheckpointInfo = client.checkpoint_with(&id, processes).await?;
             if json {
                 print_json(&c)?;
             } else {

@@ -89,6 +89,21 @@ pub struct CheckpointInfo {
     /// Phase timings of the generation switch (only when just taken).
     #[serde(default)]
     pub switch: Option<deltabox_runtime::generation::SwitchReport>,
+    /// Whether its processes were checkpointed too.
+    #[serde(default)]
+    pub with_processes: bool,
+    /// Processes checkpointed with it (sandbox pids; only when just taken).
+    #[serde(default)]
+    pub processes: Vec<i32>,
+}
+
+/// `POST /v1/sandboxes/{id}/checkpoints` (the body is optional).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointBody {
+    /// Also checkpoint every process (single-threaded ones only, for now), so that rollback restores them.
+    #[serde(default)]
+    pub processes: bool,
 }
 
 /// `POST /v1/sandboxes/{id}/rollback`.
@@ -106,8 +121,14 @@ pub struct RollbackInfo {
     pub sandbox_id: String,
     /// Checkpoint rolled back to.
     pub checkpoint: String,
-    /// Whether the processes were restarted (true until process checkpointing lands).
+    /// Whether the processes were restarted fresh (files-only checkpoint, or its process templates are gone).
     pub processes_restarted: bool,
+    /// Processes restored from the checkpoint, with their pids (when not restarted).
+    #[serde(default)]
+    pub restored: Vec<i32>,
+    /// Phase timings of a process rollback.
+    #[serde(default)]
+    pub restore: Option<deltabox_runtime::keeper::RestoreReport>,
     /// What happened, for people.
     pub note: String,
     /// Wall time in the daemon.

@@ -235,10 +235,20 @@ impl Client {
 
     /// `POST /v1/sandboxes/{id}/checkpoints`.
     pub async fn checkpoint(&self, id: &str) -> Result<CheckpointInfo, ClientError> {
+        self.checkpoint_with(id, false).await
+    }
+
+    /// `POST /v1/sandboxes/{id}/checkpoints`, with the processes when `processes`.
+    pub async fn checkpoint_with(
+        &self,
+        id: &str,
+        processes: bool,
+    ) -> Result<CheckpointInfo, ClientError> {
+        let body = crate::api::CheckpointBody { processes };
         self.call(
             Method::POST,
             &format!("/v1/sandboxes/{}/checkpoints", seg(id)),
-            None::<&()>,
+            Some(&body),
         )
         .await
     }

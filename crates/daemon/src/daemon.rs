@@ -22,6 +22,7 @@ use crate::sandbox::Sandbox;
 use crate::store::{CheckpointRow, FsState, Store};
 use crate::{ApiError, Config};
 use deltabox_runtime::generation::SwitchSpec;
+use deltabox_runtime::keeper::{KeeperReply, KeeperRequest};
 
 /// Removes a half-created sandbox's cgroup (killing anything in it) and directory when dropped, unless
 /// disarmed once the sandbox is registered.
@@ -92,6 +93,17 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::internal(format!("worker: {e}")))
+}
+
+/// Whether checkpoint `cid` was taken with its processes (recorded so that a rollback after a restart can say why
+/// they were restarted instead).
+fn ck_has_processes(store: &Store, cid: &str) -> bool {
+    store.checkpoint_has_processes(cid).unwrap_or(false)
+}
+
+/// Name of the cgroup that holds a sandbox's templates.
+fn templates_cgroup_name(id: &str) -> String {
+    format!("{id}-templates")
 }
 
 /// Layers kept free below overlayfs's limit before a checkpoint compacts synchronously.
@@ -384,6 +396,8 @@ impl Daemon {
             fs: std::sync::Mutex::new(fs.clone()),
             sessions: Default::default(),
             lifecycle: Default::default(),
+            keeper: Default::default(),
+            kept: Default::default(),
         }))
     }
 
@@ -688,11 +702,16 @@ impl Daemon {
 
     /// Checkpoints a running sandbox's files: its writable layer is frozen into the chain and the sandbox moves,
     /// processes and all, onto a new generation with a fresh writable layer. No data is copied.
-    pub async fn checkpoint(&self, id: &str) -> Result<CheckpointInfo, ApiError> {
+    pub async fn checkpoint(&self, id: &str, processes: bool) -> Result<CheckpointInfo, ApiError> {
         let start = std::time::Instant::now();
         let sb = self.live(id).await?;
         let _g = sb.lifecycle.lock().await;
         Self::check_running(&sb)?;
+        let keeper = if processes {
+            Some(self.keeper_of(&sb).await?)
+        } else {
+            None
+        };
         let fs_now = || -> Result<FsState, ApiError> {
             Ok(sb
                 .fs
@@ -732,14 +751,48 @@ impl Daemon {
             cgroup: sb.cgroup.clone(),
             layers: self.stack(&next),
         };
-        let zygote = self.zygote.clone();
-        let report = match blocking(move || zygote.switch(&spec)).await? {
+        let switched = match keeper {
+            None => {
+                let zygote = self.zygote.clone();
+                blocking(move || zygote.switch(&spec))
+                    .await?
+                    .map(|r| (r, Vec::new()))
+                    .map_err(|e| e.to_string())
+            }
+            Some(keeper) => {
+                let req = KeeperRequest::Checkpoint {
+                    id: cid.clone(),
+                    switch: spec,
+                    templates_cgroup: self.templates_cgroup(id)?.procs_files(),
+                };
+                match blocking(move || keeper.request(&req)).await? {
+                    Ok(KeeperReply::Checkpointed { report, pids }) => Ok((report, pids)),
+                    Ok(KeeperReply::Failed { error }) => Err(error),
+                    Ok(other) => Err(format!("unexpected keeper reply {other:?}")),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        };
+        let (report, pids) = match switched {
             Ok(r) => r,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(self.layer_dir(&next.upper));
                 return Err(ApiError::conflict("checkpoint_refused", e));
             }
         };
+        if processes {
+            let sessions: Vec<(String, i32)> = sb
+                .sessions
+                .lock()
+                .await
+                .iter()
+                .filter(|(_, s)| pids.contains(&s.pid()))
+                .map(|(sid, s)| (sid.clone(), s.pid()))
+                .collect();
+            if let Ok(mut kept) = sb.kept.lock() {
+                kept.insert(cid.clone(), sessions);
+            }
+        }
         // Fault injection for tests: die between switching and recording, as a crash or kill -9 would.
         if self
             .config
@@ -758,6 +811,7 @@ impl Daemon {
             chain,
             base: cur.base,
             created_at: now(),
+            processes,
         };
         self.store.record_checkpoint(&row, &next)?;
         // Layers its mounted chain had that the compacted one replaced.
@@ -782,7 +836,39 @@ impl Daemon {
             layers: row.chain.len(),
             duration_ms: start.elapsed().as_secs_f64() * 1e3,
             switch: Some(report),
+            with_processes: processes,
+            processes: pids,
         })
+    }
+
+    /// The keeper of a sandbox's process checkpoints, started on first use.
+    async fn keeper_of(&self, sb: &Sandbox) -> Result<Arc<deltabox_runtime::Keeper>, ApiError> {
+        let mut k = sb.keeper.lock().await;
+        if let Some(k) = k.as_ref() {
+            return Ok(k.clone());
+        }
+        let zygote = self.zygote.clone();
+        let init = sb.handle.init_pid();
+        let keeper = Arc::new(blocking(move || zygote.start_keeper(init)).await??);
+        *k = Some(keeper.clone());
+        Ok(keeper)
+    }
+
+    /// The cgroup a sandbox's templates live in (out of its own: rollback kills everything there, and templates
+    /// must not use up its pids limit).
+    fn templates_cgroup(&self, id: &str) -> Result<deltabox_runtime::Cgroup, ApiError> {
+        let cg = self.cgroups.open(&templates_cgroup_name(id));
+        if cg.exists() {
+            return Ok(cg);
+        }
+        Ok(self.cgroups.create(
+            &templates_cgroup_name(id),
+            &Limits {
+                memory_bytes: None,
+                pids: None,
+                cpus: None,
+            },
+        )?)
     }
 
     /// Forks checkpoint `cid` into `n` new sandboxes, each with its own writable layer over the checkpoint's
@@ -871,6 +957,21 @@ impl Daemon {
         }
         let orphans = self.store.delete_checkpoint(cid)?;
         self.gc_later(orphans);
+        // Its templates, if its sandbox's keeper holds them.
+        if let Some(sb) = self.live.read().await.get(&ck.sandbox_id).cloned() {
+            let had = sb
+                .kept
+                .lock()
+                .map(|mut k| k.remove(cid).is_some())
+                .unwrap_or(false);
+            let keeper = sb.keeper.lock().await.clone();
+            if let (true, Some(keeper)) = (had, keeper) {
+                let req = KeeperRequest::Forget {
+                    ids: vec![cid.to_string()],
+                };
+                let _ = blocking(move || keeper.request(&req)).await;
+            }
+        }
         Ok(())
     }
 
@@ -950,6 +1051,8 @@ impl Daemon {
             .checkpoints_of(id)?
             .into_iter()
             .map(|c| CheckpointInfo {
+                with_processes: c.processes,
+                processes: Vec::new(),
                 depth: self.depth(&c.chain),
                 layers: c.chain.len(),
                 id: c.id,
@@ -982,6 +1085,35 @@ impl Daemon {
                 ),
             ));
         }
+        // A process checkpoint whose templates this very sandbox's keeper still holds: restore the processes.
+        let live = self.live.read().await.get(id).cloned();
+        let mut gone = None;
+        if let Some(sb) = live.filter(|sb| sb.kept.lock().is_ok_and(|k| k.contains_key(cid))) {
+            match self.rollback_processes(&sb, id, cid, start).await? {
+                Ok(info) => return Ok(info),
+                Err(why) => {
+                    // The templates are gone (killed from inside): nothing changed; restart instead.
+                    if let Ok(mut k) = sb.kept.lock() {
+                        k.remove(cid);
+                    }
+                    gone = Some(why);
+                }
+            }
+        }
+        let gone_note;
+        let restart_note = match gone {
+            Some(why) => {
+                gone_note = format!(
+                    "files rolled back; processes were restarted (sessions start fresh): {why}"
+                );
+                gone_note.as_str()
+            }
+            None if ck_has_processes(&self.store, cid) => {
+                "files rolled back; processes were restarted (sessions start fresh): this checkpoint's process \
+                 templates are gone (the sandbox or the daemon restarted since)"
+            }
+            None => "files rolled back; processes were restarted (sessions start fresh): the checkpoint has files only",
+        };
         let old = self.live.write().await.remove(id);
         let (cgroup, hostname, network, image_config) = match &old {
             Some(sb) => {
@@ -1073,9 +1205,151 @@ impl Daemon {
             sandbox_id: id.to_string(),
             checkpoint: cid.to_string(),
             processes_restarted: true,
-            note: "files rolled back; processes were restarted (sessions start fresh) until process checkpointing lands".into(),
+            note: restart_note.into(),
             duration_ms: start.elapsed().as_secs_f64() * 1e3,
+            restored: Vec::new(),
+            restore: None,
         })
+    }
+
+    /// Rolls a live sandbox back to a process checkpoint its keeper holds: its processes are killed (but init),
+    /// it moves onto a new generation over the checkpoint's layers, and every process is forked back from its
+    /// template with its pid. Sessions keep their pipes and go on with the restored interpreters. `Ok(Err(why))`:
+    /// the templates are gone, nothing was changed, and the caller restarts the processes instead.
+    async fn rollback_processes(
+        &self,
+        sb: &Arc<Sandbox>,
+        id: &str,
+        cid: &str,
+        start: std::time::Instant,
+    ) -> Result<Result<RollbackInfo, String>, ApiError> {
+        let _g = sb.lifecycle.lock().await;
+        let snapshot = sb
+            .kept
+            .lock()
+            .map_err(|_| ApiError::internal("poisoned"))?
+            .get(cid)
+            .cloned()
+            .unwrap_or_default();
+        let keeper = sb
+            .keeper
+            .lock()
+            .await
+            .clone()
+            .ok_or_else(|| ApiError::internal("process checkpoint without a keeper"))?;
+        // Hold every session still (after the command it may be running) while its process is replaced.
+        let sessions: Vec<(String, Arc<Session>)> = sb
+            .sessions
+            .lock()
+            .await
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut held = Vec::new();
+        for (sid, s) in sessions {
+            if let Ok(Ok(h)) = tokio::time::timeout(Duration::from_secs(2), s.suspend()).await {
+                held.push((sid, s.pid(), h));
+            }
+        }
+        let layers_guard = self.layers_lock.lock().await;
+        let prepared = (|| -> Result<FsState, ApiError> {
+            let cur = sb
+                .fs
+                .lock()
+                .map_err(|_| ApiError::internal("poisoned"))?
+                .clone();
+            Ok(FsState {
+                upper: self.new_layer()?,
+                chain: self.current_chain(cid)?,
+                base: cur.base,
+                head: Some(cid.to_string()),
+            })
+        })();
+        let next = match prepared {
+            Ok(n) => n,
+            Err(e) => {
+                for (_, _, h) in held {
+                    h.cancel();
+                }
+                return Err(e);
+            }
+        };
+        let left = sb
+            .fs
+            .lock()
+            .map_err(|_| ApiError::internal("poisoned"))?
+            .clone();
+        let req = KeeperRequest::Rollback {
+            id: cid.to_string(),
+            switch: SwitchSpec {
+                init_pid: sb.handle.init_pid(),
+                cgroup: sb.cgroup.clone(),
+                layers: self.stack(&next),
+            },
+        };
+        let k = keeper.clone();
+        let (report, error) = match blocking(move || k.request(&req)).await? {
+            Ok(KeeperReply::RolledBack(r)) => (Some(r), None),
+            Ok(KeeperReply::RollbackFailed { error, switched }) => (None, Some((error, switched))),
+            Ok(other) => (
+                None,
+                Some((format!("unexpected keeper reply {other:?}"), false)),
+            ),
+            Err(e) => (None, Some((e.to_string(), false))),
+        };
+        let switched = report.is_some() || error.as_ref().is_some_and(|(_, s)| *s);
+        if !switched {
+            let _ = std::fs::remove_dir_all(self.layer_dir(&next.upper));
+            drop(layers_guard);
+            for (_, _, h) in held {
+                h.cancel();
+            }
+            let (msg, _) = error.unwrap_or_default();
+            if msg.contains("template of process") {
+                return Ok(Err(msg));
+            }
+            return Err(ApiError::conflict("rollback_failed", msg));
+        }
+        // The sandbox is on the new generation now.
+        *sb.fs.lock().map_err(|_| ApiError::internal("poisoned"))? = next.clone();
+        self.store.set_fs_state(id, &next)?;
+        drop(layers_guard);
+        self.gc_later(self.held_by(&left));
+        let restored: Vec<i32> = report.as_ref().map(|r| r.pids.clone()).unwrap_or_default();
+        let mut sessions = sb.sessions.lock().await;
+        for (sid, pid, h) in held {
+            let back = snapshot.contains(&(sid.clone(), pid)) && restored.contains(&pid);
+            match back {
+                true => match sb.handle.track(pid).await {
+                    Ok(exit) => h.resume(exit),
+                    Err(_) => {
+                        h.end();
+                        sessions.remove(&sid);
+                    }
+                },
+                false => {
+                    h.end();
+                    sessions.remove(&sid);
+                }
+            }
+        }
+        drop(sessions);
+        if let Some((msg, _)) = error {
+            return Err(ApiError::conflict("rollback_failed", msg));
+        }
+        Ok(Ok(RollbackInfo {
+            sandbox_id: id.to_string(),
+            checkpoint: cid.to_string(),
+            processes_restarted: false,
+            note: format!(
+                "files and processes rolled back ({} process{} restored with their pids)",
+                restored.len(),
+                if restored.len() == 1 { "" } else { "es" }
+            ),
+            duration_ms: start.elapsed().as_secs_f64() * 1e3,
+            restored,
+            restore: report,
+        }))
     }
 
     async fn live(&self, id: &str) -> Result<Arc<Sandbox>, ApiError> {
@@ -1144,8 +1418,10 @@ impl Daemon {
             let _guard = sb.lifecycle.lock().await;
             sb.sessions.lock().await.clear();
         }
+        let templates = self.cgroups.open(&templates_cgroup_name(id));
         blocking(move || -> Result<(), ApiError> {
             cg.destroy().map_err(ApiError::from)?;
+            templates.destroy().map_err(ApiError::from)?;
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -28,6 +28,10 @@ pub struct Sandbox {
     pub sessions: Mutex<HashMap<String, Arc<Session>>>,
     /// Serialises pause/resume/remove.
     pub lifecycle: Mutex<()>,
+    /// The keeper holding this sandbox's process checkpoints (started by the first one).
+    pub keeper: Mutex<Option<Arc<deltabox_runtime::Keeper>>>,
+    /// Process checkpoints its keeper holds: checkpoint id → the sessions (id, pid) there were then.
+    pub kept: std::sync::Mutex<HashMap<String, Vec<(String, i32)>>>,
 }
 
 impl Sandbox {

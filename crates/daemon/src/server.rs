@@ -110,8 +110,22 @@ async fn resume(State(d): D, Path(id): Path<String>) -> Result<impl IntoResponse
     Ok(Json(d.resume(&id).await?))
 }
 
-async fn checkpoint(State(d): D, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
-    Ok((StatusCode::CREATED, Json(d.checkpoint(&id).await?)))
+async fn checkpoint(
+    State(d): D,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    // The body is optional: no body is a files-and-defaults checkpoint.
+    let body: crate::api::CheckpointBody = if body.iter().all(u8::is_ascii_whitespace) {
+        Default::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::invalid(format!("checkpoint body: {e}")))?
+    };
+    Ok((
+        StatusCode::CREATED,
+        Json(d.checkpoint(&id, body.processes).await?),
+    ))
 }
 
 async fn fork(

@@ -84,6 +84,15 @@ impl Store {
                  COMMIT;",
             )?;
         }
+        if version < 3 {
+            // Step 3: whether a checkpoint holds its processes too.
+            conn.execute_batch(
+                "BEGIN;
+                 ALTER TABLE checkpoints ADD COLUMN processes INTEGER NOT NULL DEFAULT 0;
+                 PRAGMA user_version = 3;
+                 COMMIT;",
+            )?;
+        }
         let mut refs = HashMap::new();
         {
             let mut stmt = conn.prepare("SELECT chain FROM checkpoints")?;
@@ -247,6 +256,9 @@ pub struct CheckpointRow {
     pub base: Vec<std::path::PathBuf>,
     /// Seconds since the epoch.
     pub created_at: i64,
+    /// Whether its processes were checkpointed too.
+    #[serde(default)]
+    pub processes: bool,
 }
 
 fn json<T: serde::Serialize>(v: &T) -> String {
@@ -291,8 +303,8 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
-            "INSERT INTO checkpoints (id, sandbox_id, parent, chain, base, created_at, chain_len) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![c.id, c.sandbox_id, c.parent, json(&c.chain), json(&c.base), c.created_at, c.chain.len() as i64],
+            "INSERT INTO checkpoints (id, sandbox_id, parent, chain, base, created_at, chain_len, processes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![c.id, c.sandbox_id, c.parent, json(&c.chain), json(&c.base), c.created_at, c.chain.len() as i64, c.processes],
         )?;
         tx.execute(
             "UPDATE sandboxes SET upper = ?2, chain = ?3, base = ?4, head = ?5 WHERE id = ?1",
@@ -317,7 +329,21 @@ impl Store {
             chain: from_json(r.get(3)?),
             base: from_json(r.get(4)?),
             created_at: r.get(5)?,
+            processes: r.get(6)?,
         })
+    }
+
+    /// Whether checkpoint `id` was taken with its processes.
+    pub fn checkpoint_has_processes(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT processes FROM checkpoints WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(false))
     }
 
     /// One checkpoint.
@@ -325,7 +351,7 @@ impl Store {
         Ok(self
             .conn()
             .query_row(
-                "SELECT id, sandbox_id, parent, chain, base, created_at FROM checkpoints WHERE id = ?1",
+                "SELECT id, sandbox_id, parent, chain, base, created_at, processes FROM checkpoints WHERE id = ?1",
                 params![id],
                 Self::checkpoint_row,
             )
@@ -336,7 +362,7 @@ impl Store {
     pub fn checkpoints_of(&self, sandbox: &str) -> Result<Vec<CheckpointRow>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT id, sandbox_id, parent, chain, base, created_at FROM checkpoints WHERE sandbox_id = ?1 ORDER BY created_at, rowid",
+            "SELECT id, sandbox_id, parent, chain, base, created_at, processes FROM checkpoints WHERE sandbox_id = ?1 ORDER BY created_at, rowid",
         )?;
         let rows = stmt.query_map(params![sandbox], Self::checkpoint_row)?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -345,7 +371,7 @@ impl Store {
     /// Every checkpoint.
     pub fn all_checkpoints(&self) -> Result<Vec<CheckpointRow>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT id, sandbox_id, parent, chain, base, created_at FROM checkpoints ORDER BY created_at, rowid")?;
+        let mut stmt = conn.prepare("SELECT id, sandbox_id, parent, chain, base, created_at, processes FROM checkpoints ORDER BY created_at, rowid")?;
         let rows = stmt.query_map([], Self::checkpoint_row)?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }

@@ -82,14 +82,28 @@ fn us(t: Instant) -> u64 {
     t.elapsed().as_micros() as u64
 }
 
+/// Called with each process of the sandbox (but init) held in a ptrace stop, before anything changes: the
+/// process checkpoint hook. An error aborts the whole switch, leaving everything as it was.
+pub type Capture<'a> = &'a mut dyn FnMut(i32, &mut Tracee) -> Result<(), String>;
+
 /// Runs the whole switch. Call only in a single-threaded process (the zygote's helper): it forks and ptraces.
 pub fn switch(spec: &SwitchSpec) -> Result<SwitchReport, String> {
+    switch_capturing(spec, None)
+}
+
+/// [`switch`], and with `capture`, a consistent cut of the processes too: every thread of every process is held
+/// (none runs between the freeze and the pivot), `capture` sees each process, and only then does the
+/// filesystem switch. Multi-threaded processes are refused in that mode, naming them.
+pub fn switch_capturing(
+    spec: &SwitchSpec,
+    capture: Option<Capture<'_>>,
+) -> Result<SwitchReport, String> {
     let start = Instant::now();
     let mut rep = SwitchReport::default();
     let t = Instant::now();
     spec.cgroup.freeze().map_err(|e| format!("freeze: {e}"))?;
     rep.freeze_us = us(t);
-    let result = switch_frozen(spec, &mut rep);
+    let result = switch_frozen(spec, &mut rep, capture);
     // Thaw whatever happened (a second thaw is harmless).
     let thawed = spec.cgroup.thaw();
     result?;
@@ -98,7 +112,11 @@ pub fn switch(spec: &SwitchSpec) -> Result<SwitchReport, String> {
     Ok(rep)
 }
 
-fn switch_frozen(spec: &SwitchSpec, rep: &mut SwitchReport) -> Result<(), String> {
+fn switch_frozen(
+    spec: &SwitchSpec,
+    rep: &mut SwitchReport,
+    mut capture: Option<Capture<'_>>,
+) -> Result<(), String> {
     let t = Instant::now();
     let old = procfs::mnt_id(Path::new(&format!("/proc/{}/root", spec.init_pid)))
         .map_err(|e| format!("sandbox root: {e}"))?;
@@ -117,8 +135,21 @@ fn switch_frozen(spec: &SwitchSpec, rep: &mut SwitchReport) -> Result<(), String
                 comm(pid)
             ));
         }
-        match scan(pid, old) {
-            Ok(Some(p)) => plans.push(p),
+        if capture.is_some() && pid == spec.init_pid {
+            continue;
+        }
+        match scan(pid, old, capture.is_some()) {
+            Ok(Some(p)) => {
+                if capture.is_some() && p.threads.len() > 1 {
+                    return Err(format!(
+                        "process {pid} ({}) has {} threads: process checkpoints support single-threaded processes \
+                         only (checkpoint files only instead)",
+                        comm(pid),
+                        p.threads.len()
+                    ));
+                }
+                plans.push(p)
+            }
             Ok(None) => {}
             Err(ScanError::Gone) => {}
             Err(ScanError::Refuse(msg)) => return Err(msg),
@@ -126,15 +157,12 @@ fn switch_frozen(spec: &SwitchSpec, rep: &mut SwitchReport) -> Result<(), String
     }
     rep.scan_us = us(t);
 
+    if let Some(capture) = capture.as_mut() {
+        return switch_held(spec, rep, plans, &mut **capture);
+    }
+
     let t = Instant::now();
-    let mnt = spec
-        .layers
-        .fsmount()
-        .map_err(|e| format!("mount new generation: {e}"))?;
-    let ns = std::fs::File::open(format!("/proc/{}/ns/mnt", spec.init_pid))
-        .map_err(|e| format!("sandbox mount namespace: {e}"))?;
-    run_in_child(|| pivot_into(ns.as_fd(), &mnt))?;
-    drop(mnt);
+    mount_and_pivot(spec)?;
     rep.mount_us = us(t);
 
     let t = Instant::now();
@@ -178,6 +206,72 @@ fn switch_frozen(spec: &SwitchSpec, rep: &mut SwitchReport) -> Result<(), String
     Ok(())
 }
 
+/// Mounts `spec.layers` and pivots the sandbox onto it (in a grandchild that joins its mount namespace).
+pub(crate) fn mount_and_pivot(spec: &SwitchSpec) -> Result<(), String> {
+    let mnt = spec
+        .layers
+        .fsmount()
+        .map_err(|e| format!("mount new generation: {e}"))?;
+    let ns = std::fs::File::open(format!("/proc/{}/ns/mnt", spec.init_pid))
+        .map_err(|e| format!("sandbox mount namespace: {e}"))?;
+    run_in_child(|| pivot_into(ns.as_fd(), &mnt))
+}
+
+/// The capturing switch, still frozen: hold every thread, thaw, capture each process, then pivot and re-point.
+fn switch_held(
+    spec: &SwitchSpec,
+    rep: &mut SwitchReport,
+    plans: Vec<ProcPlan>,
+    capture: &mut dyn FnMut(i32, &mut Tracee) -> Result<(), String>,
+) -> Result<(), String> {
+    let t = Instant::now();
+    let mut held: Vec<(ProcPlan, Vec<Tracee>)> = Vec::new();
+    for plan in plans {
+        let mut tracees = Vec::new();
+        for &tid in &plan.threads {
+            match Tracee::attach(
+                Pid::from_raw(plan.pid),
+                Pid::from_raw(tid),
+                plan.syscall_insn,
+                TRAP_TIMEOUT,
+            ) {
+                Ok(tr) => tracees.push(tr),
+                Err(deltabox_sys::inject::InjectError::Exited(_)) => {}
+                Err(e) => return Err(format!("process {} ({}): {e}", plan.pid, comm(plan.pid))),
+            }
+        }
+        held.push((plan, tracees));
+    }
+    spec.cgroup.thaw().map_err(|e| format!("thaw: {e}"))?;
+    for (plan, tracees) in &mut held {
+        for tr in tracees.iter_mut() {
+            match tr.wait_stop() {
+                Ok(()) => {}
+                Err(deltabox_sys::inject::InjectError::Exited(_)) => {}
+                Err(e) => return Err(format!("process {} ({}): {e}", plan.pid, comm(plan.pid))),
+            }
+        }
+        if let Some(main) = tracees.iter_mut().find(|t| t.tid().as_raw() == plan.pid) {
+            capture(plan.pid, main)?;
+        }
+    }
+    rep.repoint_us = us(t);
+    // Every process is held: the filesystem can switch now, and nothing ran since the freeze.
+    let t = Instant::now();
+    mount_and_pivot(spec)?;
+    rep.mount_us = us(t);
+    let t = Instant::now();
+    for (plan, tracees) in &mut held {
+        if let Err(e) = repoint(plan, tracees, rep) {
+            tracees.clear();
+            kill(plan.pid, &format!("pid {}: {e}", plan.pid), rep);
+        }
+    }
+    drop(held);
+    rep.repoint_us += us(t);
+    Ok(())
+}
+
 fn kill(pid: i32, why: &str, rep: &mut SwitchReport) {
     // SAFETY: kill(2) with plain integers.
     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -195,8 +289,8 @@ fn comm(pid: i32) -> String {
         .unwrap_or_default()
 }
 
-/// What must be re-pointed in `pid`; `None` if nothing.
-fn scan(pid: i32, old: u64) -> Result<Option<ProcPlan>, ScanError> {
+/// What must be re-pointed in `pid`; `None` if nothing (unless `always`).
+fn scan(pid: i32, old: u64, always: bool) -> Result<Option<ProcPlan>, ScanError> {
     let gone = |_| ScanError::Gone;
     let who = || format!("process {pid} ({})", comm(pid));
     let root = std::fs::read_link(format!("/proc/{pid}/root")).map_err(gone)?;
@@ -260,7 +354,7 @@ fn scan(pid: i32, old: u64) -> Result<Option<ProcPlan>, ScanError> {
             )));
         }
     }
-    if cwds.is_empty() && fds.is_empty() {
+    if cwds.is_empty() && fds.is_empty() && !always {
         return Ok(None);
     }
     if traced {
@@ -302,42 +396,7 @@ fn repoint(plan: &ProcPlan, tracees: &mut [Tracee], rep: &mut SwitchReport) -> R
         return Ok(());
     };
     for f in &plan.fds {
-        let t = &mut tracees[main];
-        let p = t.write_path(&f.target).map_err(|e| e.to_string())?;
-        let flags = (f.flags as i32 & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC))
-            | libc::O_NOCTTY
-            | libc::O_CLOEXEC;
-        let what = format!("fd {} ({})", f.fd, f.target.display());
-        let nfd = check(
-            &what,
-            t.syscall(
-                libc::SYS_openat,
-                &[libc::AT_FDCWD as u64, p, flags as u64, 0],
-            )
-            .map_err(|e| e.to_string())?,
-        )?;
-        rep.syscalls += 1;
-        if f.pos > 0 {
-            check(
-                &what,
-                t.syscall(libc::SYS_lseek, &[nfd as u64, f.pos, libc::SEEK_SET as u64])
-                    .map_err(|e| e.to_string())?,
-            )?;
-            rep.syscalls += 1;
-        }
-        let cloexec = (f.flags as i32 & libc::O_CLOEXEC) as u64;
-        check(
-            &what,
-            t.syscall(libc::SYS_dup3, &[nfd as u64, f.fd as u64, cloexec])
-                .map_err(|e| e.to_string())?,
-        )?;
-        check(
-            &what,
-            t.syscall(libc::SYS_close, &[nfd as u64])
-                .map_err(|e| e.to_string())?,
-        )?;
-        rep.syscalls += 2;
-        rep.fds += 1;
+        reopen(&mut tracees[main], f, rep)?;
     }
     // A chdir moves every thread sharing the fs_struct; threads that unshared theirs get their own.
     let mut done: Vec<&Path> = Vec::new();
@@ -358,6 +417,52 @@ fn repoint(plan: &ProcPlan, tracees: &mut [Tracee], rep: &mut SwitchReport) -> R
         rep.cwds += 1;
         done.push(path);
     }
+    Ok(())
+}
+
+/// Re-opens descriptor `f` in `t` by path (same flags, offset and close-on-exec), over the same number: from then
+/// on it refers to that path on the generation the process's root is now on.
+pub(crate) fn reopen(
+    t: &mut Tracee,
+    f: &procfs::OpenFile,
+    rep: &mut SwitchReport,
+) -> Result<(), String> {
+    let p = t.write_path(&f.target).map_err(|e| e.to_string())?;
+    let flags = (f.flags as i32 & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC))
+        | libc::O_NOCTTY
+        | libc::O_CLOEXEC;
+    let what = format!("fd {} ({})", f.fd, f.target.display());
+    let nfd = check(
+        &what,
+        t.syscall(
+            libc::SYS_openat,
+            &[libc::AT_FDCWD as u64, p, flags as u64, 0],
+        )
+        .map_err(|e| e.to_string())?,
+    )?;
+    rep.syscalls += 1;
+    if f.pos > 0 {
+        check(
+            &what,
+            t.syscall(libc::SYS_lseek, &[nfd as u64, f.pos, libc::SEEK_SET as u64])
+                .map_err(|e| e.to_string())?,
+        )?;
+        rep.syscalls += 1;
+    }
+    let cloexec = (f.flags as i32 & libc::O_CLOEXEC) as u64;
+    check(
+        &what,
+        t.syscall(libc::SYS_dup3, &[nfd as u64, f.fd as u64, cloexec])
+            .map_err(|e| e.to_string())?,
+    )?;
+    check(
+        &what,
+        t.syscall(libc::SYS_close, &[nfd as u64])
+            .map_err(|e| e.to_string())?,
+    )?;
+    rep.syscalls += 2;
+    rep.fds += 1;
+
     Ok(())
 }
 

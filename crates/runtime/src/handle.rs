@@ -152,6 +152,33 @@ impl SandboxHandle {
         }
     }
 
+    /// Starts reporting the exit of `pid`, a process init did not spawn (restored from a checkpoint). Init answers
+    /// after every event it sent before, so an exit of an earlier process with the same pid is never taken for it.
+    pub async fn track(&self, pid: i32) -> Result<oneshot::Receiver<ExitStatus>> {
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut st = self.inner.state.lock().map_err(|_| Error::SandboxDead)?;
+            if st.dead {
+                return Err(Error::SandboxDead);
+            }
+            st.next_id += 1;
+            let id = st.next_id;
+            st.pending.insert(id, tx);
+            id
+        };
+        if let Err(e) = self.send(&InitRequest::Track { id, pid }, &[]).await {
+            if let Ok(mut st) = self.inner.state.lock() {
+                st.pending.remove(&id);
+            }
+            return Err(e);
+        }
+        match rx.await {
+            Ok(Ok((_, exit))) => Ok(exit),
+            Ok(Err(msg)) => Err(Error::Spawn(msg)),
+            Err(_) => Err(Error::SandboxDead),
+        }
+    }
+
     /// Sends a signal to one process (sandbox pid).
     pub async fn signal(&self, pid: i32, signal: i32) -> Result<()> {
         self.send(&InitRequest::Signal { pid, signal }, &[]).await

@@ -172,6 +172,18 @@ fn handle(ctrl: &OwnedFd, req: InitRequest, fds: Vec<OwnedFd>, tracked: &mut Has
             drop(fds);
             send(ctrl, &ev);
         }
+        InitRequest::Track { id, pid } => {
+            let ev = if pid > 1 && std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                tracked.insert(pid);
+                InitEvent::Spawned { id, pid }
+            } else {
+                InitEvent::SpawnFailed {
+                    id,
+                    error: format!("process {pid} is gone"),
+                }
+            };
+            send(ctrl, &ev);
+        }
         InitRequest::Signal { pid, signal } => {
             if pid > 1 {
                 // SAFETY: kill(2) takes plain integers.

@@ -39,6 +39,8 @@ pub struct SandboxSpec {
 pub enum ZygoteRequest {
     /// Create a sandbox; the reply carries the init's control socket.
     Create(SandboxSpec),
+    /// Start the keeper of the sandbox whose init has host pid `init_pid`; the reply carries its socket.
+    StartKeeper { init_pid: i32 },
     /// Move a running sandbox onto a new filesystem generation.
     Switch(crate::generation::SwitchSpec),
     /// Compare two checkpoints' layers.
@@ -52,6 +54,8 @@ pub enum ZygoteReply {
     Ready,
     /// Created; init's host pid. One descriptor attached: the control socket.
     Created { pid: i32 },
+    /// Keeper started (host pid). One descriptor attached: its socket.
+    KeeperStarted { pid: i32 },
     /// Creation failed; nothing was left running.
     Failed { error: String },
     /// The sandbox runs on the new generation.
@@ -71,6 +75,9 @@ pub enum InitRequest {
         cwd: String,
         fd_targets: Vec<i32>,
     },
+    /// Report the exit of `pid` (a process restored from a checkpoint, so not one init spawned) like a spawned
+    /// one's; answered with `Spawned { id, pid }`, or `SpawnFailed` if it is already gone.
+    Track { id: u64, pid: i32 },
     /// Send `signal` to process `pid` (sandbox pid).
     Signal { pid: i32, signal: i32 },
     /// Send `signal` to every process of group `pgid`, except `except` (a session's shell) when given.

@@ -102,12 +102,53 @@ struct Command {
     reply: oneshot::Sender<Result<SessionOutput>>,
 }
 
+/// What the session task is asked to do.
+enum Msg {
+    Run(Command),
+    /// Stop watching the process (it is about to be killed and restored from a checkpoint) until told what
+    /// became of it.
+    Suspend {
+        ack: oneshot::Sender<()>,
+        resume: oneshot::Receiver<Resume>,
+    },
+}
+
+#[derive(Debug)]
+enum Resume {
+    /// Restored: watch this exit from now on.
+    Restored(oneshot::Receiver<ExitStatus>),
+    /// Nothing happened to the process.
+    Unchanged,
+}
+
+/// A session held still while its process is rolled back; see [`Session::suspend`].
+#[derive(Debug)]
+pub struct Suspended {
+    resume: oneshot::Sender<Resume>,
+}
+
+impl Suspended {
+    /// The process was restored (same pid, same pipes): go on, watching its exit through `exit`. Whatever the
+    /// discarded branch printed is dropped before the next command.
+    pub fn resume(self, exit: oneshot::Receiver<ExitStatus>) {
+        let _ = self.resume.send(Resume::Restored(exit));
+    }
+
+    /// Nothing was done to the process after all: go on as before.
+    pub fn cancel(self) {
+        let _ = self.resume.send(Resume::Unchanged);
+    }
+
+    /// The process was not restored: the session ends (dropping the handle does the same).
+    pub fn end(self) {}
+}
+
 /// A running session. Dropping it ends the process.
 #[derive(Debug)]
 pub struct Session {
     kind: SessionKind,
     pid: i32,
-    tx: mpsc::Sender<Command>,
+    tx: mpsc::Sender<Msg>,
 }
 
 impl Session {
@@ -226,15 +267,31 @@ impl Session {
     ) -> Result<SessionOutput> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command {
+            .send(Msg::Run(Command {
                 text,
                 timeout,
                 max_output,
                 reply,
-            })
+            }))
             .await
             .map_err(|_| Error::SessionDead)?;
         rx.await.map_err(|_| Error::SessionDead)?
+    }
+
+    /// Holds the session still (after any command it is running) so that its process can be killed and
+    /// restored from a checkpoint without the session ending; resume or end it with the returned handle.
+    pub async fn suspend(&self) -> Result<Suspended> {
+        let (ack, acked) = oneshot::channel();
+        let (resume, resumed) = oneshot::channel();
+        self.tx
+            .send(Msg::Suspend {
+                ack,
+                resume: resumed,
+            })
+            .await
+            .map_err(|_| Error::SessionDead)?;
+        acked.await.map_err(|_| Error::SessionDead)?;
+        Ok(Suspended { resume })
     }
 }
 
@@ -339,17 +396,31 @@ async fn session_task(
     pid: i32,
     mut io: SessionIo,
     mut cmd: pipe::Sender,
-    mut rx: mpsc::Receiver<Command>,
+    mut rx: mpsc::Receiver<Msg>,
 ) {
     let mut dead = false;
     while !dead {
         tokio::select! {
-            c = rx.recv() => {
-                let Some(c) = c else { break };
-                let (res, alive) = run_one(&h, kind, pid, &mut io, &mut cmd, &c).await;
-                dead = !alive;
-                let _ = c.reply.send(res);
-            }
+            m = rx.recv() => match m {
+                None => break,
+                Some(Msg::Run(c)) => {
+                    let (res, alive) = run_one(&h, kind, pid, &mut io, &mut cmd, &c).await;
+                    dead = !alive;
+                    let _ = c.reply.send(res);
+                }
+                Some(Msg::Suspend { ack, resume }) => {
+                    let _ = ack.send(());
+                    match resume.await {
+                        Ok(Resume::Restored(exit)) => {
+                            io.exit = Some(exit);
+                            io.status_buf.clear();
+                        }
+                        Ok(Resume::Unchanged) => {}
+                        // Not restored: the pid is nobody's now, so signal nothing.
+                        _ => return,
+                    }
+                }
+            },
             ev = io.next() => match ev {
                 // Output between commands (background jobs) is dropped.
                 Event::Out(_) | Event::Err(_) | Event::Status(..) => {}

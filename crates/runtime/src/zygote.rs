@@ -58,6 +58,14 @@ pub fn run(sock: OwnedFd, host_root: &Path) -> io::Result<()> {
                 }
                 Err(error) => send_reply(&sock, &ZygoteReply::Failed { error }, &[])?,
             },
+            ZygoteRequest::StartKeeper { init_pid } => match start_keeper(init_pid) {
+                Ok((pid, sock_k)) => send_reply(
+                    &sock,
+                    &ZygoteReply::KeeperStarted { pid },
+                    &[sock_k.as_fd()],
+                )?,
+                Err(error) => send_reply(&sock, &ZygoteReply::Failed { error }, &[])?,
+            },
             ZygoteRequest::Diff(spec) => match in_helper(|| crate::diff::diff(&spec)) {
                 Ok(d) => send_reply(&sock, &ZygoteReply::Diffed(d), &[])?,
                 Err(error) => send_reply(&sock, &ZygoteReply::Failed { error }, &[])?,
@@ -103,6 +111,39 @@ fn in_helper<T: serde::Serialize + serde::de::DeserializeOwned>(
                 }
                 _ => Err("the helper died".into()),
             }
+        }
+    }
+}
+
+/// Forks the keeper of a sandbox (see [`crate::keeper`]); returns its pid and our end of its socket.
+fn start_keeper(init_pid: i32) -> std::result::Result<(i32, OwnedFd), String> {
+    let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    // SAFETY: the zygote is single-threaded.
+    match unsafe { deltabox_sys::clone_process(0) }.map_err(|e| format!("fork: {e}"))? {
+        deltabox_sys::CloneResult::Child => {
+            drop(ours);
+            // Dies with the zygote (and its templates with it: they are traced with EXITKILL).
+            let _ = rustix::process::set_parent_process_death_signal(Some(
+                rustix::process::Signal::KILL,
+            ));
+            // It waits for its own children (generation switch helpers) and tracees.
+            // SAFETY: SIG_DFL installs no handler code.
+            let _ = unsafe {
+                nix::sys::signal::signal(
+                    nix::sys::signal::Signal::SIGCHLD,
+                    nix::sys::signal::SigHandler::SigDfl,
+                )
+            };
+            let code = match crate::keeper::run(OwnedFd::from(theirs), init_pid) {
+                Ok(()) => 0,
+                Err(_) => 1,
+            };
+            // SAFETY: leave without running the zygote's destructors.
+            unsafe { libc::_exit(code) }
+        }
+        deltabox_sys::CloneResult::Parent(pid) => {
+            drop(theirs);
+            Ok((pid.as_raw_nonzero().get(), OwnedFd::from(ours)))
         }
     }
 }
@@ -285,6 +326,18 @@ impl Zygote {
         }
     }
 
+    /// Starts the keeper of the sandbox whose init is `init_pid` (blocking). See [`crate::keeper`].
+    pub fn start_keeper(&self, init_pid: i32) -> Result<Keeper> {
+        match self.request(ZygoteRequest::StartKeeper { init_pid })? {
+            (ZygoteReply::KeeperStarted { pid }, mut fds) if fds.len() == 1 => Ok(Keeper {
+                pid,
+                sock: Mutex::new(UnixStream::from(fds.remove(0))),
+            }),
+            (ZygoteReply::Failed { error }, _) => Err(Error::Zygote(format!("keeper: {error}"))),
+            (other, _) => Err(Error::Zygote(format!("unexpected reply {other:?}"))),
+        }
+    }
+
     /// Compares two checkpoints' layers (blocking). See [`crate::diff`].
     pub fn diff(&self, spec: &crate::diff::DiffSpec) -> Result<crate::diff::DiffResult> {
         match self.request(ZygoteRequest::Diff(spec.clone()))? {
@@ -300,6 +353,39 @@ impl Zygote {
             .lock()
             .map(|mut c| matches!(c.try_wait(), Ok(None)))
             .unwrap_or(false)
+    }
+}
+
+/// The daemon's side of a sandbox's keeper. Dropping it closes the socket, which ends the keeper and with it
+/// every template it holds.
+#[derive(Debug)]
+pub struct Keeper {
+    pid: i32,
+    sock: Mutex<UnixStream>,
+}
+
+impl Keeper {
+    /// Host pid of the keeper.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Sends one request and waits for the reply (blocking).
+    pub fn request(
+        &self,
+        req: &crate::keeper::KeeperRequest,
+    ) -> Result<crate::keeper::KeeperReply> {
+        let sock = self
+            .sock
+            .lock()
+            .map_err(|_| Error::Zygote("keeper lock poisoned".into()))?;
+        let payload = serde_json::to_vec(req).map_err(|e| Error::Zygote(e.to_string()))?;
+        deltabox_sys::fdpass::send_frame(&*sock, &payload, &[])
+            .map_err(|e| Error::Zygote(format!("keeper exited? {e}")))?;
+        let (payload, _) = deltabox_sys::fdpass::recv_frame(&*sock)
+            .map_err(|e| Error::Zygote(format!("keeper: {e}")))?
+            .ok_or_else(|| Error::Zygote("the keeper exited".into()))?;
+        serde_json::from_slice(&payload).map_err(|e| Error::Zygote(e.to_string()))
     }
 }
 

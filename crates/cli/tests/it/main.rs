@@ -12,5 +12,6 @@ mod images;
 mod isolation;
 mod limits;
 mod model;
+mod processes;
 mod real_programs;
 mod sessions;

@@ -1,0 +1,344 @@
+//! The keeper: one single-threaded process per sandbox that holds its process checkpoints (templates).
+//!
+//! A template is a ptrace-stopped copy of a sandbox process, and only the thread that traces it may fork it again,
+//! so the tracer has to live as long as the checkpoint: the zygote forks a keeper for a sandbox on its first
+//! process checkpoint. It runs in the zygote's mount namespace (it sees the layer store and the host root) and
+//! serves the daemon over a socket: checkpoint (a generation switch that captures a template of every process
+//! first), rollback (kill the live processes, pivot onto a new generation over the checkpoint's layers, fork every
+//! template back with its pid), and forget. Templates are traced with `PTRACE_O_EXITKILL`: if the keeper dies
+//! (with the daemon, or killed), they die too and never run as duplicates.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use deltabox_cr::Template;
+use deltabox_sys::inject::Tracee;
+use deltabox_sys::procfs;
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use crate::generation::{self, SwitchReport, SwitchSpec};
+
+/// Daemon → keeper.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum KeeperRequest {
+    /// Switch generations as [`generation::switch`], capturing every process (but init) first.
+    Checkpoint {
+        /// Checkpoint id the templates are kept under.
+        id: String,
+        /// The switch.
+        switch: SwitchSpec,
+        /// `cgroup.procs` files of the cgroup templates are moved to (out of the sandbox's, whose processes
+        /// rollback kills and whose limits they must not use up).
+        templates_cgroup: Vec<PathBuf>,
+    },
+    /// Restore checkpoint `id`: its processes, on the new generation `switch.layers`.
+    Rollback { id: String, switch: SwitchSpec },
+    /// Drop the templates of these checkpoints.
+    Forget { ids: Vec<String> },
+}
+
+/// Keeper → daemon.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum KeeperReply {
+    /// Checkpoint taken: the switch report and the processes captured (sandbox pids).
+    Checkpointed {
+        report: SwitchReport,
+        pids: Vec<i32>,
+    },
+    /// Rollback done.
+    RolledBack(RestoreReport),
+    /// Rollback failed; with `switched`, after the sandbox was already moved onto the new generation (its files
+    /// are rolled back, its processes gone).
+    RollbackFailed { error: String, switched: bool },
+    /// Forgotten.
+    Done,
+    /// The request failed; nothing changed unless the message says otherwise.
+    Failed { error: String },
+}
+
+/// What a rollback did, with phase timings in microseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RestoreReport {
+    /// Kill the live processes and wait until their pids are free.
+    pub kill_us: u64,
+    /// Mount the new generation and pivot.
+    pub mount_us: u64,
+    /// Fork the templates (page tables).
+    pub fork_us: u64,
+    /// Move the new processes onto the generation, re-open their files, let them run.
+    pub repoint_us: u64,
+    /// Everything.
+    pub total_us: u64,
+    /// The processes restored (sandbox pids).
+    pub pids: Vec<i32>,
+}
+
+/// A captured process.
+struct Captured {
+    template: Template,
+    /// Its working directory (a path on the checkpoint's generation).
+    cwd: PathBuf,
+    /// Mount ids of the generation(s) its descriptors may point into.
+    generations: Vec<u64>,
+}
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn us(t: Instant) -> u64 {
+    t.elapsed().as_micros() as u64
+}
+
+fn send(sock: &OwnedFd, reply: &KeeperReply) -> std::io::Result<()> {
+    let payload = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
+    deltabox_sys::fdpass::send_frame(sock, &payload, &[])
+}
+
+/// Keeper entry point (single-threaded, forked from the zygote). Returns when the daemon closes the socket.
+pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
+    let mut kept: HashMap<String, Vec<Captured>> = HashMap::new();
+    while let Some((payload, _)) = deltabox_sys::fdpass::recv_frame(&sock)? {
+        let req: KeeperRequest = serde_json::from_slice(&payload).map_err(std::io::Error::other)?;
+        let reply = match req {
+            KeeperRequest::Checkpoint {
+                id,
+                switch,
+                templates_cgroup,
+            } => match checkpoint(init_pid, &switch, &templates_cgroup) {
+                Ok((report, captured)) => {
+                    let pids = captured
+                        .iter()
+                        .map(|c| c.template.identity().ns_pid)
+                        .collect();
+                    kept.insert(id, captured);
+                    KeeperReply::Checkpointed { report, pids }
+                }
+                Err(error) => KeeperReply::Failed { error },
+            },
+            KeeperRequest::Rollback { id, switch } => match kept.get_mut(&id) {
+                Some(captured) => match rollback(init_pid, &switch, captured) {
+                    Ok(r) => KeeperReply::RolledBack(r),
+                    Err((error, switched)) => KeeperReply::RollbackFailed { error, switched },
+                },
+                None => KeeperReply::Failed {
+                    error: format!("no process checkpoint {id} is kept"),
+                },
+            },
+            KeeperRequest::Forget { ids } => {
+                for id in ids {
+                    kept.remove(&id);
+                }
+                KeeperReply::Done
+            }
+        };
+        send(&sock, &reply)?;
+    }
+    Ok(())
+}
+
+fn write_procs(files: &[PathBuf], pid: Pid) -> Result<(), String> {
+    for f in files {
+        std::fs::write(f, pid.as_raw().to_string())
+            .map_err(|e| format!("move {pid} to {}: {e}", f.display()))?;
+    }
+    Ok(())
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn checkpoint(
+    init_pid: i32,
+    switch: &SwitchSpec,
+    templates_cgroup: &[PathBuf],
+) -> Result<(SwitchReport, Vec<Captured>), String> {
+    let generation = procfs::mnt_id(Path::new(&format!("/proc/{init_pid}/root")))
+        .map_err(|e| format!("sandbox root: {e}"))?;
+    let mut captured: Vec<Captured> = Vec::new();
+    let mut capture = |pid: i32, t: &mut Tracee| -> Result<(), String> {
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
+            .map_err(|e| format!("cwd of {pid}: {e}"))?;
+        // A child of init is captured as init's child; any other as a child of its process, invisible to `wait`.
+        let template =
+            Template::capture(t, parent_of(pid) == Some(init_pid)).map_err(|e| e.to_string())?;
+        write_procs(templates_cgroup, template.pid())?;
+        captured.push(Captured {
+            template,
+            cwd,
+            generations: vec![generation],
+        });
+        Ok(())
+    };
+    // On failure `captured` is dropped here, killing every template made so far: nothing changed.
+    let report = generation::switch_capturing(switch, Some(&mut capture))?;
+    Ok((report, captured))
+}
+
+/// Kills every process of the sandbox but init and waits until their pids are free (init reaped them).
+fn kill_live(init_pid: i32, switch: &SwitchSpec) -> Result<(), String> {
+    let deadline = Instant::now() + TIMEOUT;
+    let mut victims: Vec<i32> = Vec::new();
+    loop {
+        let live: Vec<i32> = switch
+            .cgroup
+            .pids()
+            .into_iter()
+            .filter(|p| *p != init_pid)
+            .collect();
+        for &p in &live {
+            // SAFETY: kill(2) with plain integers.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+            if !victims.contains(&p) {
+                victims.push(p);
+            }
+        }
+        // Out of the cgroup is not enough: the pid stays taken until init reaps the zombie.
+        if live.is_empty()
+            && victims
+                .iter()
+                .all(|p| !Path::new(&format!("/proc/{p}")).exists())
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "processes {live:?} of the sandbox did not die within {TIMEOUT:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+fn check(what: &str, r: i64) -> Result<i64, String> {
+    if r < 0 {
+        return Err(format!(
+            "{what}: {}",
+            std::io::Error::from_raw_os_error(-r as i32)
+        ));
+    }
+    Ok(r)
+}
+
+/// Moves a just-forked process onto the sandbox's current generation: join the mount namespace of the sandbox's
+/// pid 1 (which sets root and cwd to its root), `chdir` back, re-open files of the old generation by path.
+fn repoint_restored(t: &mut Tracee, c: &Captured, rep: &mut SwitchReport) -> Result<(), String> {
+    let sc = |t: &mut Tracee, nr: i64, args: &[u64]| t.syscall(nr, args).map_err(|e| e.to_string());
+    let pidfd = check("pidfd_open(1)", sc(t, libc::SYS_pidfd_open, &[1, 0])?)?;
+    let joined = sc(
+        t,
+        libc::SYS_setns,
+        &[pidfd as u64, libc::CLONE_NEWNS as u64],
+    )?;
+    sc(t, libc::SYS_close, &[pidfd as u64])?;
+    check("setns to the new generation", joined)?;
+    if c.cwd != Path::new("/") {
+        let p = t.write_path(&c.cwd).map_err(|e| e.to_string())?;
+        check(
+            &format!("chdir {}", c.cwd.display()),
+            sc(t, libc::SYS_chdir, &[p])?,
+        )?;
+    }
+    let files = procfs::open_files(t.tgid().as_raw()).map_err(|e| e.to_string())?;
+    for f in files.iter().filter(|f| c.generations.contains(&f.mnt_id)) {
+        generation::reopen(t, f, rep)?;
+    }
+    Ok(())
+}
+
+/// Sets init's dumpable flag by injecting `prctl(PR_SET_DUMPABLE)` into it.
+fn set_dumpable(init_pid: i32, on: bool) -> Result<(), String> {
+    let pid = Pid::from_raw(init_pid);
+    let insn = deltabox_sys::inject::find_syscall_insn(pid).map_err(|e| format!("init: {e}"))?;
+    let mut t = Tracee::seize(pid, pid, insn, TIMEOUT).map_err(|e| format!("init: {e}"))?;
+    let r = t
+        .syscall(
+            libc::SYS_prctl,
+            &[libc::PR_SET_DUMPABLE as u64, u64::from(on)],
+        )
+        .map_err(|e| format!("init: {e}"))?;
+    t.detach().map_err(|e| format!("init: {e}"))?;
+    check("init: prctl(PR_SET_DUMPABLE)", r).map(|_| ())
+}
+
+fn rollback(
+    init_pid: i32,
+    switch: &SwitchSpec,
+    captured: &mut [Captured],
+) -> Result<RestoreReport, (String, bool)> {
+    let start = Instant::now();
+    let mut r = RestoreReport::default();
+    for c in captured.iter_mut() {
+        if !c.template.is_alive() {
+            return Err((
+                format!(
+                    "the template of process {} is gone (killed from inside the sandbox?): this checkpoint's \
+                     processes cannot be restored",
+                    c.template.identity().ns_pid
+                ),
+                false,
+            ));
+        }
+    }
+    let t = Instant::now();
+    kill_live(init_pid, switch).map_err(|e| (e, false))?;
+    r.kill_us = us(t);
+    let t = Instant::now();
+    generation::mount_and_pivot(switch).map_err(|e| (e, false))?;
+    r.mount_us = us(t);
+    let procs = switch.cgroup.procs_files();
+    let mut started: Vec<Tracee> = Vec::new();
+    let mut rep = SwitchReport::default();
+    // The restored processes join the sandbox's mount namespace through a pidfd of init, which the kernel allows
+    // only if they may inspect init: init is non-dumpable (nothing in the sandbox may ptrace it), so it is made
+    // dumpable for this window only. Nothing of the sandbox runs meanwhile: its processes are dead, the
+    // templates and the new processes held.
+    let opened = set_dumpable(init_pid, true);
+    let result = opened.and_then(|()| {
+        (|| -> Result<(), String> {
+            for c in captured.iter_mut() {
+                let t = Instant::now();
+                let mut child = c.template.spawn(true).map_err(|e| {
+                    format!("restore process {}: {e}", c.template.identity().ns_pid)
+                })?;
+                r.fork_us += us(t);
+                let t = Instant::now();
+                write_procs(&procs, child.tgid())?;
+                repoint_restored(&mut child, c, &mut rep).map_err(|e| {
+                    format!("restore process {}: {e}", c.template.identity().ns_pid)
+                })?;
+                r.repoint_us += us(t);
+                r.pids.push(c.template.identity().ns_pid);
+                started.push(child);
+            }
+            Ok(())
+        })()
+    });
+    let closed = set_dumpable(init_pid, false);
+    let result = result.and(closed);
+    if let Err(e) = result {
+        for child in &started {
+            // SAFETY: kill(2) with plain integers.
+            unsafe { libc::kill(child.tgid().as_raw(), libc::SIGKILL) };
+        }
+        return Err((
+            format!("{e} (the files were rolled back; no process was restored)"),
+            true,
+        ));
+    }
+    let t = Instant::now();
+    for child in started {
+        child.detach().map_err(|e| (e.to_string(), true))?;
+    }
+    r.repoint_us += us(t);
+    r.total_us = us(start);
+    Ok(r)
+}

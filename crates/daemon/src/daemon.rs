@@ -101,11 +101,6 @@ fn ck_has_processes(store: &Store, cid: &str) -> bool {
     store.checkpoint_has_processes(cid).unwrap_or(false)
 }
 
-/// Name of the cgroup that holds a sandbox's templates.
-fn templates_cgroup_name(id: &str) -> String {
-    format!("{id}-templates")
-}
-
 /// Layers kept free below overlayfs's limit before a checkpoint compacts synchronously.
 const COMPACT_MARGIN: usize = 8;
 
@@ -750,6 +745,7 @@ impl Daemon {
             init_pid: sb.handle.init_pid(),
             cgroup: sb.cgroup.clone(),
             layers: self.stack(&next),
+            keeper_pid: sb.keeper.lock().await.as_ref().map(|k| k.pid()),
         };
         let switched = match keeper {
             None => {
@@ -763,7 +759,6 @@ impl Daemon {
                 let req = KeeperRequest::Checkpoint {
                     id: cid.clone(),
                     switch: spec,
-                    templates_cgroup: self.templates_cgroup(id)?.procs_files(),
                 };
                 match blocking(move || keeper.request(&req)).await? {
                     Ok(KeeperReply::Checkpointed { report, pids }) => Ok((report, pids)),
@@ -852,23 +847,6 @@ impl Daemon {
         let keeper = Arc::new(blocking(move || zygote.start_keeper(init)).await??);
         *k = Some(keeper.clone());
         Ok(keeper)
-    }
-
-    /// The cgroup a sandbox's templates live in (out of its own: rollback kills everything there, and templates
-    /// must not use up its pids limit).
-    fn templates_cgroup(&self, id: &str) -> Result<deltabox_runtime::Cgroup, ApiError> {
-        let cg = self.cgroups.open(&templates_cgroup_name(id));
-        if cg.exists() {
-            return Ok(cg);
-        }
-        Ok(self.cgroups.create(
-            &templates_cgroup_name(id),
-            &Limits {
-                memory_bytes: None,
-                pids: None,
-                cpus: None,
-            },
-        )?)
     }
 
     /// Forks checkpoint `cid` into `n` new sandboxes, each with its own writable layer over the checkpoint's
@@ -1285,6 +1263,7 @@ impl Daemon {
                 init_pid: sb.handle.init_pid(),
                 cgroup: sb.cgroup.clone(),
                 layers: self.stack(&next),
+                keeper_pid: Some(keeper.pid()),
             },
         };
         let k = keeper.clone();
@@ -1418,10 +1397,8 @@ impl Daemon {
             let _guard = sb.lifecycle.lock().await;
             sb.sessions.lock().await.clear();
         }
-        let templates = self.cgroups.open(&templates_cgroup_name(id));
         blocking(move || -> Result<(), ApiError> {
             cg.destroy().map_err(ApiError::from)?;
-            templates.destroy().map_err(ApiError::from)?;
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

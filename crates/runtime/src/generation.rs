@@ -40,6 +40,10 @@ pub struct SwitchSpec {
     pub cgroup: Cgroup,
     /// The new generation.
     pub layers: LayerStack,
+    /// Host pid of the sandbox's keeper: processes it traces are templates (stopped copies living in the
+    /// sandbox's cgroup), never scanned, moved or captured.
+    #[serde(default)]
+    pub keeper_pid: Option<i32>,
 }
 
 /// What a switch did, with phase timings in microseconds.
@@ -126,6 +130,9 @@ fn switch_frozen(
     rep.processes = pids.len();
     let mut plans = Vec::new();
     for pid in pids {
+        if spec.keeper_pid.is_some_and(|k| traced_by(pid, k)) {
+            continue;
+        }
         // pivot_root moves only the sandbox's own mount namespace: a process in a nested one would keep writing
         // into the layer being frozen.
         if mnt_ns(pid).is_some_and(|ns| ns != sandbox_ns) {
@@ -204,6 +211,18 @@ fn switch_frozen(
     drop(held);
     rep.repoint_us = us(t);
     Ok(())
+}
+
+/// Whether process `pid` is traced by `tracer` (a keeper's template).
+pub fn traced_by(pid: i32, tracer: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("TracerPid:"))
+                .and_then(|v| v.trim().parse::<i32>().ok())
+        })
+        == Some(tracer)
 }
 
 /// Mounts `spec.layers` and pivots the sandbox onto it (in a grandchild that joins its mount namespace).

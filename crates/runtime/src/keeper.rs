@@ -30,9 +30,6 @@ pub enum KeeperRequest {
         id: String,
         /// The switch.
         switch: SwitchSpec,
-        /// `cgroup.procs` files of the cgroup templates are moved to (out of the sandbox's, whose processes
-        /// rollback kills and whose limits they must not use up).
-        templates_cgroup: Vec<PathBuf>,
     },
     /// Restore checkpoint `id`: its processes, on the new generation `switch.layers`.
     Rollback { id: String, switch: SwitchSpec },
@@ -102,11 +99,7 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
     while let Some((payload, _)) = deltabox_sys::fdpass::recv_frame(&sock)? {
         let req: KeeperRequest = serde_json::from_slice(&payload).map_err(std::io::Error::other)?;
         let reply = match req {
-            KeeperRequest::Checkpoint {
-                id,
-                switch,
-                templates_cgroup,
-            } => match checkpoint(init_pid, &switch, &templates_cgroup) {
+            KeeperRequest::Checkpoint { id, switch } => match checkpoint(init_pid, &switch) {
                 Ok((report, captured)) => {
                     let pids = captured
                         .iter()
@@ -138,14 +131,6 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
     Ok(())
 }
 
-fn write_procs(files: &[PathBuf], pid: Pid) -> Result<(), String> {
-    for f in files {
-        std::fs::write(f, pid.as_raw().to_string())
-            .map_err(|e| format!("move {pid} to {}: {e}", f.display()))?;
-    }
-    Ok(())
-}
-
 fn parent_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit_once(')')?
@@ -156,11 +141,10 @@ fn parent_of(pid: i32) -> Option<i32> {
         .ok()
 }
 
-fn checkpoint(
-    init_pid: i32,
-    switch: &SwitchSpec,
-    templates_cgroup: &[PathBuf],
-) -> Result<(SwitchReport, Vec<Captured>), String> {
+/// Templates stay in the sandbox's cgroup: moving a process between cgroup v1 hierarchies waits for an RCU
+/// grace period (~10 ms measured), which no checkpoint or rollback should pay. Everything that lists the
+/// sandbox's processes (switch scans, rollback's kill) skips the ones the keeper traces.
+fn checkpoint(init_pid: i32, switch: &SwitchSpec) -> Result<(SwitchReport, Vec<Captured>), String> {
     let generation = procfs::mnt_id(Path::new(&format!("/proc/{init_pid}/root")))
         .map_err(|e| format!("sandbox root: {e}"))?;
     let mut captured: Vec<Captured> = Vec::new();
@@ -170,7 +154,6 @@ fn checkpoint(
         // A child of init is captured as init's child; any other as a child of its process, invisible to `wait`.
         let template =
             Template::capture(t, parent_of(pid) == Some(init_pid)).map_err(|e| e.to_string())?;
-        write_procs(templates_cgroup, template.pid())?;
         captured.push(Captured {
             template,
             cwd,
@@ -192,7 +175,7 @@ fn kill_live(init_pid: i32, switch: &SwitchSpec) -> Result<(), String> {
             .cgroup
             .pids()
             .into_iter()
-            .filter(|p| *p != init_pid)
+            .filter(|p| *p != init_pid && !generation::traced_by(*p, std::process::id() as i32))
             .collect();
         for &p in &live {
             // SAFETY: kill(2) with plain integers.
@@ -294,7 +277,6 @@ fn rollback(
     let t = Instant::now();
     generation::mount_and_pivot(switch).map_err(|e| (e, false))?;
     r.mount_us = us(t);
-    let procs = switch.cgroup.procs_files();
     let mut started: Vec<Tracee> = Vec::new();
     let mut rep = SwitchReport::default();
     // The restored processes join the sandbox's mount namespace through a pidfd of init, which the kernel allows
@@ -311,7 +293,6 @@ fn rollback(
                 })?;
                 r.fork_us += us(t);
                 let t = Instant::now();
-                write_procs(&procs, child.tgid())?;
                 repoint_restored(&mut child, c, &mut rep).map_err(|e| {
                     format!("restore process {}: {e}", c.template.identity().ns_pid)
                 })?;

@@ -1,6 +1,8 @@
 //! `deltabox demo`: the main job on the embedded default image, narrated. A short agent-like trajectory in a
 //! fresh sandbox: write a buggy module and its tests, run them, fix the bug, re-run, explore in a python REPL
-//! whose state persists, commit with git, and show what the sandbox can and cannot see.
+//! whose state persists, commit with git, and show what the sandbox can and cannot see. Every step is
+//! checkpointed with its processes; a bad branch is rolled back (the REPL's variables and the shell's working
+//! directory come back with the files), then an earlier checkpoint, then the fixed one is forked.
 
 use std::time::Instant;
 
@@ -69,16 +71,17 @@ impl Demo<'_> {
         Ok(r)
     }
 
-    /// Checkpoints the sandbox (files; processes keep running) and prints the latency.
+    /// Checkpoints the sandbox, files and processes (which keep running), and prints the latency.
     async fn checkpoint(&mut self, label: &str) -> Result<String> {
         let t = Instant::now();
-        let c: CheckpointInfo = self.client.checkpoint(&self.id).await?;
+        let c: CheckpointInfo = self.client.checkpoint_with(&self.id, true).await?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let sw = c.switch.unwrap_or_default();
         println!(
-            "    -> checkpoint {} ({label}): {ms:.2} ms round trip; in the sandbox: frozen {:.2} ms, {} cwd + {} fds re-pointed",
+            "    -> checkpoint {} ({label}): {ms:.2} ms round trip; in the sandbox: frozen {:.2} ms, {} processes captured, {} cwd + {} fds re-pointed",
             c.id,
             sw.total_us as f64 / 1e3,
+            c.processes.len(),
             sw.cwds,
             sw.fds
         );
@@ -214,23 +217,37 @@ async fn trajectory(d: &mut Demo<'_>) -> Result<()> {
     );
     d.session(&bash.id, "echo still here in $(pwd)").await?;
 
-    d.say("the agent explores a bad branch: deletes the project");
-    d.session(&bash.id, "rm -rf /work/calc && ls /work").await?;
+    d.say("the agent explores a bad branch: deletes the project and clobbers the REPL's data");
+    let explored = d.checkpoint("before the bad branch").await?;
+    d.session(&bash.id, "cd / && rm -rf /work/calc && ls /work")
+        .await?;
+    d.session(&py.id, "data = None; del calc").await?;
 
-    d.say("roll back to the checkpoint before the fix: the bug is back");
+    d.say("roll back: files, the REPL's variables and the shell's working directory are back");
+    d.rollback(&explored).await?;
+    let r = d.session(&py.id, "sum(data), calc.mul(6, 7)").await?;
+    if !r.stdout.contains("(9999900000, 42)") {
+        bail!("rollback should have restored the REPL's state");
+    }
+    let r = d.session(&bash.id, "pwd && git log --oneline").await?;
+    if !r.stdout.starts_with("/work/calc") {
+        bail!("rollback should have restored the shell's working directory");
+    }
+
+    d.say("roll back further, to before the fix: the bug is back (and the REPL has no data yet)");
     d.rollback(&written).await?;
-    let bash: SessionInfo = d.client.start_session(&d.id, &start("bash")).await?;
     let r = d
-        .session(
-            &bash.id,
-            "cd /work/calc && python3 -m unittest -q 2>&1 | tail -n 1",
-        )
+        .session(&bash.id, "python3 -m unittest -q 2>&1 | tail -n 1")
         .await?;
     if !r.stdout.contains("FAILED") {
         bail!("rollback should have restored the buggy module");
     }
+    let r = d.session(&py.id, "'data' in globals()").await?;
+    if !r.stdout.contains("False") {
+        bail!("the REPL should be back to before it computed data");
+    }
 
-    d.say("roll forward to the fixed checkpoint, and fork it three times");
+    d.say("roll forward to the fixed checkpoint, and fork its files three times (forks start fresh processes)");
     d.rollback(&fixed).await?;
     let t = Instant::now();
     let forks = d.client.fork(&fixed, 3).await?;

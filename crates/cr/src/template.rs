@@ -129,6 +129,32 @@ impl Template {
         self.alive
     }
 
+    /// Closes descriptors in the template itself: what it must not keep holding (a listening socket would keep
+    /// its port taken, a pipe end would keep its peer from seeing end-of-file). Processes forked from it later
+    /// find those numbers free, for the caller to re-create.
+    pub fn close_fds(&mut self, fds: &[i32]) -> Result<()> {
+        if fds.is_empty() {
+            return Ok(());
+        }
+        let mut t = Tracee::adopt(&self.held, self.timeout);
+        let mut result = Ok(());
+        for &fd in fds {
+            match t.syscall(libc::SYS_close, &[fd as u64]) {
+                Ok(r) => {
+                    if let Err(e) = check(self.held.tid, "close in template", r) {
+                        result = Err(e);
+                    }
+                }
+                Err(e) => {
+                    result = Err(e.into());
+                    break;
+                }
+            }
+        }
+        self.held = t.keep_stopped()?;
+        result
+    }
+
     /// Forks the template into a new live process, with the original's pid when `same_pid` (the old process must
     /// be dead and reaped), in the template's pid namespace and as a sibling of the template. Returns the
     /// process held in its first stop, for the caller to re-point and detach.

@@ -80,6 +80,8 @@ struct Captured {
     cwd: PathBuf,
     /// Mount ids of the generation(s) its descriptors may point into.
     generations: Vec<u64>,
+    /// Descriptors the template dropped, to re-create in a restored process.
+    fixups: Vec<crate::fd_fixup::Fixup>,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -99,7 +101,15 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
     while let Some((payload, _)) = deltabox_sys::fdpass::recv_frame(&sock)? {
         let req: KeeperRequest = serde_json::from_slice(&payload).map_err(std::io::Error::other)?;
         let reply = match req {
-            KeeperRequest::Checkpoint { id, switch } => match checkpoint(init_pid, &switch) {
+            KeeperRequest::Checkpoint { id, switch } => match checkpoint(
+                init_pid,
+                &switch,
+                &kept
+                    .values()
+                    .flatten()
+                    .map(|c| c.template.pid().as_raw())
+                    .collect::<Vec<_>>(),
+            ) {
                 Ok((report, captured)) => {
                     let pids = captured
                         .iter()
@@ -144,20 +154,41 @@ fn parent_of(pid: i32) -> Option<i32> {
 /// Templates stay in the sandbox's cgroup: moving a process between cgroup v1 hierarchies waits for an RCU
 /// grace period (~10 ms measured), which no checkpoint or rollback should pay. Everything that lists the
 /// sandbox's processes (switch scans, rollback's kill) skips the ones the keeper traces.
-fn checkpoint(init_pid: i32, switch: &SwitchSpec) -> Result<(SwitchReport, Vec<Captured>), String> {
+fn checkpoint(
+    init_pid: i32,
+    switch: &SwitchSpec,
+    templates: &[i32],
+) -> Result<(SwitchReport, Vec<Captured>), String> {
     let generation = procfs::mnt_id(Path::new(&format!("/proc/{init_pid}/root")))
         .map_err(|e| format!("sandbox root: {e}"))?;
     let mut captured: Vec<Captured> = Vec::new();
+    let mut pipes: Option<crate::fd_fixup::PipeHolders> = None;
     let mut capture = |pid: i32, t: &mut Tracee| -> Result<(), String> {
+        // Who holds which pipe end, once every process is held (none can change its descriptors any more).
+        let holders = pipes.get_or_insert_with(|| {
+            let live: Vec<i32> = switch
+                .cgroup
+                .pids()
+                .into_iter()
+                .filter(|p| !templates.contains(p))
+                .collect();
+            crate::fd_fixup::PipeHolders::scan(&live)
+        });
+        let fixups = crate::fd_fixup::plan(pid, holders);
         let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
             .map_err(|e| format!("cwd of {pid}: {e}"))?;
         // A child of init is captured as init's child; any other as a child of its process, invisible to `wait`.
         let template =
             Template::capture(t, parent_of(pid) == Some(init_pid)).map_err(|e| e.to_string())?;
+        let mut template = template;
+        template
+            .close_fds(&fixups.iter().map(|f| f.fd()).collect::<Vec<_>>())
+            .map_err(|e| format!("process {pid}: {e}"))?;
         captured.push(Captured {
             template,
             cwd,
             generations: vec![generation],
+            fixups,
         });
         Ok(())
     };
@@ -234,7 +265,7 @@ fn repoint_restored(t: &mut Tracee, c: &Captured, rep: &mut SwitchReport) -> Res
     for f in files.iter().filter(|f| c.generations.contains(&f.mnt_id)) {
         generation::reopen(t, f, rep)?;
     }
-    Ok(())
+    crate::fd_fixup::apply(t, &c.fixups)
 }
 
 /// Sets init's dumpable flag by injecting `prctl(PR_SET_DUMPABLE)` into it.

@@ -16,6 +16,7 @@ pub mod cgroup;
 pub mod diff;
 pub mod error;
 pub mod exec;
+pub mod fd_fixup;
 pub mod generation;
 pub mod handle;
 pub mod hardening;

@@ -84,14 +84,46 @@ fn a_background_server_is_reachable_after_rollback() {
     let c = checkpoint(&d, &id);
     let (code, _, err) = d.sh(&id, "pkill -f 'http[.]server'; sleep 0.2");
     assert_eq!(code, 0, "{err}");
-    // (Not checked: that the port is free while the server is down. The template still holds the listening
-    // socket, so connections queue instead of being refused: a known limitation, see the README.)
+    // The template does not hold the listening socket: the port is free, and a new server can take it.
+    let fetch_or_fail = format!("timeout 5 {fetch}");
+    assert_ne!(
+        d.sh(&id, &fetch_or_fail).0,
+        0,
+        "the server is down: connection refused"
+    );
+    out(
+        &d,
+        &id,
+        &sh,
+        "cd /srv/www && echo other > index.html && (python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &) && sleep 1",
+    );
+    assert_eq!(d.sh(&id, fetch).1, "other\n", "a new server took the port");
     d.ok(&["rollback", &id, &c]);
     assert_eq!(
-        d.sh(&id, fetch).1,
+        d.sh(&id, &fetch_or_fail).1,
         "hello\n",
-        "the server is back, listening"
+        "the checkpoint's server is back, listening on its port again"
     );
+    d.stop_and_check(&[id]);
+}
+
+#[test]
+fn a_pipe_reader_sees_end_of_file_when_the_writer_exits_after_a_checkpoint() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let sh = d.ok(&["session", "start", &id, "bash"]).trim().to_string();
+    out(
+        &d,
+        &id,
+        &sh,
+        "mkdir -p /work && printf 'import time\nwhile True:\n    print(1, flush=True)\n    time.sleep(0.05)\n' > /work/w.py && printf 'import sys\nn = sum(1 for _ in sys.stdin)\nopen(\"/work/eof\", \"w\").write(\"eof\")\n' > /work/r.py && (python3 /work/w.py | python3 /work/r.py &) && sleep 0.5",
+    );
+    checkpoint(&d, &id);
+    // The writer exits: the reader must see end-of-file although the writer's template lives on.
+    d.sh(&id, "pkill -f 'w[.]py'");
+    eventually("the reader sees end-of-file", || {
+        d.sh(&id, "cat /work/eof").1 == "eof"
+    });
     d.stop_and_check(&[id]);
 }
 

@@ -19,3 +19,4 @@ trap cleanup EXIT
 target/release/deltabox demo
 target/release/deltabox bench runtime --iterations 10
 target/release/deltabox bench fs --quick
+target/release/deltabox bench cr --quick

@@ -152,6 +152,12 @@ pub struct DaemonArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCmd {
+    /// DeltaCR: process checkpoint/rollback against memory size and process count, with CRIU in the same run.
+    Cr {
+        /// Fewer sizes and repetitions (for CI).
+        #[arg(long)]
+        quick: bool,
+    },
     /// DeltaFS checkpoint/rollback against tree size and chain depth, copy baselines, workload slowdown.
     Fs {
         /// Smaller trees, fewer repetitions (for CI).

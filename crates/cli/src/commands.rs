@@ -274,6 +274,7 @@ async fn dispatch(
         Command::Pause { id } => lifecycle(client, &id, "pause", json).await,
         Command::Resume { id } => lifecycle(client, &id, "resume", json).await,
         Command::Demo => crate::demo::run(client).await,
+        Command::Bench(BenchCmd::Cr { quick }) => crate::bench_cr::cr(client, quick).await,
         Command::Bench(BenchCmd::Fs { quick }) => {
             crate::bench_fs::fs(client, state_dir, quick).await
         }

@@ -1,6 +1,7 @@
 //! `deltabox`: the command-line client, the daemon launcher, the demo and the benchmarks.
 
 mod bench;
+mod bench_cr;
 mod bench_fs;
 mod cli;
 mod commands;

@@ -57,6 +57,9 @@ pub struct SwitchReport {
     pub mount_us: u64,
     /// Seize, thaw, inject, detach.
     pub repoint_us: u64,
+    /// Hold every process and fork its template (process checkpoints only).
+    #[serde(default)]
+    pub capture_us: u64,
     /// Everything, as seen by the helper.
     pub total_us: u64,
     /// Processes in the sandbox.
@@ -274,7 +277,7 @@ fn switch_held(
             capture(plan.pid, main)?;
         }
     }
-    rep.repoint_us = us(t);
+    rep.capture_us = us(t);
     // Every process is held: the filesystem can switch now, and nothing ran since the freeze.
     let t = Instant::now();
     mount_and_pivot(spec)?;
@@ -287,7 +290,7 @@ fn switch_held(
         }
     }
     drop(held);
-    rep.repoint_us += us(t);
+    rep.repoint_us = us(t);
     Ok(())
 }
 

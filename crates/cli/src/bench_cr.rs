@@ -1,0 +1,445 @@
+//! `deltabox bench cr`: process checkpoint and rollback (DeltaCR) against a process's anonymous memory and the
+//! number of processes, with the phase breakdown, and CRIU dump/restore of identical processes (same program and
+//! heap, on the host: CRIU cannot dump from inside our sandboxes yet) measured in the same run. Prints numbers;
+//! asserts none, except that every rollback really restored the state.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use deltabox_daemon::api::{
+    CheckpointInfo, CreateSandbox, RollbackInfo, RunInSession, SandboxInfo, SessionInfo,
+    SessionResult, StartSession,
+};
+use deltabox_daemon::Client;
+
+/// Median and p99 of a sample.
+fn stats(mut v: Vec<f64>) -> (f64, f64) {
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let pick = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+    (pick(0.5), pick(0.99))
+}
+
+fn med(v: &[f64]) -> f64 {
+    stats(v.to_vec()).0
+}
+
+async fn run(c: &Client, id: &str, sid: &str, code: &str) -> Result<String> {
+    let body = RunInSession {
+        command: code.into(),
+        timeout_ms: Some(300_000),
+        max_output_bytes: None,
+    };
+    let r: SessionResult = c.run_in_session(id, sid, &body).await?;
+    ensure!(
+        r.exit_code == Some(0),
+        "bench step failed: {code}: {}",
+        r.stderr
+    );
+    Ok(r.stdout)
+}
+
+/// Per-phase samples of checkpoints and rollbacks, in ms.
+#[derive(Default)]
+struct Samples {
+    ck: Vec<f64>,
+    ck_freeze: Vec<f64>,
+    ck_capture: Vec<f64>,
+    ck_fs: Vec<f64>,
+    rb: Vec<f64>,
+    rb_kill: Vec<f64>,
+    rb_fs: Vec<f64>,
+    rb_fork: Vec<f64>,
+    rb_repoint: Vec<f64>,
+}
+
+/// Checkpoints `reps` times (after a tiny change each), then rolls back `reps` times to the first one, checking
+/// with `verify` that the state came back.
+async fn measure(
+    c: &Client,
+    id: &str,
+    py: &str,
+    reps: usize,
+    verify: &str,
+    expect: &str,
+) -> Result<Samples> {
+    let mut s = Samples::default();
+    let mut first = None;
+    for i in 0..reps {
+        run(c, id, py, &format!("tick = {i}")).await?;
+        let t = Instant::now();
+        let ck: CheckpointInfo = c.checkpoint_with(id, true).await?;
+        s.ck.push(t.elapsed().as_secs_f64() * 1e3);
+        if let Some(sw) = &ck.switch {
+            s.ck_freeze.push(sw.freeze_us as f64 / 1e3);
+            s.ck_capture.push(sw.capture_us as f64 / 1e3);
+            s.ck_fs.push((sw.mount_us + sw.repoint_us) as f64 / 1e3);
+        }
+        first.get_or_insert(ck.id);
+    }
+    let first = first.context("no checkpoint")?;
+    for _ in 0..reps {
+        run(c, id, py, "tick = -1").await?;
+        let t = Instant::now();
+        let r: RollbackInfo = c.rollback(id, &first).await?;
+        s.rb.push(t.elapsed().as_secs_f64() * 1e3);
+        ensure!(
+            !r.processes_restarted,
+            "rollback restarted processes: {}",
+            r.note
+        );
+        if let Some(rr) = &r.restore {
+            s.rb_kill.push(rr.kill_us as f64 / 1e3);
+            s.rb_fs.push(rr.mount_us as f64 / 1e3);
+            s.rb_fork.push(rr.fork_us as f64 / 1e3);
+            s.rb_repoint.push(rr.repoint_us as f64 / 1e3);
+        }
+        let got = run(c, id, py, verify).await?;
+        if got.trim() != expect {
+            bail!("rollback did not restore the state: {verify} gave {got:?}, expected {expect:?}");
+        }
+    }
+    Ok(s)
+}
+
+/// A process tree started with `setsid sh -c CMD` on the host, for CRIU.
+struct HostTree {
+    pid: i32,
+    /// The original root process, ours to reap (a zombie would keep its pid from CRIU's restore); restored
+    /// trees are re-parented away from us by `criu restore -d`.
+    child: std::cell::RefCell<Option<std::process::Child>>,
+}
+
+impl HostTree {
+    fn start(cmd: &str, ready: impl Fn(i32) -> bool) -> Result<HostTree> {
+        let child = Command::new("setsid")
+            .args(["sh", "-c", cmd])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let tree = HostTree {
+            pid: child.id() as i32,
+            child: std::cell::RefCell::new(Some(child)),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ready(tree.pid) {
+            ensure!(
+                Instant::now() < deadline,
+                "host process tree never got ready"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(tree)
+    }
+
+    fn kill(&self) {
+        // Every pid of the tree must be free (reaped) before CRIU can restore it.
+        let pids = tree_pids(self.pid);
+        // SAFETY: kill(2) on our own process group (setsid made pid the group id).
+        unsafe { libc::kill(-self.pid, libc::SIGKILL) };
+        if let Some(mut c) = self.child.borrow_mut().take() {
+            let _ = c.wait();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pids
+            .iter()
+            .any(|p| Path::new(&format!("/proc/{p}")).exists())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Drop for HostTree {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn tree_pids(root: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut todo = vec![root];
+    while let Some(p) = todo.pop() {
+        out.push(p);
+        todo.extend(
+            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok()),
+        );
+    }
+    out
+}
+
+fn rss_mb(pid: i32) -> u64 {
+    let descendants = |pid: i32| -> Vec<i32> {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    };
+    let mut total = 0;
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        if let Ok(s) = std::fs::read_to_string(format!("/proc/{p}/status")) {
+            total += s
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        todo.extend(descendants(p));
+    }
+    total / 1024
+}
+
+/// CRIU dump (`--leave-running`) and restore (after killing the tree) of `tree`, `reps` times; medians in ms.
+fn criu_cycle(tree: &HostTree, reps: usize, scratch: &Path) -> Result<(f64, f64)> {
+    let (mut dumps, mut restores) = (Vec::new(), Vec::new());
+    for r in 0..reps {
+        let dir = scratch.join(format!("img{r}"));
+        std::fs::create_dir_all(&dir)?;
+        let t = Instant::now();
+        let out = Command::new("criu")
+            .args(["dump", "--leave-running", "-o", "dump.log", "-t"])
+            .arg(tree.pid.to_string())
+            .arg("-D")
+            .arg(&dir)
+            .output()
+            .context("run criu (scripts/setup-criu.sh installs it)")?;
+        dumps.push(t.elapsed().as_secs_f64() * 1e3);
+        ensure!(
+            out.status.success(),
+            "criu dump failed (log: {})",
+            dir.join("dump.log").display()
+        );
+        tree.kill();
+        let t = Instant::now();
+        let out = Command::new("criu")
+            .args(["restore", "-d", "-o", "restore.log", "-D"])
+            .arg(&dir)
+            .output()?;
+        restores.push(t.elapsed().as_secs_f64() * 1e3);
+        ensure!(
+            out.status.success(),
+            "criu restore failed (log: {})",
+            dir.join("restore.log").display()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok((med(&dumps), med(&restores)))
+}
+
+fn scratch_dir() -> Result<PathBuf> {
+    // Images on a tmpfs: CRIU is measured at its best, not at the disk's speed.
+    let d = PathBuf::from(format!("/dev/shm/deltabox-bench-cr-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+fn fmt_pair((m, p): (f64, f64)) -> String {
+    format!("{m:.2} ({p:.2})")
+}
+
+/// Runs the benchmark.
+pub async fn cr(client: &Client, quick: bool) -> Result<i32> {
+    let sizes: &[usize] = if quick {
+        &[10, 100]
+    } else {
+        &[10, 100, 500, 1000]
+    };
+    let counts: &[usize] = if quick { &[1, 4] } else { &[1, 4, 16] };
+    let reps = if quick { 5 } else { 15 };
+    let criu_reps = if quick { 2 } else { 5 };
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let criu = Command::new("criu")
+        .arg("--version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_else(|_| "not installed".into());
+    println!(
+        "deltabox bench cr: kernel {}, criu {criu}, {reps} reps per cell (CRIU: {criu_reps}), times in ms, median (p99)",
+        kernel.trim()
+    );
+    let scratch = scratch_dir()?;
+    let start_session = |kind: &str| StartSession {
+        kind: kind.into(),
+        cwd: None,
+        env: Default::default(),
+    };
+
+    println!("\na bash session + a python3 session holding N MB of anonymous memory (its heap):");
+    println!(
+        "{:>6} {:>15} {:>26} {:>15} {:>32} {:>13} {:>13}",
+        "MB",
+        "checkpoint",
+        "(freeze / capture / fs)",
+        "rollback",
+        "(kill / fs / fork / re-point)",
+        "CRIU dump",
+        "CRIU restore"
+    );
+    for &mb in sizes {
+        let sb: SandboxInfo = client
+            .create(&CreateSandbox {
+                memory: Some(format!("{}M", mb * 3 + 1024)),
+                ..Default::default()
+            })
+            .await?;
+        let result = async {
+            let _bash: SessionInfo = client.start_session(&sb.id, &start_session("bash")).await?;
+            let py: SessionInfo = client
+                .start_session(&sb.id, &start_session("python3"))
+                .await?;
+            run(
+                client,
+                &sb.id,
+                &py.id,
+                &format!("data = b'x' * ({mb} << 20)"),
+            )
+            .await?;
+            measure(
+                client,
+                &sb.id,
+                &py.id,
+                reps,
+                "tick, len(data)",
+                &format!("(0, {})", mb << 20),
+            )
+            .await
+        }
+        .await;
+        client.remove(&sb.id).await?;
+        let s = result?;
+        let criu = HostTree::start(
+            &format!(
+                "exec python3 -c \"import time; data = b'x' * ({mb} << 20); time.sleep(1e9)\""
+            ),
+            |pid| rss_mb(pid) as usize >= mb,
+        )
+        .and_then(|tree| criu_cycle(&tree, criu_reps, &scratch));
+        let (cd, cr) = match criu {
+            Ok(v) => (format!("{:.1}", v.0), format!("{:.1}", v.1)),
+            Err(e) => {
+                eprintln!("CRIU baseline not measured: {e:#}");
+                ("n/a".into(), "n/a".into())
+            }
+        };
+        println!(
+            "{mb:>6} {:>15} {:>26} {:>15} {:>32} {:>13} {:>13}",
+            fmt_pair(stats(s.ck.clone())),
+            format!(
+                "{:.2} / {:.2} / {:.2}",
+                med(&s.ck_freeze),
+                med(&s.ck_capture),
+                med(&s.ck_fs)
+            ),
+            fmt_pair(stats(s.rb.clone())),
+            format!(
+                "{:.2} / {:.2} / {:.2} / {:.2}",
+                med(&s.rb_kill),
+                med(&s.rb_fs),
+                med(&s.rb_fork),
+                med(&s.rb_repoint)
+            ),
+            cd,
+            cr
+        );
+    }
+
+    println!(
+        "\nN idle python3 processes (started from a bash session) + the bash and python3 sessions:"
+    );
+    println!(
+        "{:>6} {:>15} {:>26} {:>15} {:>32} {:>13} {:>13}",
+        "N",
+        "checkpoint",
+        "(freeze / capture / fs)",
+        "rollback",
+        "(kill / fs / fork / re-point)",
+        "CRIU dump",
+        "CRIU restore"
+    );
+    for &n in counts {
+        let sb: SandboxInfo = client.create(&CreateSandbox::default()).await?;
+        let result = async {
+            let bash: SessionInfo = client.start_session(&sb.id, &start_session("bash")).await?;
+            let py: SessionInfo = client.start_session(&sb.id, &start_session("python3")).await?;
+            run(
+                client,
+                &sb.id,
+                &bash.id,
+                &format!("for i in $(seq {n}); do python3 -c 'import time; time.sleep(1e9)' & done; sleep 1"),
+            )
+            .await?;
+            run(client, &sb.id, &py.id, "import os").await?;
+            measure(
+                client,
+                &sb.id,
+                &py.id,
+                reps,
+                "tick, len([p for p in os.listdir('/proc') if p.isdigit() and b'time.sleep' in open('/proc/%s/cmdline' % p, 'rb').read() and open('/proc/%s/stat' % p).read().split(') ')[1][0] == 'S'])",
+                &format!("(0, {n})"),
+            )
+            .await
+        }
+        .await;
+        client.remove(&sb.id).await?;
+        let s = result?;
+        let criu = HostTree::start(
+            &format!(
+                "for i in $(seq {n}); do python3 -c 'import time; time.sleep(1e9)' & done; wait"
+            ),
+            |pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                    .map(|c| c.split_whitespace().count() >= n)
+                    .unwrap_or(false)
+            },
+        )
+        .and_then(|tree| criu_cycle(&tree, criu_reps, &scratch));
+        let (cd, cr) = match criu {
+            Ok(v) => (format!("{:.1}", v.0), format!("{:.1}", v.1)),
+            Err(e) => {
+                eprintln!("CRIU baseline not measured: {e:#}");
+                ("n/a".into(), "n/a".into())
+            }
+        };
+        println!(
+            "{n:>6} {:>15} {:>26} {:>15} {:>32} {:>13} {:>13}",
+            fmt_pair(stats(s.ck.clone())),
+            format!(
+                "{:.2} / {:.2} / {:.2}",
+                med(&s.ck_freeze),
+                med(&s.ck_capture),
+                med(&s.ck_fs)
+            ),
+            fmt_pair(stats(s.rb.clone())),
+            format!(
+                "{:.2} / {:.2} / {:.2} / {:.2}",
+                med(&s.rb_kill),
+                med(&s.rb_fs),
+                med(&s.rb_fork),
+                med(&s.rb_repoint)
+            ),
+            cd,
+            cr
+        );
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    println!("\nrollback = kill the live processes (their memory teardown included), mount the generation, fork every template with its pid, re-point; every rollback was verified (the heap's length, the processes alive)");
+    Ok(0)
+}

@@ -245,6 +245,48 @@ fn scratch_dir() -> Result<PathBuf> {
     Ok(d)
 }
 
+/// The table header (`first`: the first column's name).
+fn print_header(first: &str) {
+    println!(
+        "{first:>6} {:>15} {:>26} {:>15} {:>32} {:>13} {:>13}",
+        "checkpoint",
+        "(freeze / capture / fs)",
+        "rollback",
+        "(kill / fs / fork / re-point)",
+        "CRIU dump",
+        "CRIU restore"
+    );
+}
+
+/// One table row: DeltaCR's samples and the CRIU baseline (or why it is missing).
+fn print_row(label: &str, s: &Samples, criu: Result<(f64, f64)>) {
+    let (cd, cr) = match criu {
+        Ok(v) => (format!("{:.1}", v.0), format!("{:.1}", v.1)),
+        Err(e) => {
+            eprintln!("CRIU baseline not measured: {e:#}");
+            ("n/a".into(), "n/a".into())
+        }
+    };
+    println!(
+        "{label:>6} {:>15} {:>26} {:>15} {:>32} {cd:>13} {cr:>13}",
+        fmt_pair(stats(s.ck.clone())),
+        format!(
+            "{:.2} / {:.2} / {:.2}",
+            med(&s.ck_freeze),
+            med(&s.ck_capture),
+            med(&s.ck_fs)
+        ),
+        fmt_pair(stats(s.rb.clone())),
+        format!(
+            "{:.2} / {:.2} / {:.2} / {:.2}",
+            med(&s.rb_kill),
+            med(&s.rb_fs),
+            med(&s.rb_fork),
+            med(&s.rb_repoint)
+        ),
+    );
+}
+
 fn fmt_pair((m, p): (f64, f64)) -> String {
     format!("{m:.2} ({p:.2})")
 }
@@ -283,16 +325,7 @@ pub async fn cr(client: &Client, quick: bool) -> Result<i32> {
     };
 
     println!("\na bash session + a python3 session holding N MB of anonymous memory (its heap):");
-    println!(
-        "{:>6} {:>15} {:>26} {:>15} {:>32} {:>13} {:>13}",
-        "MB",
-        "checkpoint",
-        "(freeze / capture / fs)",
-        "rollback",
-        "(kill / fs / fork / re-point)",
-        "CRIU dump",
-        "CRIU restore"
-    );
+    print_header("MB");
     for &mb in sizes {
         let sb: SandboxInfo = client
             .create(&CreateSandbox {
@@ -332,48 +365,13 @@ pub async fn cr(client: &Client, quick: bool) -> Result<i32> {
             |pid| rss_mb(pid) as usize >= mb,
         )
         .and_then(|tree| criu_cycle(&tree, criu_reps, &scratch));
-        let (cd, cr) = match criu {
-            Ok(v) => (format!("{:.1}", v.0), format!("{:.1}", v.1)),
-            Err(e) => {
-                eprintln!("CRIU baseline not measured: {e:#}");
-                ("n/a".into(), "n/a".into())
-            }
-        };
-        println!(
-            "{mb:>6} {:>15} {:>26} {:>15} {:>32} {:>13} {:>13}",
-            fmt_pair(stats(s.ck.clone())),
-            format!(
-                "{:.2} / {:.2} / {:.2}",
-                med(&s.ck_freeze),
-                med(&s.ck_capture),
-                med(&s.ck_fs)
-            ),
-            fmt_pair(stats(s.rb.clone())),
-            format!(
-                "{:.2} / {:.2} / {:.2} / {:.2}",
-                med(&s.rb_kill),
-                med(&s.rb_fs),
-                med(&s.rb_fork),
-                med(&s.rb_repoint)
-            ),
-            cd,
-            cr
-        );
+        print_row(&mb.to_string(), &s, criu);
     }
 
     println!(
         "\nN idle python3 processes (started from a bash session) + the bash and python3 sessions:"
     );
-    println!(
-        "{:>6} {:>15} {:>26} {:>15} {:>32} {:>13} {:>13}",
-        "N",
-        "checkpoint",
-        "(freeze / capture / fs)",
-        "rollback",
-        "(kill / fs / fork / re-point)",
-        "CRIU dump",
-        "CRIU restore"
-    );
+    print_header("N");
     for &n in counts {
         let sb: SandboxInfo = client.create(&CreateSandbox::default()).await?;
         let result = async {
@@ -411,33 +409,7 @@ pub async fn cr(client: &Client, quick: bool) -> Result<i32> {
             },
         )
         .and_then(|tree| criu_cycle(&tree, criu_reps, &scratch));
-        let (cd, cr) = match criu {
-            Ok(v) => (format!("{:.1}", v.0), format!("{:.1}", v.1)),
-            Err(e) => {
-                eprintln!("CRIU baseline not measured: {e:#}");
-                ("n/a".into(), "n/a".into())
-            }
-        };
-        println!(
-            "{n:>6} {:>15} {:>26} {:>15} {:>32} {:>13} {:>13}",
-            fmt_pair(stats(s.ck.clone())),
-            format!(
-                "{:.2} / {:.2} / {:.2}",
-                med(&s.ck_freeze),
-                med(&s.ck_capture),
-                med(&s.ck_fs)
-            ),
-            fmt_pair(stats(s.rb.clone())),
-            format!(
-                "{:.2} / {:.2} / {:.2} / {:.2}",
-                med(&s.rb_kill),
-                med(&s.rb_fs),
-                med(&s.rb_fork),
-                med(&s.rb_repoint)
-            ),
-            cd,
-            cr
-        );
+        print_row(&n.to_string(), &s, criu);
     }
     let _ = std::fs::remove_dir_all(&scratch);
     println!("\nrollback = kill the live processes (their memory teardown included), mount the generation, fork every template with its pid, re-point; every rollback was verified (the heap's length, the processes alive)");

@@ -18,6 +18,8 @@ use std::path::Path;
 
 use deltabox_sys::inject::Tracee;
 
+use crate::generation::check;
+
 /// What to do with one descriptor of a restored process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fixup {
@@ -188,16 +190,6 @@ pub fn plan(pid: i32, pipes: &PipeHolders) -> Vec<Fixup> {
         }
     }
     out
-}
-
-fn check(what: &str, r: i64) -> Result<i64, String> {
-    if r < 0 {
-        return Err(format!(
-            "{what}: {}",
-            std::io::Error::from_raw_os_error(-r as i32)
-        ));
-    }
-    Ok(r)
 }
 
 /// Applies `fixups` in a restored process (held, already in the sandbox's namespaces and on its root).

@@ -396,7 +396,8 @@ fn scan(pid: i32, old: u64, always: bool) -> Result<Option<ProcPlan>, ScanError>
     }))
 }
 
-fn check(what: &str, r: i64) -> Result<i64, String> {
+/// The raw result of an injected system call, or an error naming `what` failed and why.
+pub(crate) fn check(what: &str, r: i64) -> Result<i64, String> {
     if r < 0 {
         return Err(format!(
             "{what}: {}",

@@ -19,7 +19,7 @@ use deltabox_sys::procfs;
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use crate::generation::{self, SwitchReport, SwitchSpec};
+use crate::generation::{self, check, SwitchReport, SwitchSpec};
 
 /// Daemon → keeper.
 #[derive(Debug, Serialize, Deserialize)]
@@ -230,16 +230,6 @@ fn kill_live(init_pid: i32, switch: &SwitchSpec) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_micros(100));
     }
-}
-
-fn check(what: &str, r: i64) -> Result<i64, String> {
-    if r < 0 {
-        return Err(format!(
-            "{what}: {}",
-            std::io::Error::from_raw_os_error(-r as i32)
-        ));
-    }
-    Ok(r)
 }
 
 /// Moves a just-forked process onto the sandbox's current generation: join the mount namespace of the sandbox's

@@ -162,6 +162,11 @@ impl TestDaemon {
     }
 
     /// `sh -c SCRIPT` in the sandbox; returns (exit code, stdout, stderr).
+    /// Starts a session (`bash` or `python3`) in sandbox `id`; returns its id.
+    pub fn session(&self, id: &str, kind: &str) -> String {
+        self.ok(&["session", "start", id, kind]).trim().to_string()
+    }
+
     pub fn sh(&self, id: &str, script: &str) -> (i32, String, String) {
         let out = self.cli(&["exec", id, "--", "sh", "-c", script]);
         (

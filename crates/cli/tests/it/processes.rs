@@ -23,7 +23,7 @@ fn sessions_come_back_with_their_state_and_pids() {
         .ok(&["session", "start", &id, "python3"])
         .trim()
         .to_string();
-    let sh = d.ok(&["session", "start", &id, "bash"]).trim().to_string();
+    let sh = d.session(&id, "bash");
     out(&d, &id, &py, "import os\ndata = list(range(10**6))\nx = 41");
     let py_pid = out(&d, &id, &py, "os.getpid()");
     out(
@@ -72,7 +72,7 @@ fn sessions_come_back_with_their_state_and_pids() {
 fn a_background_server_is_reachable_after_rollback() {
     let d = TestDaemon::start();
     let id = d.create(&[]);
-    let sh = d.ok(&["session", "start", &id, "bash"]).trim().to_string();
+    let sh = d.session(&id, "bash");
     out(
         &d,
         &id,
@@ -111,7 +111,7 @@ fn a_background_server_is_reachable_after_rollback() {
 fn a_pipe_reader_sees_end_of_file_when_the_writer_exits_after_a_checkpoint() {
     let d = TestDaemon::start();
     let id = d.create(&[]);
-    let sh = d.ok(&["session", "start", &id, "bash"]).trim().to_string();
+    let sh = d.session(&id, "bash");
     out(
         &d,
         &id,

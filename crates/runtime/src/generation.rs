@@ -450,11 +450,22 @@ pub(crate) fn reopen(
     f: &procfs::OpenFile,
     rep: &mut SwitchReport,
 ) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
     let p = t.write_path(&f.target).map_err(|e| e.to_string())?;
-    let flags = (f.flags as i32 & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC))
+    let mut flags = (f.flags as i32 & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC))
         | libc::O_NOCTTY
         | libc::O_CLOEXEC;
     let what = format!("fd {} ({})", f.fd, f.target.display());
+    // Opening a FIFO blocks until the other side opens it, and nothing would: open it non-blocking (a writer
+    // with no reader cannot open it at all then; read-write never waits), and restore the flag afterwards.
+    let fifo = std::fs::metadata(format!("/proc/{}/fd/{}", t.tgid(), f.fd))
+        .is_ok_and(|m| m.file_type().is_fifo());
+    if fifo {
+        flags |= libc::O_NONBLOCK;
+        if flags & libc::O_ACCMODE == libc::O_WRONLY {
+            flags = (flags & !libc::O_ACCMODE) | libc::O_RDWR;
+        }
+    }
     let nfd = check(
         &what,
         t.syscall(
@@ -464,6 +475,15 @@ pub(crate) fn reopen(
         .map_err(|e| e.to_string())?,
     )?;
     rep.syscalls += 1;
+    if fifo && f.flags as i32 & libc::O_NONBLOCK == 0 {
+        let back = (flags & !libc::O_NONBLOCK) as u64;
+        check(
+            &what,
+            t.syscall(libc::SYS_fcntl, &[nfd as u64, libc::F_SETFL as u64, back])
+                .map_err(|e| e.to_string())?,
+        )?;
+        rep.syscalls += 1;
+    }
     if f.pos > 0 {
         check(
             &what,

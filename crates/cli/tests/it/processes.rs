@@ -180,3 +180,94 @@ fn killed_templates_and_daemon_restarts_fall_back_to_restarting_processes() {
     assert_eq!(files, "ok\n");
     d.stop_and_check(&[id]);
 }
+
+#[test]
+fn processes_blocked_in_system_calls_resume_after_rollback() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let sh = d.session(&id, "bash");
+    // Each background process is blocked in a different call when the checkpoint is taken, and finishes its job
+    // only after the rollback: nanosleep, read on a FIFO, accept, and wait4 (whose child comes back re-parented
+    // to init, so the wait ends early: the documented degradation, but it must not hang).
+    out(
+        &d,
+        &id,
+        &sh,
+        "mkdir -p /work && cd /work && mkfifo fifo \
+         && (python3 -c \"import time; time.sleep(1.5); open('/work/slept', 'w').write('ok')\" &) \
+         && (python3 -c \"open('/work/fifo-got', 'w').write(open('/work/fifo').read())\" &) \
+         && (python3 -c \"import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', 9000)); s.listen(); c, _ = s.accept(); open('/work/accepted', 'w').write(c.recv(10).decode())\" &) \
+         && (sh -c 'sleep 1; echo waited > /work/waited' &) && sleep 0.5",
+    );
+    let c = checkpoint(&d, &id);
+    // The live branch finishes everything, then the sandbox goes back to before.
+    d.sh(&id, "echo live > /work/fifo; python3 -c \"import socket; socket.create_connection(('127.0.0.1', 9000)).send(b'live')\"; sleep 2");
+    assert_eq!(
+        d.sh(&id, "cat /work/slept /work/fifo-got /work/accepted").1,
+        "oklive\nlive"
+    );
+    d.ok(&["rollback", &id, &c]);
+    // The reader is blocked in open() again (it created /work/fifo-got, empty, before opening the FIFO). Not
+    // /work/slept: a restarted nanosleep keeps its original deadline, long past by now.
+    assert_eq!(
+        d.sh(&id, "cat /work/fifo-got /work/accepted 2>/dev/null").1,
+        "",
+        "the rollback undid the live branch"
+    );
+    d.sh(&id, "echo again > /work/fifo; python3 -c \"import socket; socket.create_connection(('127.0.0.1', 9000)).send(b'again')\"");
+    eventually("every blocked call resumed and finished", || {
+        d.sh(
+            &id,
+            "cat /work/slept /work/fifo-got /work/accepted /work/waited",
+        )
+        .1 == "okagain\nagainwaited\n"
+    });
+    d.stop_and_check(&[id]);
+}
+
+#[test]
+fn a_thousand_rollbacks_to_one_checkpoint() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let py = d.session(&id, "python3");
+    out(&d, &id, &py, "import os\nx = 7");
+    let pid = out(&d, &id, &py, "os.getpid()");
+    let c = checkpoint(&d, &id);
+    for round in 0..1000 {
+        let r = d.json(&["rollback", &id, &c, "--json"]);
+        assert_eq!(r["processes_restarted"], false, "round {round}: {r}");
+        assert_eq!(
+            out(&d, &id, &py, "x += 1; x, os.getpid()"),
+            format!("(8, {})\n", pid.trim()),
+            "round {round}"
+        );
+    }
+    d.stop_and_check(&[id]);
+}
+
+#[test]
+fn a_fifo_held_open_without_a_writer_does_not_block_checkpoint_or_rollback() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let sh = d.session(&id, "bash");
+    // Re-opening this FIFO by path for reading would wait for a writer that never comes.
+    out(
+        &d,
+        &id,
+        &sh,
+        "mkdir -p /work/d && cd /work/d && mkfifo f && (python3 -c \"import os, time; fd = os.open('/work/d/f', os.O_RDONLY | os.O_NONBLOCK); os.set_blocking(fd, True); time.sleep(600)\" &) && sleep 0.5",
+    );
+    d.ok(&["checkpoint", &id]);
+    let c = checkpoint(&d, &id);
+    // Live holders (templates, stopped in state t, hold it too).
+    let holder =
+        "for p in $(pgrep -f 'time[.]sleep.600'); do grep -q '^State:.S' /proc/$p/status && ls -l /proc/$p/fd | grep -c '/work/d/f'; done";
+    assert_eq!(
+        d.sh(&id, holder).1,
+        "1\n",
+        "the holder was re-pointed, not killed"
+    );
+    d.ok(&["rollback", &id, &c]);
+    assert_eq!(d.sh(&id, holder).1, "1\n", "and restored");
+    d.stop_and_check(&[id]);
+}

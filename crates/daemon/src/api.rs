@@ -95,6 +95,9 @@ pub struct CheckpointInfo {
     /// Processes checkpointed with it (sandbox pids; only when just taken).
     #[serde(default)]
     pub processes: Vec<i32>,
+    /// What its templates cost now, while they are held (listings only).
+    #[serde(default)]
+    pub templates: Option<deltabox_runtime::keeper::TemplateCost>,
 }
 
 /// `POST /v1/sandboxes/{id}/checkpoints` (the body is optional).

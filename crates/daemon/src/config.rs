@@ -23,6 +23,10 @@ pub struct Config {
     pub compact_at: usize,
     /// Layers merged into one per compaction level.
     pub compact_fanout: usize,
+    /// Memory (PSS, bytes) all process templates together may hold before the least recently used are evicted.
+    pub template_budget: u64,
+    /// Templates one sandbox may hold (they count against its pids limit).
+    pub max_templates: usize,
 }
 
 /// Default [`Config::compact_at`]: well under overlayfs's 500 lower layers, and short enough that lookups stay
@@ -39,8 +43,8 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 impl Config {
-    /// Defaults, overridden by `DELTABOX_STATE_DIR`, `DELTABOX_SOCKET`, `DELTABOX_COMPACT_AT` and
-    /// `DELTABOX_COMPACT_FANOUT`.
+    /// Defaults, overridden by `DELTABOX_STATE_DIR`, `DELTABOX_SOCKET`, `DELTABOX_COMPACT_AT`,
+    /// `DELTABOX_COMPACT_FANOUT`, `DELTABOX_TEMPLATE_BUDGET_MB` and `DELTABOX_MAX_TEMPLATES`.
     pub fn from_env() -> Config {
         Config {
             state_dir: std::env::var_os("DELTABOX_STATE_DIR")
@@ -54,6 +58,8 @@ impl Config {
             compact_at: env_usize("DELTABOX_COMPACT_AT", DEFAULT_COMPACT_AT).clamp(2, 400),
             compact_fanout: env_usize("DELTABOX_COMPACT_FANOUT", DEFAULT_COMPACT_FANOUT)
                 .clamp(2, 64),
+            template_budget: env_usize("DELTABOX_TEMPLATE_BUDGET_MB", 4096) as u64 * (1 << 20),
+            max_templates: env_usize("DELTABOX_MAX_TEMPLATES", 128).max(1),
         }
     }
 

@@ -72,6 +72,10 @@ pub struct Daemon {
     compact_wanted: Arc<tokio::sync::Notify>,
     /// One compaction pass at a time.
     compact_lock: tokio::sync::Mutex<()>,
+    /// One template budget pass at a time.
+    budget_lock: tokio::sync::Mutex<()>,
+    /// Process checkpoints whose templates were evicted (rollback says so).
+    evicted: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 fn now() -> i64 {
@@ -144,6 +148,8 @@ impl Daemon {
             pins: Default::default(),
             compact_wanted: Default::default(),
             compact_lock: Default::default(),
+            budget_lock: Default::default(),
+            evicted: Default::default(),
         });
         d.recover();
         // Unreachable layers are deleted in the background, off every request's critical path; requests only
@@ -697,7 +703,11 @@ impl Daemon {
 
     /// Checkpoints a running sandbox's files: its writable layer is frozen into the chain and the sandbox moves,
     /// processes and all, onto a new generation with a fresh writable layer. No data is copied.
-    pub async fn checkpoint(&self, id: &str, processes: bool) -> Result<CheckpointInfo, ApiError> {
+    pub async fn checkpoint(
+        self: &Arc<Self>,
+        id: &str,
+        processes: bool,
+    ) -> Result<CheckpointInfo, ApiError> {
         let start = std::time::Instant::now();
         let sb = self.live(id).await?;
         let _g = sb.lifecycle.lock().await;
@@ -785,8 +795,18 @@ impl Daemon {
                 .map(|(sid, s)| (sid.clone(), s.pid()))
                 .collect();
             if let Ok(mut kept) = sb.kept.lock() {
-                kept.insert(cid.clone(), sessions);
+                kept.insert(
+                    cid.clone(),
+                    crate::sandbox::KeptCheckpoint {
+                        sessions,
+                        processes: pids.len(),
+                        last_used: std::time::Instant::now(),
+                    },
+                );
             }
+            // Off the critical path: keep the template pool within its budget.
+            let me = self.clone();
+            tokio::spawn(async move { me.enforce_template_budget().await });
         }
         // Fault injection for tests: die between switching and recording, as a crash or kill -9 would.
         if self
@@ -833,7 +853,69 @@ impl Daemon {
             switch: Some(report),
             with_processes: processes,
             processes: pids,
+            templates: None,
         })
+    }
+
+    /// What the templates of each of a sandbox's kept process checkpoints cost (empty without a keeper).
+    async fn template_costs(
+        &self,
+        sb: &Sandbox,
+    ) -> HashMap<String, deltabox_runtime::keeper::TemplateCost> {
+        let Some(keeper) = sb.keeper.lock().await.clone() else {
+            return HashMap::new();
+        };
+        match blocking(move || keeper.request(&KeeperRequest::Stats)).await {
+            Ok(Ok(KeeperReply::Stats(m))) => m,
+            _ => HashMap::new(),
+        }
+    }
+
+    /// Evicts the least recently used process checkpoints' templates while all templates together hold more
+    /// memory (PSS) than the budget, or a sandbox holds more templates than allowed (they count against its
+    /// pids limit). An evicted checkpoint keeps its files; rolling back to it restarts the processes and says why.
+    pub async fn enforce_template_budget(&self) {
+        let _one = self.budget_lock.lock().await;
+        let sandboxes: Vec<Arc<Sandbox>> = self.live.read().await.values().cloned().collect();
+        // (last used, sandbox, checkpoint, pss, processes)
+        let mut entries = Vec::new();
+        let mut per_sandbox: HashMap<String, usize> = HashMap::new();
+        let mut total = 0u64;
+        for sb in &sandboxes {
+            let costs = self.template_costs(sb).await;
+            let Ok(kept) = sb.kept.lock().map(|k| k.clone()) else {
+                continue;
+            };
+            for (cid, cost) in costs {
+                let Some(k) = kept.get(&cid) else { continue };
+                total += cost.pss;
+                *per_sandbox.entry(sb.id.clone()).or_default() += cost.processes;
+                entries.push((k.last_used, sb.clone(), cid, cost.pss, cost.processes));
+            }
+        }
+        entries.sort_by_key(|e| e.0);
+        for (_, sb, cid, pss, n) in entries {
+            let count = per_sandbox.get(&sb.id).copied().unwrap_or(0);
+            if total <= self.config.template_budget && count <= self.config.max_templates {
+                continue;
+            }
+            let Some(keeper) = sb.keeper.lock().await.clone() else {
+                continue;
+            };
+            let req = KeeperRequest::Forget {
+                ids: vec![cid.clone()],
+            };
+            let _ = blocking(move || keeper.request(&req)).await;
+            if let Ok(mut k) = sb.kept.lock() {
+                k.remove(&cid);
+            }
+            if let Ok(mut e) = self.evicted.lock() {
+                e.insert(cid.clone());
+            }
+            tracing::info!("template pool: evicted the processes of checkpoint {cid} ({pss} bytes, {n} processes)");
+            total = total.saturating_sub(pss);
+            per_sandbox.insert(sb.id.clone(), count.saturating_sub(n));
+        }
     }
 
     /// The keeper of a sandbox's process checkpoints, started on first use.
@@ -1024,6 +1106,11 @@ impl Daemon {
     /// A sandbox's checkpoints, oldest first.
     pub async fn list_checkpoints(&self, id: &str) -> Result<Vec<CheckpointInfo>, ApiError> {
         self.get(id).await?;
+        let live = self.live.read().await.get(id).cloned();
+        let costs = match live {
+            Some(sb) => self.template_costs(&sb).await,
+            None => HashMap::new(),
+        };
         Ok(self
             .store
             .checkpoints_of(id)?
@@ -1031,6 +1118,7 @@ impl Daemon {
             .map(|c| CheckpointInfo {
                 with_processes: c.processes,
                 processes: Vec::new(),
+                templates: costs.get(&c.id).cloned(),
                 depth: self.depth(&c.chain),
                 layers: c.chain.len(),
                 id: c.id,
@@ -1066,8 +1154,11 @@ impl Daemon {
         // A process checkpoint whose templates this very sandbox's keeper still holds: restore the processes.
         let live = self.live.read().await.get(id).cloned();
         let mut gone = None;
-        if let Some(sb) = live.filter(|sb| sb.kept.lock().is_ok_and(|k| k.contains_key(cid))) {
-            match self.rollback_processes(&sb, id, cid, start).await? {
+        if let Some(sb) = live
+            .clone()
+            .filter(|sb| sb.kept.lock().is_ok_and(|k| k.contains_key(cid)))
+        {
+            match self.rollback_processes(&sb, id, cid, start, None).await? {
                 Ok(info) => return Ok(info),
                 Err(why) => {
                     // The templates are gone (killed from inside): nothing changed; restart instead.
@@ -1079,12 +1170,16 @@ impl Daemon {
             }
         }
         let gone_note;
-        let restart_note = match gone {
+        let restart_note = match gone.clone() {
             Some(why) => {
                 gone_note = format!(
                     "files rolled back; processes were restarted (sessions start fresh): {why}"
                 );
                 gone_note.as_str()
+            }
+            None if self.evicted.lock().is_ok_and(|e| e.contains(cid)) => {
+                "files rolled back; processes were restarted (sessions start fresh): this checkpoint's process \
+                 templates were evicted to keep within the template memory budget"
             }
             None if ck_has_processes(&self.store, cid) => {
                 "files rolled back; processes were restarted (sessions start fresh): this checkpoint's process \
@@ -1092,6 +1187,18 @@ impl Daemon {
             }
             None => "files rolled back; processes were restarted (sessions start fresh): the checkpoint has files only",
         };
+        // A live sandbox with a keeper: roll the files back through it, keeping init and every other
+        // checkpoint's templates (a restart would lose them all).
+        if let Some(sb) = live.filter(|sb| sb.handle.is_alive()) {
+            if sb.keeper.lock().await.is_some() {
+                if let Ok(info) = self
+                    .rollback_processes(&sb, id, cid, start, Some(restart_note))
+                    .await?
+                {
+                    return Ok(info);
+                }
+            }
+        }
         let old = self.live.write().await.remove(id);
         let (cgroup, hostname, network, image_config) = match &old {
             Some(sb) => {
@@ -1200,15 +1307,20 @@ impl Daemon {
         id: &str,
         cid: &str,
         start: std::time::Instant,
+        files_only: Option<&str>,
     ) -> Result<Result<RollbackInfo, String>, ApiError> {
         let _g = sb.lifecycle.lock().await;
-        let snapshot = sb
-            .kept
-            .lock()
-            .map_err(|_| ApiError::internal("poisoned"))?
-            .get(cid)
-            .cloned()
-            .unwrap_or_default();
+        // Which sessions it had; it is now the most recently used.
+        let snapshot: Vec<(String, i32)> = {
+            let mut kept = sb.kept.lock().map_err(|_| ApiError::internal("poisoned"))?;
+            match kept.get_mut(cid) {
+                Some(k) => {
+                    k.last_used = std::time::Instant::now();
+                    k.sessions.clone()
+                }
+                None => Vec::new(),
+            }
+        };
         let keeper = sb
             .keeper
             .lock()
@@ -1257,13 +1369,17 @@ impl Daemon {
             .lock()
             .map_err(|_| ApiError::internal("poisoned"))?
             .clone();
-        let req = KeeperRequest::Rollback {
-            id: cid.to_string(),
-            switch: SwitchSpec {
-                init_pid: sb.handle.init_pid(),
-                cgroup: sb.cgroup.clone(),
-                layers: self.stack(&next),
-                keeper_pid: Some(keeper.pid()),
+        let switch = SwitchSpec {
+            init_pid: sb.handle.init_pid(),
+            cgroup: sb.cgroup.clone(),
+            layers: self.stack(&next),
+            keeper_pid: Some(keeper.pid()),
+        };
+        let req = match files_only {
+            Some(_) => KeeperRequest::RollbackFiles { switch },
+            None => KeeperRequest::Rollback {
+                id: cid.to_string(),
+                switch,
             },
         };
         let k = keeper.clone();
@@ -1319,12 +1435,15 @@ impl Daemon {
         Ok(Ok(RollbackInfo {
             sandbox_id: id.to_string(),
             checkpoint: cid.to_string(),
-            processes_restarted: false,
-            note: format!(
-                "files and processes rolled back ({} process{} restored with their pids)",
-                restored.len(),
-                if restored.len() == 1 { "" } else { "es" }
-            ),
+            processes_restarted: files_only.is_some(),
+            note: match files_only {
+                Some(note) => note.to_string(),
+                None => format!(
+                    "files and processes rolled back ({} process{} restored with their pids)",
+                    restored.len(),
+                    if restored.len() == 1 { "" } else { "es" }
+                ),
+            },
             duration_ms: start.elapsed().as_secs_f64() * 1e3,
             restored,
             restore: report,

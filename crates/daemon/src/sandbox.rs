@@ -30,8 +30,19 @@ pub struct Sandbox {
     pub lifecycle: Mutex<()>,
     /// The keeper holding this sandbox's process checkpoints (started by the first one).
     pub keeper: Mutex<Option<Arc<deltabox_runtime::Keeper>>>,
-    /// Process checkpoints its keeper holds: checkpoint id → the sessions (id, pid) there were then.
-    pub kept: std::sync::Mutex<HashMap<String, Vec<(String, i32)>>>,
+    /// Process checkpoints its keeper holds.
+    pub kept: std::sync::Mutex<HashMap<String, KeptCheckpoint>>,
+}
+
+/// A process checkpoint whose templates the sandbox's keeper holds.
+#[derive(Debug, Clone)]
+pub struct KeptCheckpoint {
+    /// The sessions (id, pid) there were when it was taken.
+    pub sessions: Vec<(String, i32)>,
+    /// Templates (one per process).
+    pub processes: usize,
+    /// Taken or last rolled back to (the template pool evicts the least recently used).
+    pub last_used: std::time::Instant,
 }
 
 impl Sandbox {

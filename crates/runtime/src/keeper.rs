@@ -33,8 +33,25 @@ pub enum KeeperRequest {
     },
     /// Restore checkpoint `id`: its processes, on the new generation `switch.layers`.
     Rollback { id: String, switch: SwitchSpec },
+    /// Roll the files back only (a checkpoint without kept templates): kill the processes but init and the
+    /// templates, and move onto `switch.layers`. Every other checkpoint's templates stay.
+    RollbackFiles { switch: SwitchSpec },
     /// Drop the templates of these checkpoints.
     Forget { ids: Vec<String> },
+    /// What the templates of each kept checkpoint cost.
+    Stats,
+}
+
+/// What one checkpoint's templates cost in memory (from `/proc/<pid>/smaps_rollup`): their page tables plus the
+/// pages the live processes have rewritten since (until then a template shares every page).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TemplateCost {
+    /// Templates (processes).
+    pub processes: usize,
+    /// Proportional set size, bytes.
+    pub pss: u64,
+    /// Pages only the templates hold, bytes.
+    pub private_dirty: u64,
 }
 
 /// Keeper → daemon.
@@ -52,6 +69,8 @@ pub enum KeeperReply {
     RollbackFailed { error: String, switched: bool },
     /// Forgotten.
     Done,
+    /// Per checkpoint id.
+    Stats(HashMap<String, TemplateCost>),
     /// The request failed; nothing changed unless the message says otherwise.
     Failed { error: String },
 }
@@ -129,12 +148,32 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
                     error: format!("no process checkpoint {id} is kept"),
                 },
             },
+            KeeperRequest::RollbackFiles { switch } => match rollback(init_pid, &switch, &mut []) {
+                Ok(r) => KeeperReply::RolledBack(r),
+                Err((error, switched)) => KeeperReply::RollbackFailed { error, switched },
+            },
             KeeperRequest::Forget { ids } => {
                 for id in ids {
                     kept.remove(&id);
                 }
                 KeeperReply::Done
             }
+            KeeperRequest::Stats => KeeperReply::Stats(
+                kept.iter()
+                    .map(|(id, caps)| {
+                        let mut cost = TemplateCost {
+                            processes: caps.len(),
+                            ..Default::default()
+                        };
+                        for c in caps {
+                            let (pss, dirty) = smaps_rollup(c.template.pid().as_raw());
+                            cost.pss += pss;
+                            cost.private_dirty += dirty;
+                        }
+                        (id.clone(), cost)
+                    })
+                    .collect(),
+            ),
         };
         send(&sock, &reply)?;
     }
@@ -256,6 +295,19 @@ fn repoint_restored(t: &mut Tracee, c: &Captured, rep: &mut SwitchReport) -> Res
         generation::reopen(t, f, rep)?;
     }
     crate::fd_fixup::apply(t, &c.fixups)
+}
+
+/// (Pss, Private_Dirty) of a process, in bytes.
+fn smaps_rollup(pid: i32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let kb = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (kb("Pss:"), kb("Private_Dirty:"))
 }
 
 /// Sets init's dumpable flag by injecting `prctl(PR_SET_DUMPABLE)` into it.

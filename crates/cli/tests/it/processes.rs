@@ -271,3 +271,49 @@ fn a_fifo_held_open_without_a_writer_does_not_block_checkpoint_or_rollback() {
     assert_eq!(d.sh(&id, holder).1, "1\n", "and restored");
     d.stop_and_check(&[id]);
 }
+
+#[test]
+fn the_template_pool_reports_costs_and_evicts_the_least_recently_used() {
+    // Room for the templates of two checkpoints of a sandbox with two sessions.
+    let d = TestDaemon::start_with(&[("DELTABOX_MAX_TEMPLATES", "4")]);
+    let id = d.create(&[]);
+    let py = d.session(&id, "python3");
+    let _sh = d.session(&id, "bash");
+    out(&d, &id, &py, "data = b'x' * (8 << 20); n = 1");
+    let c1 = checkpoint(&d, &id);
+    out(&d, &id, &py, "n = 2");
+    let c2 = checkpoint(&d, &id);
+    // Rolling back to c1 makes it the most recently used; c2 is the one to go when c3 needs room.
+    d.ok(&["rollback", &id, &c1]);
+    out(&d, &id, &py, "n = 3");
+    let c3 = checkpoint(&d, &id);
+    let held = |d: &TestDaemon| -> Vec<(String, u64)> {
+        d.json(&["checkpoints", &id, "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| {
+                let t = c.get("templates")?.as_object()?;
+                Some((c["id"].as_str()?.to_string(), t["pss"].as_u64()?))
+            })
+            .collect()
+    };
+    eventually("the pool evicts down to two checkpoints", || {
+        held(&d).len() == 2
+    });
+    let now = held(&d);
+    assert!(
+        now.iter().any(|(c, _)| *c == c1) && now.iter().any(|(c, _)| *c == c3),
+        "{now:?}"
+    );
+    assert!(
+        now.iter().all(|(_, pss)| *pss > 0),
+        "templates report their memory: {now:?}"
+    );
+    let r = d.json(&["rollback", &id, &c2, "--json"]);
+    assert_eq!(r["processes_restarted"], true, "{r}");
+    assert!(r["note"].as_str().unwrap().contains("evicted"), "{r}");
+    let r = d.json(&["rollback", &id, &c1, "--json"]);
+    assert_eq!(r["processes_restarted"], false, "{r}");
+    d.stop_and_check(&[id]);
+}

@@ -399,6 +399,7 @@ impl Daemon {
             lifecycle: Default::default(),
             keeper: Default::default(),
             kept: Default::default(),
+            dormant: Default::default(),
         }))
     }
 
@@ -1338,7 +1339,7 @@ impl Daemon {
         let mut held = Vec::new();
         for (sid, s) in sessions {
             if let Ok(Ok(h)) = tokio::time::timeout(Duration::from_secs(2), s.suspend()).await {
-                held.push((sid, s.pid(), h));
+                held.push((sid, s.clone(), h));
             }
         }
         let layers_guard = self.layers_lock.lock().await;
@@ -1412,22 +1413,36 @@ impl Daemon {
         self.gc_later(self.held_by(&left));
         let restored: Vec<i32> = report.as_ref().map(|r| r.pids.clone()).unwrap_or_default();
         let mut sessions = sb.sessions.lock().await;
-        for (sid, pid, h) in held {
-            let back = snapshot.contains(&(sid.clone(), pid)) && restored.contains(&pid);
-            match back {
-                true => match sb.handle.track(pid).await {
-                    Ok(exit) => h.resume(exit),
-                    Err(_) => {
-                        h.end();
-                        sessions.remove(&sid);
-                    }
-                },
-                false => {
-                    h.end();
-                    sessions.remove(&sid);
+        let mut dormant = sb.dormant.lock().await;
+        // Sessions whose interpreter is back: live ones resume, dormant ones wake up.
+        for (sid, pid) in &snapshot {
+            if !restored.contains(pid) {
+                continue;
+            }
+            let entry = match held.iter().position(|(s, _, _)| s == sid) {
+                Some(i) => {
+                    let (_, s, h) = held.swap_remove(i);
+                    Some((s, h))
+                }
+                None => dormant.remove(sid),
+            };
+            let Some((s, h)) = entry else { continue };
+            match sb.handle.track(*pid).await {
+                Ok(exit) if s.pid() == *pid => {
+                    h.resume(exit);
+                    sessions.insert(sid.clone(), s);
+                }
+                _ => {
+                    sessions.remove(sid);
                 }
             }
         }
+        // The others' interpreters are gone: hide them, pipes kept, until a rollback brings them back.
+        for (sid, s, h) in held {
+            sessions.remove(&sid);
+            dormant.insert(sid, (s, h));
+        }
+        drop(dormant);
         drop(sessions);
         if let Some((msg, _)) = error {
             return Err(ApiError::conflict("rollback_failed", msg));

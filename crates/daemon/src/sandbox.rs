@@ -32,6 +32,9 @@ pub struct Sandbox {
     pub keeper: Mutex<Option<Arc<deltabox_runtime::Keeper>>>,
     /// Process checkpoints its keeper holds.
     pub kept: std::sync::Mutex<HashMap<String, KeptCheckpoint>>,
+    /// Sessions whose interpreter a rollback killed and did not restore, kept with their pipes (suspended) in
+    /// case a later rollback restores that interpreter from an older checkpoint.
+    pub dormant: Mutex<HashMap<String, (Arc<Session>, deltabox_runtime::Suspended)>>,
 }
 
 /// A process checkpoint whose templates the sandbox's keeper holds.

@@ -15,3 +15,4 @@ mod model;
 mod processes;
 mod real_programs;
 mod sessions;
+mod shell_model;

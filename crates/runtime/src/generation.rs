@@ -180,29 +180,14 @@ fn switch_frozen(
     // fix them.
     let mut held: Vec<(ProcPlan, Vec<Tracee>)> = Vec::new();
     for plan in plans {
-        let mut tracees = Vec::new();
-        let mut failed = None;
-        for &tid in &plan.threads {
-            match Tracee::attach(
-                Pid::from_raw(plan.pid),
-                Pid::from_raw(tid),
-                plan.syscall_insn,
-                TRAP_TIMEOUT,
-            ) {
-                Ok(tr) => tracees.push(tr),
-                Err(deltabox_sys::inject::InjectError::Exited(_)) => {}
-                Err(e) => failed = Some(e.to_string()),
-            }
-        }
-        if let Some(e) = failed {
-            kill(
+        match attach_all(&plan) {
+            Ok(tracees) => held.push((plan, tracees)),
+            Err(e) => kill(
                 plan.pid,
                 &format!("pid {}: cannot seize: {e}", plan.pid),
                 rep,
-            );
-            continue;
+            ),
         }
-        held.push((plan, tracees));
     }
     spec.cgroup.thaw().map_err(|e| format!("thaw: {e}"))?;
     for (plan, tracees) in &mut held {
@@ -239,6 +224,24 @@ pub(crate) fn mount_and_pivot(spec: &SwitchSpec) -> Result<(), String> {
     run_in_child(|| pivot_into(ns.as_fd(), &mnt))
 }
 
+/// Seizes every thread of a planned process (without waiting for the stops); threads that exited are skipped.
+fn attach_all(plan: &ProcPlan) -> Result<Vec<Tracee>, deltabox_sys::inject::InjectError> {
+    let mut tracees = Vec::new();
+    for &tid in &plan.threads {
+        match Tracee::attach(
+            Pid::from_raw(plan.pid),
+            Pid::from_raw(tid),
+            plan.syscall_insn,
+            TRAP_TIMEOUT,
+        ) {
+            Ok(tr) => tracees.push(tr),
+            Err(deltabox_sys::inject::InjectError::Exited(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(tracees)
+}
+
 /// The capturing switch, still frozen: hold every thread, thaw, capture each process, then pivot and re-point.
 fn switch_held(
     spec: &SwitchSpec,
@@ -249,19 +252,8 @@ fn switch_held(
     let t = Instant::now();
     let mut held: Vec<(ProcPlan, Vec<Tracee>)> = Vec::new();
     for plan in plans {
-        let mut tracees = Vec::new();
-        for &tid in &plan.threads {
-            match Tracee::attach(
-                Pid::from_raw(plan.pid),
-                Pid::from_raw(tid),
-                plan.syscall_insn,
-                TRAP_TIMEOUT,
-            ) {
-                Ok(tr) => tracees.push(tr),
-                Err(deltabox_sys::inject::InjectError::Exited(_)) => {}
-                Err(e) => return Err(format!("process {} ({}): {e}", plan.pid, comm(plan.pid))),
-            }
-        }
+        let tracees = attach_all(&plan)
+            .map_err(|e| format!("process {} ({}): {e}", plan.pid, comm(plan.pid)))?;
         held.push((plan, tracees));
     }
     spec.cgroup.thaw().map_err(|e| format!("thaw: {e}"))?;

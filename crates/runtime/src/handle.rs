@@ -119,17 +119,7 @@ impl SandboxHandle {
         if argv.is_empty() || argv[0].is_empty() {
             return Err(Error::Invalid("empty command".into()));
         }
-        let (tx, rx) = oneshot::channel();
-        let id = {
-            let mut st = self.inner.state.lock().map_err(|_| Error::SandboxDead)?;
-            if st.dead {
-                return Err(Error::SandboxDead);
-            }
-            st.next_id += 1;
-            let id = st.next_id;
-            st.pending.insert(id, tx);
-            id
-        };
+        let (id, rx) = self.pending()?;
         let (fds, fd_targets): (Vec<OwnedFd>, Vec<i32>) = fds.into_iter().unzip();
         let req = InitRequest::Spawn {
             id,
@@ -155,17 +145,7 @@ impl SandboxHandle {
     /// Starts reporting the exit of `pid`, a process init did not spawn (restored from a checkpoint). Init answers
     /// after every event it sent before, so an exit of an earlier process with the same pid is never taken for it.
     pub async fn track(&self, pid: i32) -> Result<oneshot::Receiver<ExitStatus>> {
-        let (tx, rx) = oneshot::channel();
-        let id = {
-            let mut st = self.inner.state.lock().map_err(|_| Error::SandboxDead)?;
-            if st.dead {
-                return Err(Error::SandboxDead);
-            }
-            st.next_id += 1;
-            let id = st.next_id;
-            st.pending.insert(id, tx);
-            id
-        };
+        let (id, rx) = self.pending()?;
         if let Err(e) = self.send(&InitRequest::Track { id, pid }, &[]).await {
             if let Ok(mut st) = self.inner.state.lock() {
                 st.pending.remove(&id);
@@ -177,6 +157,19 @@ impl SandboxHandle {
             Ok(Err(msg)) => Err(Error::Spawn(msg)),
             Err(_) => Err(Error::SandboxDead),
         }
+    }
+
+    /// Registers a request whose answer (`Spawned` or `SpawnFailed`) init will send with id `id`.
+    fn pending(&self) -> Result<(u64, oneshot::Receiver<SpawnReply>)> {
+        let (tx, rx) = oneshot::channel();
+        let mut st = self.inner.state.lock().map_err(|_| Error::SandboxDead)?;
+        if st.dead {
+            return Err(Error::SandboxDead);
+        }
+        st.next_id += 1;
+        let id = st.next_id;
+        st.pending.insert(id, tx);
+        Ok((id, rx))
     }
 
     /// Sends a signal to one process (sandbox pid).

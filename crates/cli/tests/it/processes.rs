@@ -65,6 +65,19 @@ fn sessions_come_back_with_their_state_and_pids() {
         out(&d, &id, &py, "x = -1");
         out(&d, &id, &sh, "cd /; echo v3 > /work/file; unset FOO");
     }
+    // The restored processes live on the new generation: what they write lands in its writable layer, never in a
+    // frozen one (their template's root was the checkpoint's generation).
+    d.ok(&["rollback", &id, &c]);
+    out(&d, &id, &sh, "echo fresh > probe-sh");
+    out(&d, &id, &py, "open('/work/probe-py', 'w').write('fresh')");
+    let upper = std::path::PathBuf::from(d.json(&["info", &id])["upper"].as_str().unwrap());
+    for f in ["work/deep/dir/probe-sh", "work/probe-py"] {
+        assert_eq!(
+            std::fs::read_to_string(upper.join(f)).unwrap().trim(),
+            "fresh",
+            "{f} in the writable layer"
+        );
+    }
     d.stop_and_check(&[id]);
 }
 

@@ -321,6 +321,28 @@ fn tempfile_dir() -> Result<ScratchDir> {
     Ok(ScratchDir(d))
 }
 
+/// Makes a filesystem on image `img` with `mkfs` (program and options) and loop-mounts it at `mnt`.
+fn mkfs_and_mount(mkfs: &[&str], img: &Path, mnt: &Path) -> Result<()> {
+    let out = Command::new(mkfs[0]).args(&mkfs[1..]).arg(img).output()?;
+    ensure!(
+        out.status.success(),
+        "{}: {}",
+        mkfs[0],
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(img)
+            .arg(mnt)
+            .status()?
+            .success(),
+        "mount {}",
+        img.display()
+    );
+    Ok(())
+}
+
 /// The btrfs baseline on a fresh btrfs loop image: the same tree in a subvolume; checkpoint = read-only snapshot
 /// after touching one file, rollback = a writable snapshot of the checkpoint (the new working copy; deleting the
 /// old one, which btrfs does slowly in the background, is not counted). Medians in ms.
@@ -332,24 +354,7 @@ fn btrfs_snapshots(n: usize, reps: usize) -> Result<(f64, f64)> {
     let img = dir.join("img");
     std::fs::File::create(&img)?.set_len(4 << 30)?;
     let result = (|| -> Result<(f64, f64)> {
-        let out = Command::new("mkfs.btrfs")
-            .args(["-q", "-f"])
-            .arg(&img)
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "mkfs.btrfs: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        ensure!(
-            Command::new("mount")
-                .args(["-o", "loop"])
-                .arg(&img)
-                .arg(&mnt)
-                .status()?
-                .success(),
-            "mount btrfs"
-        );
+        mkfs_and_mount(&["mkfs.btrfs", "-q", "-f"], &img, &mnt)?;
         let out = Command::new("btrfs")
             .args(["-q", "subvolume", "create"])
             .arg(mnt.join("work"))
@@ -412,26 +417,12 @@ fn copy_up(fs: &str, mb: usize) -> Result<(usize, f64)> {
         let _ = std::fs::remove_dir_all(dir);
     };
     let result = (|| -> Result<(usize, f64)> {
-        let mkfs = if fs == "xfs" {
-            vec!["mkfs.xfs", "-q", "-f", "-m", "reflink=1"]
+        let mkfs: &[&str] = if fs == "xfs" {
+            &["mkfs.xfs", "-q", "-f", "-m", "reflink=1"]
         } else {
-            vec!["mkfs.ext4", "-q", "-F"]
+            &["mkfs.ext4", "-q", "-F"]
         };
-        let st = Command::new(mkfs[0]).args(&mkfs[1..]).arg(&img).output()?;
-        ensure!(
-            st.status.success(),
-            "{}",
-            String::from_utf8_lossy(&st.stderr)
-        );
-        ensure!(
-            Command::new("mount")
-                .args(["-o", "loop"])
-                .arg(&img)
-                .arg(&mnt)
-                .status()?
-                .success(),
-            "mount {fs}"
-        );
+        mkfs_and_mount(mkfs, &img, &mnt)?;
         for d in ["lower", "upper", "work", "merged"] {
             std::fs::create_dir_all(mnt.join(d))?;
         }

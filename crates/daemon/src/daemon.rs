@@ -725,7 +725,8 @@ impl Daemon {
                 .map_err(|_| ApiError::internal("poisoned"))?
                 .clone())
         };
-        if self.next_chain(&fs_now()?)?.len() + fs_now()?.base.len() + COMPACT_MARGIN
+        let before = fs_now()?;
+        if self.next_chain(&before)?.len() + before.base.len() + COMPACT_MARGIN
             > deltabox_fs::overlay::MAX_LOWER_LAYERS
         {
             // Checkpoints came faster than background compaction: compact now rather than fail.

@@ -190,13 +190,7 @@ fn switch_frozen(
         }
     }
     spec.cgroup.thaw().map_err(|e| format!("thaw: {e}"))?;
-    for (plan, tracees) in &mut held {
-        if let Err(e) = repoint(plan, tracees, rep) {
-            tracees.clear();
-            kill(plan.pid, &format!("pid {}: {e}", plan.pid), rep);
-        }
-    }
-    drop(held);
+    repoint_all(held, rep);
     rep.repoint_us = us(t);
     Ok(())
 }
@@ -275,15 +269,20 @@ fn switch_held(
     mount_and_pivot(spec)?;
     rep.mount_us = us(t);
     let t = Instant::now();
+    repoint_all(held, rep);
+    rep.repoint_us = us(t);
+    Ok(())
+}
+
+/// Re-points every held process onto the new generation, then lets them go. A process that cannot be re-pointed
+/// is killed (and reported) rather than left writing through a frozen layer.
+fn repoint_all(mut held: Vec<(ProcPlan, Vec<Tracee>)>, rep: &mut SwitchReport) {
     for (plan, tracees) in &mut held {
         if let Err(e) = repoint(plan, tracees, rep) {
             tracees.clear();
             kill(plan.pid, &format!("pid {}: {e}", plan.pid), rep);
         }
     }
-    drop(held);
-    rep.repoint_us = us(t);
-    Ok(())
 }
 
 fn kill(pid: i32, why: &str, rep: &mut SwitchReport) {

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use deltabox_daemon::api::{
-    CheckpointInfo, CreateSandbox, RollbackInfo, RunInSession, SandboxInfo, SessionInfo,
-    SessionResult, StartSession,
+    CheckpointBody, CheckpointInfo, CreateSandbox, RollbackInfo, RunInSession, SandboxInfo,
+    SessionInfo, SessionResult, StartSession,
 };
 use deltabox_daemon::Client;
 
@@ -55,24 +55,69 @@ struct Samples {
     rb_fs: Vec<f64>,
     rb_fork: Vec<f64>,
     rb_repoint: Vec<f64>,
+    /// Writing one byte per 4 KiB page of the heap right after a rollback (copy-on-write faults).
+    touch: Vec<f64>,
+}
+
+/// Waits until no template of the sandbox is still being collapsed into huge pages.
+async fn wait_collapsed(c: &Client, id: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let list = c.list_checkpoints(id).await?;
+        if !list
+            .iter()
+            .any(|ck| ck.templates.as_ref().is_some_and(|t| t.collapsing))
+        {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the huge-page collapse did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A sandbox under measurement: its python session, how to check its state, how to time first writes.
+#[derive(Clone, Copy)]
+struct Workload<'a> {
+    id: &'a str,
+    py: &'a str,
+    /// Python code printing the state …
+    verify: &'a str,
+    /// … which must print this after every rollback.
+    expect: &'a str,
+    /// Python code printing the milliseconds it took to write every page of the heap.
+    touch: Option<&'a str>,
 }
 
 /// Checkpoints `reps` times (after a tiny change each), then rolls back `reps` times to the first one, checking
-/// with `verify` that the state came back.
-async fn measure(
-    c: &Client,
-    id: &str,
-    py: &str,
-    reps: usize,
-    verify: &str,
-    expect: &str,
-) -> Result<Samples> {
+/// with `verify` that the state came back. With `huge`, the background huge-page collapse is on and allowed to
+/// finish after every checkpoint (as an agent's think time would), after one warm-up checkpoint; with `touch`, a
+/// few more rollbacks each time `touch` (it prints milliseconds).
+async fn measure(c: &Client, w: &Workload<'_>, reps: usize, huge: bool) -> Result<Samples> {
+    let Workload {
+        id,
+        py,
+        verify,
+        expect,
+        touch,
+    } = *w;
     let mut s = Samples::default();
     let mut first = None;
+    let body = CheckpointBody {
+        processes: true,
+        huge_pages: Some(huge),
+    };
+    if huge {
+        run(c, id, py, "tick = -2").await?;
+        c.checkpoint_body(id, &body).await?;
+        wait_collapsed(c, id).await?;
+    }
     for i in 0..reps {
         run(c, id, py, &format!("tick = {i}")).await?;
         let t = Instant::now();
-        let ck: CheckpointInfo = c.checkpoint_with(id, true).await?;
+        let ck: CheckpointInfo = c.checkpoint_body(id, &body).await?;
         s.ck.push(t.elapsed().as_secs_f64() * 1e3);
         if let Some(sw) = &ck.switch {
             s.ck_freeze.push(sw.freeze_us as f64 / 1e3);
@@ -80,6 +125,9 @@ async fn measure(
             s.ck_fs.push((sw.mount_us + sw.repoint_us) as f64 / 1e3);
         }
         first.get_or_insert(ck.id);
+        if huge {
+            wait_collapsed(c, id).await?;
+        }
     }
     let first = first.context("no checkpoint")?;
     for _ in 0..reps {
@@ -101,6 +149,13 @@ async fn measure(
         let got = run(c, id, py, verify).await?;
         if got.trim() != expect {
             bail!("rollback did not restore the state: {verify} gave {got:?}, expected {expect:?}");
+        }
+    }
+    if let Some(touch) = touch {
+        for _ in 0..reps.min(5) {
+            c.rollback(id, &first).await?;
+            let ms: f64 = run(c, id, py, touch).await?.trim().parse()?;
+            s.touch.push(ms);
         }
     }
     Ok(s)
@@ -248,27 +303,35 @@ fn scratch_dir() -> Result<PathBuf> {
 /// The table header (`first`: the first column's name).
 fn print_header(first: &str) {
     println!(
-        "{first:>6} {:>15} {:>26} {:>15} {:>32} {:>13} {:>13}",
+        "{first:>6} {:>6} {:>15} {:>26} {:>15} {:>32} {:>12} {:>10} {:>13}",
+        "pages",
         "checkpoint",
         "(freeze / capture / fs)",
         "rollback",
         "(kill / fs / fork / re-point)",
+        "first write",
         "CRIU dump",
         "CRIU restore"
     );
 }
 
 /// One table row: DeltaCR's samples and the CRIU baseline (or why it is missing).
-fn print_row(label: &str, s: &Samples, criu: Result<(f64, f64)>) {
+fn print_row(label: &str, pages: &str, s: &Samples, criu: Option<Result<(f64, f64)>>) {
     let (cd, cr) = match criu {
-        Ok(v) => (format!("{:.1}", v.0), format!("{:.1}", v.1)),
-        Err(e) => {
+        Some(Ok(v)) => (format!("{:.1}", v.0), format!("{:.1}", v.1)),
+        Some(Err(e)) => {
             eprintln!("CRIU baseline not measured: {e:#}");
             ("n/a".into(), "n/a".into())
         }
+        None => ("".into(), "".into()),
+    };
+    let touch = if s.touch.is_empty() {
+        "-".to_string()
+    } else {
+        format!("{:.2}", med(&s.touch))
     };
     println!(
-        "{label:>6} {:>15} {:>26} {:>15} {:>32} {cd:>13} {cr:>13}",
+        "{label:>6} {pages:>6} {:>15} {:>26} {:>15} {:>32} {touch:>12} {cd:>10} {cr:>13}",
         fmt_pair(stats(s.ck.clone())),
         format!(
             "{:.2} / {:.2} / {:.2}",
@@ -342,22 +405,27 @@ pub async fn cr(client: &Client, quick: bool) -> Result<i32> {
                 client,
                 &sb.id,
                 &py.id,
-                &format!("data = b'x' * ({mb} << 20)"),
+                &format!("import time; data = bytearray(b'x') * ({mb} << 20)"),
             )
             .await?;
-            measure(
-                client,
-                &sb.id,
-                &py.id,
-                reps,
-                "tick, len(data)",
-                &format!("(0, {})", mb << 20),
-            )
-            .await
+            let touch = "t = time.perf_counter(); data[::4096] = b'y' * len(range(0, len(data), 4096)); print((time.perf_counter() - t) * 1e3)";
+            let expect = format!("(0, {})", mb << 20);
+            let w = Workload {
+                id: &sb.id,
+                py: &py.id,
+                verify: "tick, len(data)",
+                expect: &expect,
+                touch: Some(touch),
+            };
+            let mut rows = Vec::new();
+            for huge in [false, true] {
+                rows.push(measure(client, &w, reps, huge).await?);
+            }
+            anyhow::Ok(rows)
         }
         .await;
         client.remove(&sb.id).await?;
-        let s = result?;
+        let rows = result?;
         let criu = HostTree::start(
             &format!(
                 "exec python3 -c \"import time; data = b'x' * ({mb} << 20); time.sleep(1e9)\""
@@ -365,7 +433,8 @@ pub async fn cr(client: &Client, quick: bool) -> Result<i32> {
             |pid| rss_mb(pid) as usize >= mb,
         )
         .and_then(|tree| criu_cycle(&tree, criu_reps, &scratch));
-        print_row(&mb.to_string(), &s, criu);
+        print_row(&mb.to_string(), "4K", &rows[0], Some(criu));
+        print_row("", "2M", &rows[1], None);
     }
 
     println!(
@@ -385,15 +454,15 @@ pub async fn cr(client: &Client, quick: bool) -> Result<i32> {
             )
             .await?;
             run(client, &sb.id, &py.id, "import os").await?;
-            measure(
-                client,
-                &sb.id,
-                &py.id,
-                reps,
-                "tick, len([p for p in os.listdir('/proc') if p.isdigit() and b'time.sleep' in open('/proc/%s/cmdline' % p, 'rb').read() and open('/proc/%s/stat' % p).read().split(') ')[1][0] == 'S'])",
-                &format!("(0, {n})"),
-            )
-            .await
+            let expect = format!("(0, {n})");
+            let w = Workload {
+                id: &sb.id,
+                py: &py.id,
+                verify: "tick, len([p for p in os.listdir('/proc') if p.isdigit() and b'time.sleep' in open('/proc/%s/cmdline' % p, 'rb').read() and open('/proc/%s/stat' % p).read().split(') ')[1][0] == 'S'])",
+                expect: &expect,
+                touch: None,
+            };
+            measure(client, &w, reps, true).await
         }
         .await;
         client.remove(&sb.id).await?;
@@ -409,9 +478,11 @@ pub async fn cr(client: &Client, quick: bool) -> Result<i32> {
             },
         )
         .and_then(|tree| criu_cycle(&tree, criu_reps, &scratch));
-        print_row(&n.to_string(), &s, criu);
+        print_row(&n.to_string(), "", &s, Some(criu));
     }
     let _ = std::fs::remove_dir_all(&scratch);
+    println!("\npages: 4K = templates share the live processes' small pages; 2M = background huge-page collapse on (the default), measured after it finished");
+    println!("first write = writing one byte per 4 KiB page of the heap right after a rollback (copy-on-write)");
     println!("\nrollback = kill the live processes (their memory teardown included), mount the generation, fork every template with its pid, re-point; every rollback was verified (the heap's length, the processes alive)");
     Ok(0)
 }

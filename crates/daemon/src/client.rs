@@ -244,11 +244,33 @@ impl Client {
         id: &str,
         processes: bool,
     ) -> Result<CheckpointInfo, ClientError> {
-        let body = crate::api::CheckpointBody { processes };
+        let body = crate::api::CheckpointBody {
+            processes,
+            ..Default::default()
+        };
+        self.checkpoint_body(id, &body).await
+    }
+
+    /// `GET /v1/sandboxes/{id}/checkpoints`: the sandbox's checkpoints, oldest first.
+    pub async fn list_checkpoints(&self, id: &str) -> Result<Vec<CheckpointInfo>, ClientError> {
+        self.call(
+            Method::GET,
+            &format!("/v1/sandboxes/{}/checkpoints", seg(id)),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// `POST /v1/sandboxes/{id}/checkpoints` with every option.
+    pub async fn checkpoint_body(
+        &self,
+        id: &str,
+        body: &crate::api::CheckpointBody,
+    ) -> Result<CheckpointInfo, ClientError> {
         self.call(
             Method::POST,
             &format!("/v1/sandboxes/{}/checkpoints", seg(id)),
-            Some(&body),
+            Some(body),
         )
         .await
     }

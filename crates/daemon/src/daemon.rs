@@ -707,8 +707,9 @@ impl Daemon {
     pub async fn checkpoint(
         self: &Arc<Self>,
         id: &str,
-        processes: bool,
+        opts: &crate::api::CheckpointBody,
     ) -> Result<CheckpointInfo, ApiError> {
+        let processes = opts.processes;
         let start = std::time::Instant::now();
         let sb = self.live(id).await?;
         let _g = sb.lifecycle.lock().await;
@@ -771,6 +772,7 @@ impl Daemon {
                 let req = KeeperRequest::Checkpoint {
                     id: cid.clone(),
                     switch: spec,
+                    huge_pages: opts.huge_pages.unwrap_or(true),
                 };
                 match blocking(move || keeper.request(&req)).await? {
                     Ok(KeeperReply::Checkpointed { report, pids }) => Ok((report, pids)),

@@ -122,10 +122,7 @@ async fn checkpoint(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::invalid(format!("checkpoint body: {e}")))?
     };
-    Ok((
-        StatusCode::CREATED,
-        Json(d.checkpoint(&id, body.processes).await?),
-    ))
+    Ok((StatusCode::CREATED, Json(d.checkpoint(&id, &body).await?)))
 }
 
 async fn fork(

@@ -215,7 +215,7 @@ pub(crate) fn mount_and_pivot(spec: &SwitchSpec) -> Result<(), String> {
         .map_err(|e| format!("mount new generation: {e}"))?;
     let ns = std::fs::File::open(format!("/proc/{}/ns/mnt", spec.init_pid))
         .map_err(|e| format!("sandbox mount namespace: {e}"))?;
-    run_in_child(|| pivot_into(ns.as_fd(), &mnt))
+    in_mount_ns(ns.as_fd(), || pivot_into(&mnt))
 }
 
 /// Seizes every thread of a planned process (without waiting for the stops); threads that exited are skipped.
@@ -506,15 +506,13 @@ fn unshared_fs(pid: i32, tid: i32) -> bool {
     tid != pid
 }
 
-/// In the grandchild, inside the sandbox's mount namespace: mount the generation, move the submounts, pivot.
-fn pivot_into(ns: std::os::fd::BorrowedFd<'_>, mnt: &OwnedFd) -> Result<(), String> {
+/// Inside the sandbox's mount namespace: mount the generation, move the submounts, pivot.
+fn pivot_into(mnt: &OwnedFd) -> Result<(), String> {
     use rustix::mount::{mount_move, move_mount, unmount, MoveMountFlags, UnmountFlags};
     let e = |what: &str| {
         let what = what.to_string();
         move |err: rustix::io::Errno| format!("{what}: {err}")
     };
-    rustix::thread::move_into_link_name_space(ns, Some(rustix::thread::LinkNameSpaceType::Mount))
-        .map_err(e("setns"))?;
     rustix::process::chdir("/").map_err(e("chdir /"))?;
     let mp = format!("/{}", deltabox_fs::GENERATION_MOUNTPOINT);
     move_mount(
@@ -535,37 +533,38 @@ fn pivot_into(ns: std::os::fd::BorrowedFd<'_>, mnt: &OwnedFd) -> Result<(), Stri
     crate::rootfs::mount_generation_guard(Path::new("/")).map_err(|err| err.to_string())
 }
 
-/// Runs `f` in a forked child and returns its result (an error message travels back through a pipe).
-fn run_in_child(f: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
-    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-        .map_err(|e| format!("pipe: {e}"))?;
-    // SAFETY: the helper is single-threaded (forked from the single-threaded zygote).
-    match unsafe { deltabox_sys::clone_process(0) }.map_err(|e| format!("fork: {e}"))? {
-        deltabox_sys::CloneResult::Child => {
-            drop(r);
-            let code = match f() {
-                Ok(()) => 0,
-                Err(msg) => {
-                    let _ = rustix::io::write(&w, msg.as_bytes());
-                    1
-                }
-            };
-            // SAFETY: leave without running the parent's destructors or atexit handlers twice.
-            unsafe { libc::_exit(code) }
-        }
-        deltabox_sys::CloneResult::Parent(pid) => {
-            drop(w);
-            let mut msg = Vec::new();
-            let mut buf = [0u8; 1024];
-            while let Ok(n @ 1..) = rustix::io::read(&r, &mut buf) {
-                msg.extend_from_slice(&buf[..n]);
-            }
-            let status = nix::sys::wait::waitpid(Pid::from_raw(pid.as_raw_nonzero().get()), None);
-            match status {
-                Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) if msg.is_empty() => Ok(()),
-                _ if !msg.is_empty() => Err(String::from_utf8_lossy(&msg).into_owned()),
-                other => Err(format!("generation switch child ended with {other:?}")),
-            }
-        }
+/// Runs `f` inside mount namespace `ns` and comes back to ours, with our root and working directory as they
+/// were (joining a mount namespace resets both). No child process: a fork costs more than the switch. The caller
+/// must be single-threaded (`setns(CLONE_NEWNS)` refuses otherwise): the zygote and the keepers are.
+fn in_mount_ns(
+    ns: std::os::fd::BorrowedFd<'_>,
+    f: impl FnOnce() -> Result<(), String>,
+) -> Result<(), String> {
+    use rustix::fs::{open, Mode, OFlags};
+    use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
+    let dir = |p: &str| {
+        open(
+            p,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| format!("open {p}: {e}"))
+    };
+    let own = std::fs::File::open("/proc/self/ns/mnt")
+        .map_err(|e| format!("our mount namespace: {e}"))?;
+    let (root, cwd) = (dir("/")?, dir(".")?);
+    let result = move_into_link_name_space(ns, Some(LinkNameSpaceType::Mount))
+        .map_err(|e| format!("setns: {e}"))
+        .and_then(|()| f());
+    let back = move_into_link_name_space(own.as_fd(), Some(LinkNameSpaceType::Mount))
+        .and_then(|()| rustix::process::fchdir(&root))
+        .and_then(|()| rustix::process::chroot("."))
+        .and_then(|()| rustix::process::fchdir(&cwd));
+    if let Err(e) = back {
+        // Carrying on inside a sandbox's mount namespace would be unsafe; dying takes our templates along
+        // (PTRACE_O_EXITKILL) and the daemon reports it.
+        eprintln!("deltabox: cannot return to our own mount namespace ({e}): exiting");
+        std::process::abort();
     }
+    result
 }

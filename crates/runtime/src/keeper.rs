@@ -18,6 +18,7 @@ use deltabox_sys::inject::Tracee;
 use deltabox_sys::procfs;
 use serde::{Deserialize, Serialize};
 
+use crate::collapser::Collapser;
 use crate::generation::{self, check, SwitchReport, SwitchSpec};
 
 /// Daemon → keeper.
@@ -29,6 +30,8 @@ pub enum KeeperRequest {
         id: String,
         /// The switch.
         switch: SwitchSpec,
+        /// Collapse the templates and processes into huge pages afterwards (see [`crate::collapser`]).
+        huge_pages: bool,
     },
     /// Restore checkpoint `id`: its processes, on the new generation `switch.layers`.
     Rollback { id: String, switch: SwitchSpec },
@@ -51,6 +54,12 @@ pub struct TemplateCost {
     pub pss: u64,
     /// Pages only the templates hold, bytes.
     pub private_dirty: u64,
+    /// Anonymous memory mapped by huge pages (collapsed in the background: cheap to fork), bytes.
+    #[serde(default)]
+    pub huge: u64,
+    /// Some of its templates still wait for (or are in) the background huge-page collapse.
+    #[serde(default)]
+    pub collapsing: bool,
 }
 
 /// Keeper → daemon.
@@ -100,6 +109,8 @@ struct Captured {
     generations: Vec<u64>,
     /// Descriptors the template dropped, to re-create in a restored process.
     fixups: Vec<crate::fd_fixup::Fixup>,
+    /// The live process it was taken from (host pid; it may be gone).
+    source: i32,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -116,10 +127,18 @@ fn send(sock: &OwnedFd, reply: &KeeperReply) -> std::io::Result<()> {
 /// Keeper entry point (single-threaded, forked from the zygote). Returns when the daemon closes the socket.
 pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
     let mut kept: HashMap<String, Vec<Captured>> = HashMap::new();
+    let mut collapser = Collapser::default();
     while let Some((payload, _)) = deltabox_sys::fdpass::recv_frame(&sock)? {
         let req: KeeperRequest = serde_json::from_slice(&payload).map_err(std::io::Error::other)?;
+        collapser.poll();
+        // Collapsed after the reply: (templates, then the live processes they were taken from).
+        let mut collapse_next: Vec<i32> = Vec::new();
         let reply = match req {
-            KeeperRequest::Checkpoint { id, switch } => match checkpoint(
+            KeeperRequest::Checkpoint {
+                id,
+                switch,
+                huge_pages,
+            } => match checkpoint(
                 init_pid,
                 &switch,
                 &kept
@@ -133,6 +152,10 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
                         .iter()
                         .map(|c| c.template.identity().ns_pid)
                         .collect();
+                    if huge_pages {
+                        collapse_next.extend(captured.iter().map(|c| c.template.pid().as_raw()));
+                        collapse_next.extend(captured.iter().map(|c| c.source));
+                    }
                     kept.insert(id, captured);
                     KeeperReply::Checkpointed { report, pids }
                 }
@@ -153,7 +176,14 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
             },
             KeeperRequest::Forget { ids } => {
                 for id in ids {
-                    kept.remove(&id);
+                    if let Some(caps) = kept.remove(&id) {
+                        collapser.remove(
+                            &caps
+                                .iter()
+                                .map(|c| c.template.pid().as_raw())
+                                .collect::<Vec<_>>(),
+                        );
+                    }
                 }
                 KeeperReply::Done
             }
@@ -165,9 +195,14 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
                             ..Default::default()
                         };
                         for c in caps {
-                            let (pss, dirty) = smaps_rollup(c.template.pid().as_raw());
+                            let pid = c.template.pid().as_raw();
+                            let (pss, dirty) = smaps_rollup(pid);
                             cost.pss += pss;
                             cost.private_dirty += dirty;
+                            cost.huge += deltabox_sys::hugepage::anon_memory(pid)
+                                .map(|m| m.huge)
+                                .unwrap_or(0);
+                            cost.collapsing |= collapser.pending(pid);
                         }
                         (id.clone(), cost)
                     })
@@ -175,6 +210,9 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
             ),
         };
         send(&sock, &reply)?;
+        if !collapse_next.is_empty() {
+            collapser.add(collapse_next);
+        }
     }
     Ok(())
 }
@@ -227,6 +265,7 @@ fn checkpoint(
             cwd,
             generations: vec![generation],
             fixups,
+            source: pid,
         });
         Ok(())
     };
@@ -235,26 +274,33 @@ fn checkpoint(
     Ok((report, captured))
 }
 
-/// Kills every process of the sandbox but init and waits until their pids are free (init reaped them).
-fn kill_live(init_pid: i32, switch: &SwitchSpec) -> Result<(), String> {
-    let deadline = Instant::now() + TIMEOUT;
-    let mut victims: Vec<i32> = Vec::new();
-    loop {
-        let live: Vec<i32> = switch
-            .cgroup
-            .pids()
-            .into_iter()
-            .filter(|p| *p != init_pid && !generation::traced_by(*p, std::process::id() as i32))
-            .collect();
-        for &p in &live {
-            // SAFETY: kill(2) with plain integers.
-            unsafe { libc::kill(p, libc::SIGKILL) };
-            if !victims.contains(&p) {
-                victims.push(p);
-            }
+/// Sends SIGKILL to every process of the sandbox but init and the templates, noting them in `victims`; returns
+/// how many were still there.
+fn signal_live(init_pid: i32, switch: &SwitchSpec, victims: &mut Vec<i32>) -> usize {
+    let live: Vec<i32> = switch
+        .cgroup
+        .pids()
+        .into_iter()
+        .filter(|p| *p != init_pid && !generation::traced_by(*p, std::process::id() as i32))
+        .collect();
+    for &p in &live {
+        // SAFETY: kill(2) with plain integers.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+        if !victims.contains(&p) {
+            victims.push(p);
         }
+    }
+    live.len()
+}
+
+/// Kills every process of the sandbox but init (and any it forked meanwhile) and waits until their pids are free
+/// (init reaped them). `victims` may hold processes already signalled by [`signal_live`].
+fn kill_live(init_pid: i32, switch: &SwitchSpec, victims: &mut Vec<i32>) -> Result<(), String> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let live = signal_live(init_pid, switch, victims);
         // Out of the cgroup is not enough: the pid stays taken until init reaps the zombie.
-        if live.is_empty()
+        if live == 0
             && victims
                 .iter()
                 .all(|p| !Path::new(&format!("/proc/{p}")).exists())
@@ -263,27 +309,36 @@ fn kill_live(init_pid: i32, switch: &SwitchSpec) -> Result<(), String> {
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "processes {live:?} of the sandbox did not die within {TIMEOUT:?}"
+                "{live} processes of the sandbox did not die within {TIMEOUT:?}"
             ));
         }
         std::thread::sleep(Duration::from_micros(100));
     }
 }
 
-/// Moves a just-forked process onto the sandbox's current generation: join its own mount namespace again through
-/// a pidfd of itself (which sets root and cwd to the namespace's root, the generation just pivoted to; no other
-/// process's permission is involved), `chdir` back, re-open files of the old generation by path.
-fn repoint_restored(t: &mut Tracee, c: &Captured, rep: &mut SwitchReport) -> Result<(), String> {
+/// Moves a just-forked process onto the sandbox's current generation (mount `generation`): its root already is
+/// there when the template's root was the sandbox's (`pivot_root` moves every such root); otherwise it joins its
+/// own mount namespace again through a pidfd of itself (which sets root and cwd to the namespace's root; no
+/// other process's permission is involved). Then `chdir` back and re-open files of the old generation by path.
+fn repoint_restored(
+    t: &mut Tracee,
+    c: &Captured,
+    generation: u64,
+    rep: &mut SwitchReport,
+) -> Result<(), String> {
     let sc = |t: &mut Tracee, nr: i64, args: &[u64]| t.syscall(nr, args).map_err(|e| e.to_string());
-    let me = c.template.identity().ns_pid as u64;
-    let pidfd = check("pidfd_open(self)", sc(t, libc::SYS_pidfd_open, &[me, 0])?)?;
-    let joined = sc(
-        t,
-        libc::SYS_setns,
-        &[pidfd as u64, libc::CLONE_NEWNS as u64],
-    )?;
-    sc(t, libc::SYS_close, &[pidfd as u64])?;
-    check("setns to the new generation", joined)?;
+    let root = procfs::mnt_id(Path::new(&format!("/proc/{}/root", t.tgid())));
+    if root.ok() != Some(generation) {
+        let me = c.template.identity().ns_pid as u64;
+        let pidfd = check("pidfd_open(self)", sc(t, libc::SYS_pidfd_open, &[me, 0])?)?;
+        let joined = sc(
+            t,
+            libc::SYS_setns,
+            &[pidfd as u64, libc::CLONE_NEWNS as u64],
+        )?;
+        sc(t, libc::SYS_close, &[pidfd as u64])?;
+        check("setns to the new generation", joined)?;
+    }
     if c.cwd != Path::new("/") {
         let p = t.write_path(&c.cwd).map_err(|e| e.to_string())?;
         check(
@@ -348,12 +403,21 @@ fn rollback(
             ));
         }
     }
+    // The live processes die (their memory torn down) while the generation mounts.
     let t = Instant::now();
-    kill_live(init_pid, switch).map_err(|e| (e, false))?;
+    let mut victims = Vec::new();
+    signal_live(init_pid, switch, &mut victims);
     r.kill_us = us(t);
     let t = Instant::now();
-    generation::mount_and_pivot(switch).map_err(|e| (e, false))?;
+    let mounted = generation::mount_and_pivot(switch);
     r.mount_us = us(t);
+    let t = Instant::now();
+    let killed = kill_live(init_pid, switch, &mut victims);
+    r.kill_us += us(t);
+    mounted.map_err(|e| (e, false))?;
+    killed.map_err(|e| (e, true))?;
+    let generation = procfs::mnt_id(Path::new(&format!("/proc/{init_pid}/root")))
+        .map_err(|e| (format!("sandbox root: {e}"), true))?;
     let mut started: Vec<Tracee> = Vec::new();
     let mut rep = SwitchReport::default();
     let result = {
@@ -365,7 +429,7 @@ fn rollback(
                 })?;
                 r.fork_us += us(t);
                 let t = Instant::now();
-                repoint_restored(&mut child, c, &mut rep).map_err(|e| {
+                repoint_restored(&mut child, c, generation, &mut rep).map_err(|e| {
                     format!("restore process {}: {e}", c.template.identity().ns_pid)
                 })?;
                 r.repoint_us += us(t);

@@ -13,6 +13,7 @@
 //! hardened, everything it starts inherits the isolation.
 
 pub mod cgroup;
+pub mod collapser;
 pub mod diff;
 pub mod error;
 pub mod exec;

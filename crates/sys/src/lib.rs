@@ -7,6 +7,7 @@ pub mod btrfs;
 pub mod caps;
 pub mod clone;
 pub mod fdpass;
+pub mod hugepage;
 pub mod inject;
 pub mod netdev;
 pub mod procfs;

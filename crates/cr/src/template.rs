@@ -65,6 +65,12 @@ impl Template {
     /// process's parent (`CLONE_PARENT`, for processes whose parent is the sandbox's init); otherwise a child of
     /// the process itself with no exit signal, which a plain `wait()` there never sees.
     pub fn capture(tracee: &mut Tracee, sibling: bool) -> Result<Template> {
+        Template::start_capture(tracee, sibling)?.finish(tracee)
+    }
+
+    /// Starts [`Template::capture`]: the process forks on its own CPU while the caller starts others. Finish with
+    /// [`PendingCapture::finish`] on the same tracee before doing anything else with it.
+    pub fn start_capture(tracee: &mut Tracee, sibling: bool) -> Result<PendingCapture> {
         let pid = tracee.tgid();
         let n = threads(pid);
         if n != 1 {
@@ -85,7 +91,28 @@ impl Template {
             exit_signal: 0,
             set_tid: Vec::new(),
         };
-        let mut copy = tracee.fork(&spec)?;
+        tracee.start_fork(&spec)?;
+        Ok(PendingCapture {
+            identity: Identity {
+                ns_pid,
+                session_leader: sid == ns_pid,
+            },
+        })
+    }
+}
+
+/// A capture in flight ([`Template::start_capture`]).
+#[derive(Debug)]
+#[must_use = "a started capture must be finished on its tracee"]
+pub struct PendingCapture {
+    identity: Identity,
+}
+
+impl PendingCapture {
+    /// Collects the fork and makes the copy a template.
+    pub fn finish(self, tracee: &mut Tracee) -> Result<Template> {
+        let pid = tracee.tgid();
+        let mut copy = tracee.finish_fork()?;
         let r = copy.syscall(libc::SYS_setsid, &[]);
         let held = match r
             .map_err(Error::from)
@@ -99,15 +126,14 @@ impl Template {
         };
         Ok(Template {
             held,
-            identity: Identity {
-                ns_pid,
-                session_leader: sid == ns_pid,
-            },
+            identity: self.identity,
             timeout: Duration::from_secs(5),
             alive: true,
         })
     }
+}
 
+impl Template {
     /// The template process's pid (in our pid namespace).
     pub fn pid(&self) -> Pid {
         self.held.tid
@@ -159,6 +185,13 @@ impl Template {
     /// be dead and reaped), in the template's pid namespace and as a sibling of the template. Returns the
     /// process held in its first stop, for the caller to re-point and detach.
     pub fn spawn(&mut self, same_pid: bool) -> Result<Tracee> {
+        let spawning = self.start_spawn(same_pid)?;
+        self.finish_spawn(spawning)
+    }
+
+    /// Starts [`Template::spawn`]: the template forks on its own CPU while the caller does other work (starts
+    /// other templates, pivots the sandbox). Finish with [`Template::finish_spawn`].
+    pub fn start_spawn(&mut self, same_pid: bool) -> Result<Spawning> {
         if !self.is_alive() {
             return Err(Error::TemplateGone(self.held.tid.as_raw()));
         }
@@ -174,7 +207,22 @@ impl Template {
                 Vec::new()
             },
         };
-        let forked = t.fork(&spec);
+        match t.start_fork(&spec) {
+            Ok(()) => Ok(Spawning { template: Some(t) }),
+            Err(e) => {
+                // The template stays as it was.
+                self.held = t.keep_stopped()?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Collects the fork [`Template::start_spawn`] started and finishes it as [`Template::spawn`] does.
+    pub fn finish_spawn(&mut self, mut spawning: Spawning) -> Result<Tracee> {
+        let Some(mut t) = spawning.template.take() else {
+            return Err(Error::TemplateGone(self.held.tid.as_raw()));
+        };
+        let forked = t.finish_fork();
         // The template stays as it was, whatever happened.
         self.held = t.keep_stopped()?;
         let mut child = forked?;
@@ -187,6 +235,26 @@ impl Template {
             return Err(e);
         }
         Ok(child)
+    }
+}
+
+/// A fork of a template in flight ([`Template::start_spawn`]). Dropped unfinished, it waits for the fork, kills
+/// the copy and leaves the template stopped: a template never runs.
+#[derive(Debug)]
+pub struct Spawning {
+    template: Option<Tracee>,
+}
+
+impl Drop for Spawning {
+    fn drop(&mut self) {
+        if let Some(mut t) = self.template.take() {
+            if let Ok(child) = t.finish_fork() {
+                let pid = child.tgid();
+                drop(child.keep_stopped());
+                kill_held(pid);
+            }
+            let _ = t.keep_stopped();
+        }
     }
 }
 

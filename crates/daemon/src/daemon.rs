@@ -74,6 +74,8 @@ pub struct Daemon {
     compact_lock: tokio::sync::Mutex<()>,
     /// One template budget pass at a time.
     budget_lock: tokio::sync::Mutex<()>,
+    /// A budget check is scheduled (bursts of checkpoints share one).
+    budget_due: std::sync::atomic::AtomicBool,
     /// Process checkpoints whose templates were evicted (rollback says so).
     evicted: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -149,6 +151,7 @@ impl Daemon {
             compact_wanted: Default::default(),
             compact_lock: Default::default(),
             budget_lock: Default::default(),
+            budget_due: Default::default(),
             evicted: Default::default(),
         });
         d.recover();
@@ -759,6 +762,7 @@ impl Daemon {
             cgroup: sb.cgroup.clone(),
             layers: self.stack(&next),
             keeper_pid: sb.keeper.lock().await.as_ref().map(|k| k.pid()),
+            templates: None,
         };
         let switched = match keeper {
             None => {
@@ -808,9 +812,20 @@ impl Daemon {
                     },
                 );
             }
-            // Off the critical path: keep the template pool within its budget.
-            let me = self.clone();
-            tokio::spawn(async move { me.enforce_template_budget().await });
+            // Off the critical path (it walks every template's page tables): keep the template pool within its
+            // budget, once for a burst of checkpoints.
+            if !self
+                .budget_due
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+            {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    me.budget_due
+                        .store(false, std::sync::atomic::Ordering::Release);
+                    me.enforce_template_budget().await
+                });
+            }
         }
         // Fault injection for tests: die between switching and recording, as a crash or kill -9 would.
         if self
@@ -869,10 +884,18 @@ impl Daemon {
         let Some(keeper) = sb.keeper.lock().await.clone() else {
             return HashMap::new();
         };
-        match blocking(move || keeper.request(&KeeperRequest::Stats)).await {
+        let kept = match blocking(move || keeper.request(&KeeperRequest::Stats)).await {
             Ok(Ok(KeeperReply::Stats(m))) => m,
-            _ => HashMap::new(),
-        }
+            _ => return HashMap::new(),
+        };
+        // The page-table walks happen here, not in the keeper (which must stay free for rollbacks).
+        blocking(move || {
+            kept.into_iter()
+                .map(|(cid, t)| (cid, deltabox_runtime::keeper::TemplateCost::measure(&t)))
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
     }
 
     /// Evicts the least recently used process checkpoints' templates while all templates together hold more
@@ -1378,6 +1401,7 @@ impl Daemon {
             cgroup: sb.cgroup.clone(),
             layers: self.stack(&next),
             keeper_pid: Some(keeper.pid()),
+            templates: None,
         };
         let req = match files_only {
             Some(_) => KeeperRequest::RollbackFiles { switch },

@@ -28,13 +28,11 @@ pub struct Collapser {
 }
 
 impl Collapser {
-    /// Queues the processes (host pids) whose small-page anonymous memory is worth collapsing, and starts a
-    /// helper if none runs.
+    /// Queues processes (host pids) and starts a helper if none runs. The helper skips those with too little
+    /// small-page memory to be worth it (finding out walks page tables: not the keeper's job).
     pub fn add(&mut self, pids: impl IntoIterator<Item = i32>) {
         for pid in pids {
-            let worth = deltabox_sys::hugepage::anon_memory(pid)
-                .is_ok_and(|m| m.small() >= MIN_SMALL_BYTES);
-            if worth && !self.pending(pid) {
+            if !self.pending(pid) {
                 self.queue.push_back(pid);
             }
         }
@@ -94,6 +92,10 @@ fn collapse_all(pids: &[i32]) {
     // SAFETY: setpriority(2) on ourselves with plain integers.
     unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
     for &pid in pids {
-        let _ = deltabox_sys::hugepage::collapse(pid);
+        let worth =
+            deltabox_sys::hugepage::anon_memory(pid).is_ok_and(|m| m.small() >= MIN_SMALL_BYTES);
+        if worth {
+            let _ = deltabox_sys::hugepage::collapse(pid);
+        }
     }
 }

@@ -44,6 +44,11 @@ pub struct SwitchSpec {
     /// sandbox's cgroup), never scanned, moved or captured.
     #[serde(default)]
     pub keeper_pid: Option<i32>,
+    /// The templates' host pids, when the keeper itself switches (it knows them: no `/proc` read per template).
+    /// A template's pid cannot be reused while the keeper holds it: a dead tracee stays a zombie until its tracer
+    /// collects it.
+    #[serde(skip)]
+    pub templates: Option<std::collections::HashSet<i32>>,
 }
 
 /// What a switch did, with phase timings in microseconds.
@@ -89,9 +94,19 @@ fn us(t: Instant) -> u64 {
     t.elapsed().as_micros() as u64
 }
 
-/// Called with each process of the sandbox (but init) held in a ptrace stop, before anything changes: the
-/// process checkpoint hook. An error aborts the whole switch, leaving everything as it was.
-pub type Capture<'a> = &'a mut dyn FnMut(i32, &mut Tracee) -> Result<(), String>;
+/// The process checkpoint hook, called with each process of the sandbox (but init) held in a ptrace stop,
+/// before anything changes. In two passes, so that work injected into one process (a fork) runs while the next
+/// starts: `start` for every process, then `finish` for every process `start` was called for, even when a
+/// later `start` failed. An error aborts the whole switch, leaving everything as it was.
+pub trait CaptureHook {
+    /// Starts capturing process `pid`.
+    fn start(&mut self, pid: i32, t: &mut Tracee) -> Result<(), String>;
+    /// Finishes what `start` began for `pid` (same tracee).
+    fn finish(&mut self, pid: i32, t: &mut Tracee) -> Result<(), String>;
+}
+
+/// See [`CaptureHook`].
+pub type Capture<'a> = &'a mut dyn CaptureHook;
 
 /// Runs the whole switch. Call only in a single-threaded process (the zygote's helper): it forks and ptraces.
 pub fn switch(spec: &SwitchSpec) -> Result<SwitchReport, String> {
@@ -107,6 +122,17 @@ pub fn switch_capturing(
 ) -> Result<SwitchReport, String> {
     let start = Instant::now();
     let mut rep = SwitchReport::default();
+    let mut capture = capture;
+    if let Some(capture) = capture.as_mut() {
+        // Without the freezer when every process can be held by ptrace alone (it saves the freeze and the thaw,
+        // ~0.6 ms); a sandbox that keeps forking while we seize falls back to freezing.
+        if let Some(held) = hold_seized(spec, &mut rep)? {
+            capture_and_pivot(spec, &mut rep, held, &mut **capture)?;
+            rep.total_us = us(start);
+            return Ok(rep);
+        }
+        rep = SwitchReport::default();
+    }
     let t = Instant::now();
     spec.cgroup.freeze().map_err(|e| format!("freeze: {e}"))?;
     rep.freeze_us = us(t);
@@ -133,7 +159,11 @@ fn switch_frozen(
     rep.processes = pids.len();
     let mut plans = Vec::new();
     for pid in pids {
-        if spec.keeper_pid.is_some_and(|k| traced_by(pid, k)) {
+        let template = match &spec.templates {
+            Some(set) => set.contains(&pid),
+            None => spec.keeper_pid.is_some_and(|k| traced_by(pid, k)),
+        };
+        if template {
             continue;
         }
         // pivot_root moves only the sandbox's own mount namespace: a process in a nested one would keep writing
@@ -148,7 +178,7 @@ fn switch_frozen(
         if capture.is_some() && pid == spec.init_pid {
             continue;
         }
-        match scan(pid, old, capture.is_some()) {
+        match scan(pid, old, capture.is_some(), None) {
             Ok(Some(p)) => {
                 if capture.is_some() && p.threads.len() > 1 {
                     return Err(format!(
@@ -207,15 +237,34 @@ pub fn traced_by(pid: i32, tracer: i32) -> bool {
         == Some(tracer)
 }
 
-/// Mounts `spec.layers` and pivots the sandbox onto it (in a grandchild that joins its mount namespace).
+/// Mounts `spec.layers` and pivots the sandbox onto it.
 pub(crate) fn mount_and_pivot(spec: &SwitchSpec) -> Result<(), String> {
-    let mnt = spec
-        .layers
-        .fsmount()
-        .map_err(|e| format!("mount new generation: {e}"))?;
-    let ns = std::fs::File::open(format!("/proc/{}/ns/mnt", spec.init_pid))
-        .map_err(|e| format!("sandbox mount namespace: {e}"))?;
-    in_mount_ns(ns.as_fd(), || pivot_into(&mnt))
+    Prepared::mount(spec)?.pivot()
+}
+
+/// A new generation mounted (detached, invisible) and ready for the sandbox to pivot onto: the part of a switch
+/// that needs no process of the sandbox stopped, so a rollback does it while the old processes die.
+pub(crate) struct Prepared {
+    mnt: OwnedFd,
+    ns: std::fs::File,
+}
+
+impl Prepared {
+    /// Mounts `spec.layers`.
+    pub(crate) fn mount(spec: &SwitchSpec) -> Result<Prepared, String> {
+        let mnt = spec
+            .layers
+            .fsmount()
+            .map_err(|e| format!("mount new generation: {e}"))?;
+        let ns = std::fs::File::open(format!("/proc/{}/ns/mnt", spec.init_pid))
+            .map_err(|e| format!("sandbox mount namespace: {e}"))?;
+        Ok(Prepared { mnt, ns })
+    }
+
+    /// Pivots the sandbox onto it (joining the sandbox's mount namespace for the moment).
+    pub(crate) fn pivot(self) -> Result<(), String> {
+        in_mount_ns(self.ns.as_fd(), || pivot_into(&self.mnt))
+    }
 }
 
 /// Seizes every thread of a planned process (without waiting for the stops); threads that exited are skipped.
@@ -236,12 +285,124 @@ fn attach_all(plan: &ProcPlan) -> Result<Vec<Tracee>, deltabox_sys::inject::Inje
     Ok(tracees)
 }
 
-/// The capturing switch, still frozen: hold every thread, thaw, capture each process, then pivot and re-point.
+/// Every process held, with its plan.
+type Held = Vec<(ProcPlan, Vec<Tracee>)>;
+
+/// Most rounds of seizing newly appeared processes before falling back to the freezer.
+const SEIZE_ROUNDS: usize = 8;
+
+/// Holds every process of the sandbox but init and the templates in a ptrace stop, without the freezer: seize
+/// and interrupt each, wait for the stops, and repeat for processes that appeared meanwhile (a process can fork
+/// until it stops) until a round finds none. `None` if the sandbox kept forking for [`SEIZE_ROUNDS`] rounds
+/// (everything is let go again). Then plans every held process as the frozen path does.
+fn hold_seized(spec: &SwitchSpec, rep: &mut SwitchReport) -> Result<Option<Held>, String> {
+    let t = Instant::now();
+    let no_templates = std::collections::HashSet::new();
+    let templates = spec.templates.as_ref().unwrap_or(&no_templates);
+    let mut held: Vec<(i32, u64, Vec<Tracee>)> = Vec::new();
+    let mut converged = false;
+    for _ in 0..SEIZE_ROUNDS {
+        let new: Vec<i32> = spec
+            .cgroup
+            .pids()
+            .into_iter()
+            .filter(|p| {
+                *p != spec.init_pid
+                    && !templates.contains(p)
+                    && !spec
+                        .keeper_pid
+                        .is_some_and(|k| spec.templates.is_none() && traced_by(*p, k))
+                    && !held.iter().any(|(h, _, _)| h == p)
+            })
+            .collect();
+        if new.is_empty() {
+            converged = true;
+            break;
+        }
+        let mut round = Vec::new();
+        for pid in new {
+            let threads = match procfs::threads(pid) {
+                Ok(t) => t,
+                Err(_) => continue,
+            };
+            if threads.len() > 1 {
+                return Err(format!(
+                    "process {pid} ({}) has {} threads: process checkpoints support single-threaded processes                      only (checkpoint files only instead)",
+                    comm(pid),
+                    threads.len()
+                ));
+            }
+            let Ok(insn) = find_syscall_insn(Pid::from_raw(pid)) else {
+                // Exited meanwhile (or mid-exec: the next round sees it again).
+                continue;
+            };
+            match Tracee::attach(Pid::from_raw(pid), Pid::from_raw(pid), insn, TRAP_TIMEOUT) {
+                Ok(tr) => round.push((pid, insn, vec![tr])),
+                Err(deltabox_sys::inject::InjectError::Exited(_)) => {}
+                Err(_)
+                    if matches!(
+                        deltabox_sys::inject::thread_state(Pid::from_raw(pid)),
+                        None | Some('Z' | 'X')
+                    ) => {}
+                Err(e) => return Err(format!("process {pid} ({}): {e}", comm(pid))),
+            }
+        }
+        for (pid, insn, mut tracees) in round {
+            match tracees[0].wait_stop() {
+                Ok(()) => {
+                    // It ran until it stopped: it may have exec'd (a new vdso) or started a thread.
+                    let insn = find_syscall_insn(Pid::from_raw(pid)).unwrap_or(insn);
+                    tracees[0].set_syscall_insn(insn);
+                    let threads = procfs::threads(pid).map(|t| t.len()).unwrap_or(1);
+                    if threads > 1 {
+                        return Err(format!(
+                            "process {pid} ({}) has {threads} threads: process checkpoints support \
+                             single-threaded processes only (checkpoint files only instead)",
+                            comm(pid)
+                        ));
+                    }
+                    held.push((pid, insn, tracees))
+                }
+                Err(deltabox_sys::inject::InjectError::Exited(_)) => {}
+                Err(e) => return Err(format!("process {pid} ({}): {e}", comm(pid))),
+            }
+        }
+    }
+    if !converged {
+        return Ok(None);
+    }
+    rep.freeze_us = us(t);
+    let t = Instant::now();
+    let old = procfs::mnt_id(Path::new(&format!("/proc/{}/root", spec.init_pid)))
+        .map_err(|e| format!("sandbox root: {e}"))?;
+    let mnt_ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    let sandbox_ns = mnt_ns(spec.init_pid).ok_or("sandbox init is gone")?;
+    let me = std::process::id() as i32;
+    let mut plans = Vec::new();
+    for (pid, _, tracees) in held {
+        if mnt_ns(pid).is_some_and(|ns| ns != sandbox_ns) {
+            return Err(format!(
+                "process {pid} ({}) is in a mount namespace of its own (unshare -m): DeltaFS cannot move it to the                  new generation",
+                comm(pid)
+            ));
+        }
+        match scan(pid, old, true, Some(me)) {
+            Ok(Some(plan)) => plans.push((plan, tracees)),
+            Ok(None) | Err(ScanError::Gone) => {}
+            Err(ScanError::Refuse(msg)) => return Err(msg),
+        }
+    }
+    rep.processes = plans.len();
+    rep.scan_us = us(t);
+    Ok(Some(plans))
+}
+
+/// The capturing switch, still frozen: hold every thread, thaw, then capture, pivot and re-point.
 fn switch_held(
     spec: &SwitchSpec,
     rep: &mut SwitchReport,
     plans: Vec<ProcPlan>,
-    capture: &mut dyn FnMut(i32, &mut Tracee) -> Result<(), String>,
+    capture: &mut dyn CaptureHook,
 ) -> Result<(), String> {
     let t = Instant::now();
     let mut held: Vec<(ProcPlan, Vec<Tracee>)> = Vec::new();
@@ -259,11 +420,45 @@ fn switch_held(
                 Err(e) => return Err(format!("process {} ({}): {e}", plan.pid, comm(plan.pid))),
             }
         }
-        if let Some(main) = tracees.iter_mut().find(|t| t.tid().as_raw() == plan.pid) {
-            capture(plan.pid, main)?;
-        }
     }
     rep.capture_us = us(t);
+    capture_and_pivot(spec, rep, held, capture)
+}
+
+/// Every process is held: capture each, then switch the filesystem and re-point them. Nothing ran since they
+/// were stopped.
+fn capture_and_pivot(
+    spec: &SwitchSpec,
+    rep: &mut SwitchReport,
+    mut held: Vec<(ProcPlan, Vec<Tracee>)>,
+    capture: &mut dyn CaptureHook,
+) -> Result<(), String> {
+    let t = Instant::now();
+    let mut started = Vec::new();
+    let mut failed = None;
+    for (i, (plan, tracees)) in held.iter_mut().enumerate() {
+        if let Some(main) = tracees.iter_mut().find(|t| t.tid().as_raw() == plan.pid) {
+            match capture.start(plan.pid, main) {
+                Ok(()) => started.push(i),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    for i in started {
+        let (plan, tracees) = &mut held[i];
+        if let Some(main) = tracees.iter_mut().find(|t| t.tid().as_raw() == plan.pid) {
+            if let Err(e) = capture.finish(plan.pid, main) {
+                failed = failed.or(Some(e));
+            }
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    rep.capture_us += us(t);
     // Every process is held: the filesystem can switch now, and nothing ran since the freeze.
     let t = Instant::now();
     mount_and_pivot(spec)?;
@@ -303,7 +498,12 @@ fn comm(pid: i32) -> String {
 }
 
 /// What must be re-pointed in `pid`; `None` if nothing (unless `always`).
-fn scan(pid: i32, old: u64, always: bool) -> Result<Option<ProcPlan>, ScanError> {
+fn scan(
+    pid: i32,
+    old: u64,
+    always: bool,
+    tracer_ok: Option<i32>,
+) -> Result<Option<ProcPlan>, ScanError> {
     let gone = |_| ScanError::Gone;
     let who = || format!("process {pid} ({})", comm(pid));
     let root = std::fs::read_link(format!("/proc/{pid}/root")).map_err(gone)?;
@@ -319,7 +519,8 @@ fn scan(pid: i32, old: u64, always: bool) -> Result<Option<ProcPlan>, ScanError>
     let traced = status
         .lines()
         .find_map(|l| l.strip_prefix("TracerPid:"))
-        .is_some_and(|v| v.trim() != "0");
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .is_some_and(|t| t != 0 && Some(t) != tracer_ok);
     let threads = procfs::threads(pid).map_err(gone)?;
     let mut cwds = Vec::new();
     for &tid in &threads {

@@ -8,7 +8,7 @@
 //! template back with its pid), and forget. Templates are traced with `PTRACE_O_EXITKILL`: if the keeper dies
 //! (with the daemon, or killed), they die too and never run as duplicates.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -62,6 +62,43 @@ pub struct TemplateCost {
     pub collapsing: bool,
 }
 
+/// One kept checkpoint's templates.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct KeptTemplates {
+    /// Their host pids (reserved while the keeper holds them: a dead tracee stays a zombie until its tracer
+    /// collects it).
+    pub pids: Vec<i32>,
+    /// Some wait for (or are in) the background huge-page collapse.
+    pub collapsing: bool,
+}
+
+impl TemplateCost {
+    /// Reads what `templates` cost now. It walks their page tables (`smaps_rollup`): about a millisecond per
+    /// GiB mapped by small pages, so callers do it off any critical path.
+    pub fn measure(templates: &KeptTemplates) -> TemplateCost {
+        let mut cost = TemplateCost {
+            processes: templates.pids.len(),
+            collapsing: templates.collapsing,
+            ..Default::default()
+        };
+        for &pid in &templates.pids {
+            let text =
+                std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+            let kb = |key: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                    .unwrap_or(0)
+                    * 1024
+            };
+            cost.pss += kb("Pss:");
+            cost.private_dirty += kb("Private_Dirty:");
+            cost.huge += kb("AnonHugePages:");
+        }
+        cost
+    }
+}
+
 /// Keeper → daemon.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum KeeperReply {
@@ -78,7 +115,7 @@ pub enum KeeperReply {
     /// Forgotten.
     Done,
     /// Per checkpoint id.
-    Stats(HashMap<String, TemplateCost>),
+    Stats(HashMap<String, KeptTemplates>),
     /// The request failed; nothing changed unless the message says otherwise.
     Failed { error: String },
 }
@@ -136,44 +173,45 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
         let reply = match req {
             KeeperRequest::Checkpoint {
                 id,
-                switch,
+                mut switch,
                 huge_pages,
-            } => match checkpoint(
-                init_pid,
-                &switch,
-                &kept
-                    .values()
-                    .flatten()
-                    .map(|c| c.template.pid().as_raw())
-                    .collect::<Vec<_>>(),
-            ) {
-                Ok((report, captured)) => {
-                    let pids = captured
-                        .iter()
-                        .map(|c| c.template.identity().ns_pid)
-                        .collect();
-                    if huge_pages {
-                        collapse_next.extend(captured.iter().map(|c| c.template.pid().as_raw()));
-                        collapse_next.extend(captured.iter().map(|c| c.source));
+            } => {
+                switch.templates = Some(template_pids(&kept));
+                match checkpoint(init_pid, &switch) {
+                    Ok((report, captured)) => {
+                        let pids = captured
+                            .iter()
+                            .map(|c| c.template.identity().ns_pid)
+                            .collect();
+                        if huge_pages {
+                            collapse_next
+                                .extend(captured.iter().map(|c| c.template.pid().as_raw()));
+                            collapse_next.extend(captured.iter().map(|c| c.source));
+                        }
+                        kept.insert(id, captured);
+                        KeeperReply::Checkpointed { report, pids }
                     }
-                    kept.insert(id, captured);
-                    KeeperReply::Checkpointed { report, pids }
+                    Err(error) => KeeperReply::Failed { error },
                 }
-                Err(error) => KeeperReply::Failed { error },
-            },
-            KeeperRequest::Rollback { id, switch } => match kept.get_mut(&id) {
-                Some(captured) => match rollback(init_pid, &switch, captured) {
+            }
+            KeeperRequest::Rollback { id, switch } => {
+                let templates = template_pids(&kept);
+                match kept.get_mut(&id) {
+                    Some(captured) => match rollback(init_pid, &switch, &templates, captured) {
+                        Ok(r) => KeeperReply::RolledBack(r),
+                        Err((error, switched)) => KeeperReply::RollbackFailed { error, switched },
+                    },
+                    None => KeeperReply::Failed {
+                        error: format!("no process checkpoint {id} is kept"),
+                    },
+                }
+            }
+            KeeperRequest::RollbackFiles { switch } => {
+                match rollback(init_pid, &switch, &template_pids(&kept), &mut []) {
                     Ok(r) => KeeperReply::RolledBack(r),
                     Err((error, switched)) => KeeperReply::RollbackFailed { error, switched },
-                },
-                None => KeeperReply::Failed {
-                    error: format!("no process checkpoint {id} is kept"),
-                },
-            },
-            KeeperRequest::RollbackFiles { switch } => match rollback(init_pid, &switch, &mut []) {
-                Ok(r) => KeeperReply::RolledBack(r),
-                Err((error, switched)) => KeeperReply::RollbackFailed { error, switched },
-            },
+                }
+            }
             KeeperRequest::Forget { ids } => {
                 for id in ids {
                     if let Some(caps) = kept.remove(&id) {
@@ -187,24 +225,14 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
                 }
                 KeeperReply::Done
             }
+            // Cheap on purpose (no page-table walks here: the keeper must stay responsive); the caller measures.
             KeeperRequest::Stats => KeeperReply::Stats(
                 kept.iter()
                     .map(|(id, caps)| {
-                        let mut cost = TemplateCost {
-                            processes: caps.len(),
-                            ..Default::default()
-                        };
-                        for c in caps {
-                            let pid = c.template.pid().as_raw();
-                            let (pss, dirty) = smaps_rollup(pid);
-                            cost.pss += pss;
-                            cost.private_dirty += dirty;
-                            cost.huge += deltabox_sys::hugepage::anon_memory(pid)
-                                .map(|m| m.huge)
-                                .unwrap_or(0);
-                            cost.collapsing |= collapser.pending(pid);
-                        }
-                        (id.clone(), cost)
+                        let pids: Vec<i32> =
+                            caps.iter().map(|c| c.template.pid().as_raw()).collect();
+                        let collapsing = pids.iter().any(|p| collapser.pending(*p));
+                        (id.clone(), KeptTemplates { pids, collapsing })
                     })
                     .collect(),
             ),
@@ -227,21 +255,29 @@ fn parent_of(pid: i32) -> Option<i32> {
         .ok()
 }
 
-/// Templates stay in the sandbox's cgroup: moving a process between cgroup v1 hierarchies waits for an RCU
-/// grace period (~10 ms measured), which no checkpoint or rollback should pay. Everything that lists the
-/// sandbox's processes (switch scans, rollback's kill) skips the ones the keeper traces.
-fn checkpoint(
+/// The keeper's capture hook: a template of every held process, forks overlapped.
+struct Capturer<'a> {
     init_pid: i32,
-    switch: &SwitchSpec,
-    templates: &[i32],
-) -> Result<(SwitchReport, Vec<Captured>), String> {
-    let generation = procfs::mnt_id(Path::new(&format!("/proc/{init_pid}/root")))
-        .map_err(|e| format!("sandbox root: {e}"))?;
-    let mut captured: Vec<Captured> = Vec::new();
-    let mut pipes: Option<crate::fd_fixup::PipeHolders> = None;
-    let mut capture = |pid: i32, t: &mut Tracee| -> Result<(), String> {
-        // Who holds which pipe end, once every process is held (none can change its descriptors any more).
-        let holders = pipes.get_or_insert_with(|| {
+    switch: &'a SwitchSpec,
+    templates: &'a HashSet<i32>,
+    /// The generation the processes are on.
+    generation: u64,
+    /// Who holds which pipe end, read once every process is held (none can change its descriptors any more).
+    pipes: Option<crate::fd_fixup::PipeHolders>,
+    /// Captures in flight: (pid, the capture, cwd, descriptor fixups).
+    pending: Vec<(
+        i32,
+        deltabox_cr::PendingCapture,
+        PathBuf,
+        Vec<crate::fd_fixup::Fixup>,
+    )>,
+    captured: Vec<Captured>,
+}
+
+impl generation::CaptureHook for Capturer<'_> {
+    fn start(&mut self, pid: i32, t: &mut Tracee) -> Result<(), String> {
+        let (switch, templates) = (self.switch, self.templates);
+        let holders = self.pipes.get_or_insert_with(|| {
             let live: Vec<i32> = switch
                 .cgroup
                 .pids()
@@ -254,34 +290,68 @@ fn checkpoint(
         let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
             .map_err(|e| format!("cwd of {pid}: {e}"))?;
         // A child of init is captured as init's child; any other as a child of its process, invisible to `wait`.
-        let template =
-            Template::capture(t, parent_of(pid) == Some(init_pid)).map_err(|e| e.to_string())?;
-        let mut template = template;
+        let pending = Template::start_capture(t, parent_of(pid) == Some(self.init_pid))
+            .map_err(|e| e.to_string())?;
+        self.pending.push((pid, pending, cwd, fixups));
+        Ok(())
+    }
+
+    fn finish(&mut self, pid: i32, t: &mut Tracee) -> Result<(), String> {
+        let at = self
+            .pending
+            .iter()
+            .position(|p| p.0 == pid)
+            .ok_or_else(|| format!("process {pid}: no capture in flight"))?;
+        let (_, pending, cwd, fixups) = self.pending.swap_remove(at);
+        let mut template = pending.finish(t).map_err(|e| e.to_string())?;
         template
             .close_fds(&fixups.iter().map(|f| f.fd()).collect::<Vec<_>>())
             .map_err(|e| format!("process {pid}: {e}"))?;
-        captured.push(Captured {
+        self.captured.push(Captured {
             template,
             cwd,
-            generations: vec![generation],
+            generations: vec![self.generation],
             fixups,
             source: pid,
         });
         Ok(())
+    }
+}
+
+/// Templates stay in the sandbox's cgroup: moving a process between cgroup v1 hierarchies waits for an RCU
+/// grace period (~10 ms measured), which no checkpoint or rollback should pay. Everything that lists the
+/// sandbox's processes (switch scans, rollback's kill) skips the ones the keeper traces.
+fn checkpoint(init_pid: i32, switch: &SwitchSpec) -> Result<(SwitchReport, Vec<Captured>), String> {
+    let no_templates = HashSet::new();
+    let generation = procfs::mnt_id(Path::new(&format!("/proc/{init_pid}/root")))
+        .map_err(|e| format!("sandbox root: {e}"))?;
+    let mut capturer = Capturer {
+        init_pid,
+        switch,
+        templates: switch.templates.as_ref().unwrap_or(&no_templates),
+        generation,
+        pipes: None,
+        pending: Vec::new(),
+        captured: Vec::new(),
     };
-    // On failure `captured` is dropped here, killing every template made so far: nothing changed.
-    let report = generation::switch_capturing(switch, Some(&mut capture))?;
-    Ok((report, captured))
+    // On failure the templates made so far are dropped with `capturer`, killing them: nothing changed.
+    let report = generation::switch_capturing(switch, Some(&mut capturer))?;
+    Ok((report, capturer.captured))
 }
 
 /// Sends SIGKILL to every process of the sandbox but init and the templates, noting them in `victims`; returns
 /// how many were still there.
-fn signal_live(init_pid: i32, switch: &SwitchSpec, victims: &mut Vec<i32>) -> usize {
+fn signal_live(
+    init_pid: i32,
+    switch: &SwitchSpec,
+    templates: &HashSet<i32>,
+    victims: &mut Vec<i32>,
+) -> usize {
     let live: Vec<i32> = switch
         .cgroup
         .pids()
         .into_iter()
-        .filter(|p| *p != init_pid && !generation::traced_by(*p, std::process::id() as i32))
+        .filter(|p| *p != init_pid && !templates.contains(p))
         .collect();
     for &p in &live {
         // SAFETY: kill(2) with plain integers.
@@ -295,10 +365,15 @@ fn signal_live(init_pid: i32, switch: &SwitchSpec, victims: &mut Vec<i32>) -> us
 
 /// Kills every process of the sandbox but init (and any it forked meanwhile) and waits until their pids are free
 /// (init reaped them). `victims` may hold processes already signalled by [`signal_live`].
-fn kill_live(init_pid: i32, switch: &SwitchSpec, victims: &mut Vec<i32>) -> Result<(), String> {
-    let deadline = Instant::now() + TIMEOUT;
+fn kill_live(
+    init_pid: i32,
+    switch: &SwitchSpec,
+    templates: &HashSet<i32>,
+    victims: &mut Vec<i32>,
+) -> Result<(), String> {
+    let start = Instant::now();
     loop {
-        let live = signal_live(init_pid, switch, victims);
+        let live = signal_live(init_pid, switch, templates, victims);
         // Out of the cgroup is not enough: the pid stays taken until init reaps the zombie.
         if live == 0
             && victims
@@ -307,12 +382,17 @@ fn kill_live(init_pid: i32, switch: &SwitchSpec, victims: &mut Vec<i32>) -> Resu
         {
             return Ok(());
         }
-        if Instant::now() > deadline {
+        if start.elapsed() > TIMEOUT {
             return Err(format!(
                 "{live} processes of the sandbox did not die within {TIMEOUT:?}"
             ));
         }
-        std::thread::sleep(Duration::from_micros(100));
+        // Init reaps within microseconds of the exit, which takes as long as the memory teardown.
+        if start.elapsed() < Duration::from_millis(5) {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(100));
+        }
     }
 }
 
@@ -353,19 +433,6 @@ fn repoint_restored(
     crate::fd_fixup::apply(t, &c.fixups)
 }
 
-/// (Pss, Private_Dirty) of a process, in bytes.
-fn smaps_rollup(pid: i32) -> (u64, u64) {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let kb = |key: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .unwrap_or(0)
-            * 1024
-    };
-    (kb("Pss:"), kb("Private_Dirty:"))
-}
-
 /// Forks `template` with its original pid. The pid was seen free (its holder reaped), yet under load the kernel
 /// has (about once in 2,000 rollbacks in the test suite) still refused it with `EEXIST` for a moment: retry
 /// briefly before giving up.
@@ -384,9 +451,18 @@ fn spawn_same_pid(template: &mut Template) -> deltabox_cr::Result<Tracee> {
     }
 }
 
+/// Host pids of every template the keeper holds.
+fn template_pids(kept: &HashMap<String, Vec<Captured>>) -> HashSet<i32> {
+    kept.values()
+        .flatten()
+        .map(|c| c.template.pid().as_raw())
+        .collect()
+}
+
 fn rollback(
     init_pid: i32,
     switch: &SwitchSpec,
+    templates: &HashSet<i32>,
     captured: &mut [Captured],
 ) -> Result<RestoreReport, (String, bool)> {
     let start = Instant::now();
@@ -403,42 +479,75 @@ fn rollback(
             ));
         }
     }
-    // The live processes die (their memory torn down) while the generation mounts.
+    // Overlapped: the live processes die (their memory torn down) while the generation mounts; the templates
+    // fork (each on its own CPU) while the keeper pivots the sandbox, whose pivot_root moves the children's roots
+    // along with the templates'.
     let t = Instant::now();
     let mut victims = Vec::new();
-    signal_live(init_pid, switch, &mut victims);
+    signal_live(init_pid, switch, templates, &mut victims);
     r.kill_us = us(t);
     let t = Instant::now();
-    let mounted = generation::mount_and_pivot(switch);
+    let prepared = generation::Prepared::mount(switch).map_err(|e| (e, false))?;
     r.mount_us = us(t);
     let t = Instant::now();
-    let killed = kill_live(init_pid, switch, &mut victims);
+    kill_live(init_pid, switch, templates, &mut victims).map_err(|e| (e, false))?;
     r.kill_us += us(t);
-    mounted.map_err(|e| (e, false))?;
-    killed.map_err(|e| (e, true))?;
+    let t = Instant::now();
+    let spawning: Vec<_> = captured
+        .iter_mut()
+        .map(|c| c.template.start_spawn(true))
+        .collect();
+    r.fork_us = us(t);
+    let t = Instant::now();
+    // On failure the forks in flight are dropped: their copies are killed, the templates stay.
+    prepared.pivot().map_err(|e| (e, false))?;
+    r.mount_us += us(t);
+    let t = Instant::now();
+    let mut forked = Vec::new();
+    for (c, s) in captured.iter_mut().zip(spawning) {
+        let child = match s {
+            Ok(s) => c.template.finish_spawn(s),
+            Err(e) => Err(e),
+        };
+        let child = match child {
+            // The pid was not free yet (see spawn_same_pid): once more, patiently.
+            Err(deltabox_cr::Error::Inject(deltabox_sys::inject::InjectError::Io {
+                source,
+                ..
+            })) if source.raw_os_error() == Some(libc::EEXIST) => spawn_same_pid(&mut c.template),
+            other => other,
+        };
+        forked.push(
+            child.map_err(|e| format!("restore process {}: {e}", c.template.identity().ns_pid)),
+        );
+    }
+    r.fork_us += us(t);
     let generation = procfs::mnt_id(Path::new(&format!("/proc/{init_pid}/root")))
-        .map_err(|e| (format!("sandbox root: {e}"), true))?;
+        .map_err(|e| format!("sandbox root: {e}"));
+    // Every copy is held from here on; on any failure all of them are killed.
     let mut started: Vec<Tracee> = Vec::new();
+    let mut failed = None;
+    for child in forked {
+        match child {
+            Ok(c) => started.push(c),
+            Err(e) => failed = failed.or(Some(e)),
+        }
+    }
     let mut rep = SwitchReport::default();
-    let result = {
-        (|| -> Result<(), String> {
-            for c in captured.iter_mut() {
-                let t = Instant::now();
-                let mut child = spawn_same_pid(&mut c.template).map_err(|e| {
-                    format!("restore process {}: {e}", c.template.identity().ns_pid)
-                })?;
-                r.fork_us += us(t);
-                let t = Instant::now();
-                repoint_restored(&mut child, c, generation, &mut rep).map_err(|e| {
-                    format!("restore process {}: {e}", c.template.identity().ns_pid)
-                })?;
-                r.repoint_us += us(t);
-                r.pids.push(c.template.identity().ns_pid);
-                started.push(child);
-            }
-            Ok(())
-        })()
-    };
+    let result = (|| -> Result<(), String> {
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let generation = generation?;
+        for (c, child) in captured.iter().zip(started.iter_mut()) {
+            let t = Instant::now();
+            repoint_restored(child, c, generation, &mut rep)
+                .map_err(|e| format!("restore process {}: {e}", c.template.identity().ns_pid))?;
+            r.repoint_us += us(t);
+            r.pids.push(c.template.identity().ns_pid);
+        }
+        Ok(())
+    })();
     if let Err(e) = result {
         for child in &started {
             // SAFETY: kill(2) with plain integers.

@@ -110,10 +110,59 @@ fn pt(what: &'static str, tid: Pid) -> impl FnOnce(Errno) -> InjectError {
     }
 }
 
+/// How long [`wait_for`] spins before it sleeps.
+const SPIN: Duration = Duration::from_micros(30);
+
+/// SIGCHLD blocked in the calling thread (so it stays pending for `sigtimedwait` instead of being discarded),
+/// unblocked again on drop if it was not blocked before.
+struct SigchldWait {
+    set: nix::sys::signal::SigSet,
+    was_blocked: bool,
+}
+
+impl SigchldWait {
+    fn new() -> SigchldWait {
+        let mut set = nix::sys::signal::SigSet::empty();
+        set.add(Signal::SIGCHLD);
+        let mut old = nix::sys::signal::SigSet::empty();
+        let _ = nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_BLOCK,
+            Some(&set),
+            Some(&mut old),
+        );
+        SigchldWait {
+            set,
+            was_blocked: old.contains(Signal::SIGCHLD),
+        }
+    }
+
+    /// Returns when a SIGCHLD is pending (consuming it) or after `timeout`.
+    fn wait(&self, timeout: Duration) {
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: sigtimedwait(2) reads the set and the timespec we own; no siginfo is requested.
+        unsafe { libc::sigtimedwait(self.set.as_ref(), std::ptr::null_mut(), &ts) };
+    }
+}
+
+impl Drop for SigchldWait {
+    fn drop(&mut self) {
+        if !self.was_blocked {
+            let _ = nix::sys::signal::pthread_sigmask(
+                nix::sys::signal::SigmaskHow::SIG_UNBLOCK,
+                Some(&self.set),
+                None,
+            );
+        }
+    }
+}
+
 /// Waits for a state change of a traced thread, without blocking forever.
 fn wait_for(tid: Pid, what: &'static str, timeout: Duration) -> Result<WaitStatus> {
     let start = Instant::now();
-    let mut spins = 0u32;
+    let sigchld = SigchldWait::new();
     loop {
         match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) => {}
@@ -138,12 +187,13 @@ fn wait_for(tid: Pid, what: &'static str, timeout: Duration) -> Result<WaitStatu
                 timeout,
             });
         }
-        // Stops usually arrive within microseconds: spin briefly, then back off.
-        spins += 1;
-        if spins < 2000 {
+        // Most stops arrive within microseconds: spin that long. Then sleep until a SIGCHLD (every ptrace stop
+        // sends the tracer one) or 1 ms at most: spinning longer would take a CPU from the tracee (a fork of a
+        // big process), and a SIGCHLD another thread swallowed costs at most the 1 ms.
+        if start.elapsed() < SPIN {
             std::thread::yield_now();
         } else {
-            std::thread::sleep(Duration::from_micros(50));
+            sigchld.wait(Duration::from_millis(1));
         }
     }
 }
@@ -274,6 +324,12 @@ impl Tracee {
         }
     }
 
+    /// Sets the `syscall` instruction injected calls go through (found again once the thread is stopped: a
+    /// thread seized while running may have exec'd since, moving its vdso).
+    pub fn set_syscall_insn(&mut self, insn: u64) {
+        self.syscall_insn = insn;
+    }
+
     /// The thread id.
     pub fn tid(&self) -> Pid {
         self.tid
@@ -297,6 +353,13 @@ impl Tracee {
         args: &[u64],
         child: &mut Option<Pid>,
     ) -> Result<i64> {
+        self.start_syscall(nr, args)?;
+        self.finish_syscall_noting(child)
+    }
+
+    /// Starts system call `nr` in the thread and returns at once: the thread runs it on its own CPU while we do
+    /// other work (or start calls in other tracees). [`Tracee::finish_syscall`] collects the result.
+    pub fn start_syscall(&mut self, nr: i64, args: &[u64]) -> Result<()> {
         self.wait_stop()?;
         let mut r = self.saved;
         r.rax = nr as u64;
@@ -306,7 +369,16 @@ impl Tracee {
         (r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9) = (a[0], a[1], a[2], a[3], a[4], a[5]);
         r.rip = self.syscall_insn;
         ptrace::setregs(self.tid, r).map_err(pt("setregs", self.tid))?;
-        ptrace::step(self.tid, None).map_err(pt("singlestep", self.tid))?;
+        ptrace::step(self.tid, None).map_err(pt("singlestep", self.tid))
+    }
+
+    /// Waits for the call [`Tracee::start_syscall`] started; returns its raw result (`-errno` on failure).
+    pub fn finish_syscall(&mut self) -> Result<i64> {
+        self.finish_syscall_noting(&mut None)
+    }
+
+    /// [`Tracee::finish_syscall`], noting a process the call created.
+    fn finish_syscall_noting(&mut self, child: &mut Option<Pid>) -> Result<i64> {
         loop {
             match wait_for(self.tid, "single-step", self.timeout)? {
                 WaitStatus::Stopped(_, Signal::SIGTRAP) => break,
@@ -410,6 +482,13 @@ impl Tracee {
     /// only: the copy has just this thread. The copy is traced with `PTRACE_O_EXITKILL`: if we die, it dies
     /// rather than run as a duplicate.
     pub fn fork(&mut self, spec: &ForkSpec) -> Result<Tracee> {
+        self.start_fork(spec)?;
+        self.finish_fork()
+    }
+
+    /// Starts [`Tracee::fork`] and returns at once (the process forks on its own CPU); finish with
+    /// [`Tracee::finish_fork`] before anything else is done with this tracee.
+    pub fn start_fork(&mut self, spec: &ForkSpec) -> Result<()> {
         self.wait_stop()?;
         let opts = ptrace::Options::PTRACE_O_TRACECLONE
             | ptrace::Options::PTRACE_O_TRACEFORK
@@ -436,8 +515,13 @@ impl Tracee {
         let raw =
             unsafe { std::slice::from_raw_parts((&args as *const CloneArgs).cast::<u8>(), size) };
         self.write_mem(addr, raw)?;
+        self.start_syscall(SYS_CLONE3, &[addr, size as u64])
+    }
+
+    /// Collects the fork [`Tracee::start_fork`] started.
+    pub fn finish_fork(&mut self) -> Result<Tracee> {
         let mut child = None;
-        let r = self.syscall_noting_children(SYS_CLONE3, &[addr, size as u64], &mut child)?;
+        let r = self.finish_syscall_noting(&mut child)?;
         if r < 0 {
             return Err(InjectError::Io {
                 what: "injected clone3",
@@ -462,8 +546,16 @@ impl Tracee {
             attached: true,
             stopped: false,
         };
-        copy.wait_event_stop()?;
-        ptrace::setregs(child, self.saved).map_err(pt("setregs", child))?;
+        let ready = copy
+            .wait_event_stop()
+            .and_then(|()| ptrace::setregs(child, self.saved).map_err(pt("setregs", child)));
+        if let Err(e) = ready {
+            // Never let a copy we could not set up run: it would resume with the injected call's registers.
+            copy.attached = false;
+            let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+            let _ = waitpid(child, Some(WaitPidFlag::__WALL));
+            return Err(e);
+        }
         copy.stopped = true;
         Ok(copy)
     }

@@ -330,3 +330,80 @@ fn the_template_pool_reports_costs_and_evicts_the_least_recently_used() {
     assert_eq!(r["processes_restarted"], false, "{r}");
     d.stop_and_check(&[id]);
 }
+
+/// A background job comes back as a child of the sandbox's init (a parent/child link below init cannot be
+/// rebuilt by forking templates): it keeps running, `kill %1` still kills it, and `wait` does not hang on it.
+#[test]
+fn a_restored_background_job_keeps_running_and_kill_percent_one_kills_it() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let sh = d.session(&id, "bash");
+    let job = out(&d, &id, &sh, "sleep 1000 & echo $!").trim().to_string();
+    let c = checkpoint(&d, &id);
+    out(&d, &id, &sh, "kill %1; wait");
+    for round in 0..3 {
+        let r = d.json(&["rollback", &id, &c, "--json"]);
+        assert_eq!(r["processes_restarted"], false, "{r}");
+        assert_eq!(
+            out(
+                &d,
+                &id,
+                &sh,
+                &format!("kill -0 {job} && echo alive; ps -o ppid= -p {job}")
+            ),
+            "alive\n      1\n",
+            "round {round}: the job is back, re-parented to init"
+        );
+        assert_eq!(
+            out(
+                &d,
+                &id,
+                &sh,
+                &format!("kill %1; echo rc=$?; sleep 0.3; kill -0 {job} 2>/dev/null || echo gone")
+            ),
+            "rc=0\ngone\n",
+            "round {round}"
+        );
+        assert_eq!(
+            out(&d, &id, &sh, "sleep 0.1 & wait; echo waited"),
+            "waited\n",
+            "round {round}"
+        );
+    }
+    d.stop_and_check(&[id]);
+}
+
+/// A sandbox whose processes fork all the time: the checkpoint holds every process (seizing newcomers until
+/// none appears, or freezing the sandbox when they keep coming) and the state comes back.
+#[test]
+fn a_sandbox_that_keeps_forking_is_checkpointed_and_rolled_back() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let sh = d.session(&id, "bash");
+    let bg = d.session(&id, "bash");
+    out(
+        &d,
+        &id,
+        &bg,
+        "(while :; do /bin/true; echo x >> /tmp/spins; done) > /dev/null 2>&1 &",
+    );
+    for round in 0..10 {
+        out(&d, &id, &sh, &format!("export ROUND={round}"));
+        let c = checkpoint(&d, &id);
+        out(&d, &id, &sh, "export ROUND=broken");
+        let r = d.json(&["rollback", &id, &c, "--json"]);
+        assert_eq!(r["processes_restarted"], false, "{r}");
+        assert_eq!(out(&d, &id, &sh, "echo $ROUND"), format!("{round}\n"));
+    }
+    // The loop runs on after all that.
+    let n = |d: &TestDaemon| {
+        out(d, &id, &sh, "wc -l < /tmp/spins")
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = n(&d);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(n(&d) > before, "the forking loop was restored and runs");
+    d.stop_and_check(&[id]);
+}

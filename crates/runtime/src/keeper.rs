@@ -137,6 +137,17 @@ pub struct RestoreReport {
     pub pids: Vec<i32>,
 }
 
+impl Captured {
+    /// Descriptors of process `pid` (the template or a fresh copy of it) on the checkpoint's generations.
+    fn files_to_reopen(&self, pid: i32) -> Result<Vec<procfs::OpenFile>, String> {
+        Ok(procfs::open_files(pid)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|f| self.generations.contains(&f.mnt_id))
+            .collect())
+    }
+}
+
 /// A captured process.
 struct Captured {
     template: Template,
@@ -144,6 +155,9 @@ struct Captured {
     cwd: PathBuf,
     /// Mount ids of the generation(s) its descriptors may point into.
     generations: Vec<u64>,
+    /// The template's descriptors on those generations, to re-open in a restored process: read once, after the
+    /// checkpoint was answered (a template never runs, so they and their offsets stay as captured).
+    reopen: Option<Vec<procfs::OpenFile>>,
     /// Descriptors the template dropped, to re-create in a restored process.
     fixups: Vec<crate::fd_fixup::Fixup>,
     /// The live process it was taken from (host pid; it may be gone).
@@ -170,6 +184,8 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
         collapser.poll();
         // Collapsed after the reply: (templates, then the live processes they were taken from).
         let mut collapse_next: Vec<i32> = Vec::new();
+        // Checkpoints whose templates' descriptors are read after the reply.
+        let mut learn_files: Vec<String> = Vec::new();
         let reply = match req {
             KeeperRequest::Checkpoint {
                 id,
@@ -188,6 +204,7 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
                                 .extend(captured.iter().map(|c| c.template.pid().as_raw()));
                             collapse_next.extend(captured.iter().map(|c| c.source));
                         }
+                        learn_files.push(id.clone());
                         kept.insert(id, captured);
                         KeeperReply::Checkpointed { report, pids }
                     }
@@ -238,6 +255,11 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
             ),
         };
         send(&sock, &reply)?;
+        for id in learn_files {
+            for c in kept.get_mut(&id).into_iter().flatten() {
+                c.reopen = c.files_to_reopen(c.template.pid().as_raw()).ok();
+            }
+        }
         if !collapse_next.is_empty() {
             collapser.add(collapse_next);
         }
@@ -311,6 +333,7 @@ impl generation::CaptureHook for Capturer<'_> {
             template,
             cwd,
             generations: vec![self.generation],
+            reopen: None,
             fixups,
             source: pid,
         });
@@ -426,8 +449,15 @@ fn repoint_restored(
             sc(t, libc::SYS_chdir, &[p])?,
         )?;
     }
-    let files = procfs::open_files(t.tgid().as_raw()).map_err(|e| e.to_string())?;
-    for f in files.iter().filter(|f| c.generations.contains(&f.mnt_id)) {
+    let read;
+    let files = match &c.reopen {
+        Some(files) => files,
+        None => {
+            read = c.files_to_reopen(t.tgid().as_raw())?;
+            &read
+        }
+    };
+    for f in files {
         generation::reopen(t, f, rep)?;
     }
     crate::fd_fixup::apply(t, &c.fixups)

@@ -407,3 +407,31 @@ fn a_sandbox_that_keeps_forking_is_checkpointed_and_rolled_back() {
     assert!(n(&d) > before, "the forking loop was restored and runs");
     d.stop_and_check(&[id]);
 }
+
+/// A file a process reads through comes back at the offset it had at the checkpoint, however far the process
+/// read afterwards, on every rollback.
+#[test]
+fn a_restored_reader_resumes_at_the_checkpoint_offset() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let py = d.session(&id, "python3");
+    out(
+        &d,
+        &id,
+        &py,
+        // Unbuffered: every readline moves the kernel's file offset.
+        "import os; os.makedirs('/work', exist_ok=True)\nopen('/work/lines', 'w').write(''.join(f'line {i}\\n' for i in range(100)))\nf = open('/work/lines', 'rb', buffering=0)\nf.readline(); f.readline()",
+    );
+    let c = checkpoint(&d, &id);
+    out(&d, &id, &py, "[f.readline() for _ in range(10)]");
+    for round in 0..3 {
+        d.ok(&["rollback", &id, &c]);
+        assert_eq!(
+            out(&d, &id, &py, "print(f.readline().decode().strip())"),
+            "line 2\n",
+            "round {round}"
+        );
+        out(&d, &id, &py, "[f.readline() for _ in range(5)]");
+    }
+    d.stop_and_check(&[id]);
+}

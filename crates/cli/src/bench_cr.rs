@@ -390,42 +390,44 @@ pub async fn cr(client: &Client, quick: bool) -> Result<i32> {
     println!("\na bash session + a python3 session holding N MB of anonymous memory (its heap):");
     print_header("MB");
     for &mb in sizes {
-        let sb: SandboxInfo = client
-            .create(&CreateSandbox {
-                memory: Some(format!("{}M", mb * 3 + 1024)),
-                ..Default::default()
-            })
-            .await?;
-        let result = async {
-            let _bash: SessionInfo = client.start_session(&sb.id, &start_session("bash")).await?;
-            let py: SessionInfo = client
-                .start_session(&sb.id, &start_session("python3"))
+        // Each page size in a sandbox of its own: the first one's templates would otherwise hold a copy of the
+        // heap while the second one collapses its own.
+        let mut rows = Vec::new();
+        for huge in [false, true] {
+            let sb: SandboxInfo = client
+                .create(&CreateSandbox {
+                    memory: Some(format!("{}M", mb * 4 + 1024)),
+                    ..Default::default()
+                })
                 .await?;
-            run(
-                client,
-                &sb.id,
-                &py.id,
-                &format!("import time; data = bytearray(b'x') * ({mb} << 20)"),
-            )
-            .await?;
-            let touch = "t = time.perf_counter(); data[::4096] = b'y' * len(range(0, len(data), 4096)); print((time.perf_counter() - t) * 1e3)";
-            let expect = format!("(0, {})", mb << 20);
-            let w = Workload {
-                id: &sb.id,
-                py: &py.id,
-                verify: "tick, len(data)",
-                expect: &expect,
-                touch: Some(touch),
-            };
-            let mut rows = Vec::new();
-            for huge in [false, true] {
-                rows.push(measure(client, &w, reps, huge).await?);
+            let result = async {
+                let _bash: SessionInfo =
+                    client.start_session(&sb.id, &start_session("bash")).await?;
+                let py: SessionInfo = client
+                    .start_session(&sb.id, &start_session("python3"))
+                    .await?;
+                run(
+                    client,
+                    &sb.id,
+                    &py.id,
+                    &format!("import time; data = bytearray(b'x') * ({mb} << 20)"),
+                )
+                .await?;
+                let touch = "t = time.perf_counter(); data[::4096] = b'y' * len(range(0, len(data), 4096)); print((time.perf_counter() - t) * 1e3)";
+                let expect = format!("(0, {})", mb << 20);
+                let w = Workload {
+                    id: &sb.id,
+                    py: &py.id,
+                    verify: "tick, len(data)",
+                    expect: &expect,
+                    touch: Some(touch),
+                };
+                measure(client, &w, reps, huge).await
             }
-            anyhow::Ok(rows)
+            .await;
+            client.remove(&sb.id).await?;
+            rows.push(result?);
         }
-        .await;
-        client.remove(&sb.id).await?;
-        let rows = result?;
         let criu = HostTree::start(
             &format!(
                 "exec python3 -c \"import time; data = b'x' * ({mb} << 20); time.sleep(1e9)\""

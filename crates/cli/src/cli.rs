@@ -46,6 +46,10 @@ pub enum Command {
         /// Checkpoint every process too (single-threaded ones), so that rollback restores them with their pids.
         #[arg(long)]
         processes: bool,
+        /// With --processes: keep their memory in small pages (no background huge-page collapse; later
+        /// checkpoints and rollbacks of large processes stay slower, templates keep sharing pages).
+        #[arg(long, requires = "processes")]
+        no_huge_pages: bool,
     },
     /// Roll a sandbox back to a checkpoint: files, and processes if it holds them (else they are restarted).
     Rollback { id: String, checkpoint: String },

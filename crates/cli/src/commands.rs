@@ -176,8 +176,16 @@ async fn dispatch(
             }
             Ok(i32::from(failed))
         }
-        Command::Checkpoint { id, processes } => {
-            let c: CheckpointInfo = client.checkpoint_with(&id, processes).await?;
+        Command::Checkpoint {
+            id,
+            processes,
+            no_huge_pages,
+        } => {
+            let body = deltabox_daemon::api::CheckpointBody {
+                processes,
+                huge_pages: Some(!no_huge_pages),
+            };
+            let c: CheckpointInfo = client.checkpoint_body(&id, &body).await?;
             if json {
                 print_json(&c)?;
             } else {

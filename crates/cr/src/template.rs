@@ -238,6 +238,110 @@ impl Template {
     }
 }
 
+/// Namespaces a copy placed in another sandbox's namespaces joins before it runs (all but the user namespace,
+/// which every branch of a sandbox shares).
+const BRANCH_NAMESPACES: i32 = libc::CLONE_NEWNS
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWCGROUP;
+
+impl Template {
+    /// Forks the template into another sandbox: the pid namespace whose pid 1 the template sees as `anchor` (it
+    /// must lie below the template's own: the kernel places children nowhere else), with the original pid
+    /// there, and moves the copy into that init's mount, network, IPC, UTS and cgroup namespaces before it
+    /// runs. The calls are injected into the template and the copy, so they run with the sandbox's own
+    /// credentials (root of its user namespace); a template without them gets a clear error, and nothing is
+    /// shared. The template keeps its own pid namespace for later forks. Returns the copy held in its first
+    /// stop, with root and working directory at the new mount namespace's root, for the caller to re-point.
+    pub fn spawn_into(&mut self, anchor: i32) -> Result<Tracee> {
+        if !self.is_alive() {
+            return Err(Error::TemplateGone(self.held.tid.as_raw()));
+        }
+        let me = self.held.tid;
+        let mut t = Tracee::adopt(&self.held, self.timeout);
+        let forked = (|| -> Result<Tracee> {
+            let sc = |t: &mut Tracee, what: &'static str, nr: i64, args: &[u64]| -> Result<i64> {
+                check(me, what, t.syscall(nr, args)?)
+            };
+            let target = sc(
+                &mut t,
+                "pidfd_open(branch init)",
+                libc::SYS_pidfd_open,
+                &[anchor as u64, 0],
+            )?;
+            let own_pid = sc(&mut t, "getpid in template", libc::SYS_getpid, &[])?;
+            let own = match sc(
+                &mut t,
+                "pidfd_open(self)",
+                libc::SYS_pidfd_open,
+                &[own_pid as u64, 0],
+            ) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    let _ = t.syscall(libc::SYS_close, &[target as u64]);
+                    return Err(e);
+                }
+            };
+            let close_both = |t: &mut Tracee| {
+                let _ = t.syscall(libc::SYS_close, &[target as u64]);
+                let _ = t.syscall(libc::SYS_close, &[own as u64]);
+            };
+            if let Err(e) = sc(
+                &mut t,
+                "setns to the branch's pid namespace",
+                libc::SYS_setns,
+                &[target as u64, libc::CLONE_NEWPID as u64],
+            ) {
+                close_both(&mut t);
+                return Err(e);
+            }
+            let spec = ForkSpec {
+                flags: libc::CLONE_PARENT as u64,
+                exit_signal: 0,
+                set_tid: vec![self.identity.ns_pid],
+            };
+            let child = t.fork(&spec);
+            // Back to its own pid namespace whatever happened: once the branch's init died, every later fork
+            // from a template still pointing there would fail.
+            let back = sc(
+                &mut t,
+                "setns back to the template's pid namespace",
+                libc::SYS_setns,
+                &[own as u64, libc::CLONE_NEWPID as u64],
+            );
+            close_both(&mut t);
+            let mut child = child?;
+            let joined = back.and_then(|_| {
+                let r = child.syscall(libc::SYS_setns, &[target as u64, BRANCH_NAMESPACES as u64]);
+                // The copy inherited both descriptors.
+                let _ = child.syscall(libc::SYS_close, &[target as u64]);
+                let _ = child.syscall(libc::SYS_close, &[own as u64]);
+                check(child.tgid(), "setns to the branch's namespaces", r?)
+            });
+            let sid = joined.and_then(|_| {
+                check(
+                    child.tgid(),
+                    "setsid in branch process",
+                    child.syscall(libc::SYS_setsid, &[])?,
+                )
+            });
+            match sid {
+                Ok(_) => Ok(child),
+                Err(e) => {
+                    let pid = child.tgid();
+                    drop(child.keep_stopped());
+                    kill_held(pid);
+                    Err(e)
+                }
+            }
+        })();
+        // The template stays as it was, whatever happened.
+        self.held = t.keep_stopped()?;
+        forked
+    }
+}
+
 /// A fork of a template in flight ([`Template::start_spawn`]). Dropped unfinished, it waits for the fork, kills
 /// the copy and leaves the template stopped: a template never runs.
 #[derive(Debug)]

@@ -149,3 +149,122 @@ fn a_dead_template_says_so() {
     assert_eq!(p.say("1"), "2", "the live process is unaffected");
     kill_and_reap(p.pid);
 }
+
+fn comm_of(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// NSpid of a process: its pid in every pid namespace from ours inwards.
+fn ns_pids(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .unwrap()
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect()
+}
+
+fn descendants(root: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut todo = vec![root];
+    while let Some(p) = todo.pop() {
+        for c in std::fs::read_to_string(format!("/proc/{p}/task/{p}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+        {
+            let c: i32 = c.parse().unwrap();
+            out.push(c);
+            todo.push(c);
+        }
+    }
+    out
+}
+
+/// Fork ×N's mechanism: a template in pid namespace P forks into Q, a child of P with its own mount, network,
+/// IPC and UTS namespaces (a branch sandbox), keeping its pid there; the template stays in P for later forks.
+#[test]
+fn a_template_forks_into_a_child_pid_namespace_with_its_pid() {
+    // P's init is a shell; it runs the python and a `sleep` that is pid 1 of Q.
+    let script = format!(
+        // (A background job's stdin is /dev/null unless redirected.)
+        "exec 3<&0; python3 -u -c '{}' <&3 & unshare --pid --fork --mount --uts --ipc --net sleep 1000 </dev/null & wait",
+        ADDER.replace('\'', "'\\''")
+    );
+    let mut family = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "sh", "-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Talk to the python inside through the family's pipes.
+    let root = family.id() as i32;
+    let mut p = Proc {
+        stdin: family.stdin.take().unwrap(),
+        stdout: BufReader::new(family.stdout.take().unwrap()),
+        pid: Pid::from_raw(root),
+        child: family,
+    };
+    let (mut py, mut anchor) = (0, 0);
+    let deadline = Instant::now() + T;
+    while py == 0 || anchor == 0 {
+        assert!(Instant::now() < deadline, "family never came up");
+        for d in descendants(root) {
+            match comm_of(d).as_str() {
+                "python3" => py = d,
+                "sleep" if ns_pids(d).len() == 3 => anchor = d,
+                _ => {}
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(p.say("5"), "5");
+    let py_ns = *ns_pids(py).last().unwrap();
+    let anchor_in_p = ns_pids(anchor)[1];
+    let mut tpl = checkpoint(Pid::from_raw(py), false);
+    assert_eq!(p.say("3"), "8");
+    kill(Pid::from_raw(py), Signal::SIGKILL).unwrap();
+
+    let copy = tpl.spawn_into(anchor_in_p).unwrap();
+    let c = copy.tgid().as_raw();
+    let pids = ns_pids(c);
+    assert_eq!(pids.len(), 3, "host, P, Q: {pids:?}");
+    assert_eq!(
+        *pids.last().unwrap(),
+        py_ns,
+        "its own pid inside the branch"
+    );
+    for ns in ["mnt", "net", "ipc", "uts", "pid"] {
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{c}/ns/{ns}")).unwrap(),
+            std::fs::read_link(format!("/proc/{anchor}/ns/{ns}")).unwrap(),
+            "{ns} namespace of the branch"
+        );
+    }
+    copy.detach().unwrap();
+    // The copy resumes the checkpointed read: x is 5 again.
+    assert_eq!(p.say("1"), "6");
+    // The template stayed in P: a plain fork lands there.
+    let again = tpl.spawn(false).unwrap();
+    assert_eq!(ns_pids(again.tgid().as_raw()).len(), 2, "back in P");
+    let again_pid = again.tgid();
+    drop(again.keep_stopped());
+    kill(again_pid, Signal::SIGKILL).unwrap();
+    let _ = waitpid(again_pid, Some(WaitPidFlag::__WALL));
+    // A pid namespace the template cannot reach is refused with a reason, and the template survives it.
+    let err = tpl.spawn_into(999_999).unwrap_err().to_string();
+    assert!(err.contains("pidfd_open"), "{err}");
+    assert!(tpl.is_alive());
+    drop(tpl);
+    // Killing P's init ends the whole family (Q included).
+    let sh = descendants(root)
+        .into_iter()
+        .find(|d| ns_pids(*d).last() == Some(&1) && ns_pids(*d).len() == 2)
+        .unwrap();
+    kill(Pid::from_raw(sh), Signal::SIGKILL).unwrap();
+    let _ = p.child.wait();
+}

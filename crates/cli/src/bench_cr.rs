@@ -124,7 +124,18 @@ async fn measure(c: &Client, w: &Workload<'_>, reps: usize, huge: bool) -> Resul
             s.ck_capture.push(sw.capture_us as f64 / 1e3);
             s.ck_fs.push((sw.mount_us + sw.repoint_us) as f64 / 1e3);
         }
-        first.get_or_insert(ck.id);
+        if first.is_none() {
+            first = Some(ck.id);
+        } else {
+            // Only the first one is rolled back to: the others' templates would only crowd the pool (and the
+            // per-sandbox cap would evict the first one with 16 processes).
+            c.call::<()>(
+                hyper::Method::DELETE,
+                &format!("/v1/checkpoints/{}", ck.id),
+                None::<&()>,
+            )
+            .await?;
+        }
         if huge {
             wait_collapsed(c, id).await?;
         }

@@ -289,6 +289,15 @@ impl Daemon {
             std::fs::create_dir_all(diff.join("etc"))?;
             std::fs::create_dir_all(self.sandbox_dir(&id).join("rootfs"))?;
             std::fs::write(diff.join("etc/hostname"), format!("{hostname}\n"))?;
+            if start.chain.is_empty() {
+                // `/tmp` lives in the layers like every other directory, so checkpoints and rollbacks cover it;
+                // opaque, so nothing of the base image's (or the host's) `/tmp` shows through.
+                use std::os::unix::fs::PermissionsExt;
+                let tmp = diff.join("tmp");
+                std::fs::create_dir_all(&tmp)?;
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777))?;
+                deltabox_fs::whiteout::make_opaque(&tmp).map_err(std::io::Error::other)?;
+            }
             std::fs::write(
                 diff.join("etc/hosts"),
                 format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"),

@@ -10,7 +10,7 @@
 //!    being traced cannot be, so the switch is refused *before* anything changes, naming process, fd and path;
 //! 3. `fsmount` the new generation (in the zygote's namespace; the mount fd carries over);
 //! 4. in a short-lived grandchild that `setns`es into the sandbox's mount namespace: mount it at `/.deltabox`,
-//!    move `/proc`, `/dev`, `/tmp` onto it, `pivot_root` (which moves every root and every cwd equal to the old
+//!    move `/proc` and `/dev` onto it, `pivot_root` (which moves every root and every cwd equal to the old
 //!    root), lazily detach the old root, re-cover the mountpoint;
 //! 5. seize every thread of the processes to re-point, thaw (a v1-frozen task only traps after thaw), and inject
 //!    `chdir` / `openat` + `lseek` + `dup3` + `close` so that they reference the same paths on the new generation;
@@ -724,7 +724,7 @@ fn pivot_into(mnt: &OwnedFd) -> Result<(), String> {
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
     )
     .map_err(e("mount new generation"))?;
-    for sub in ["proc", "dev", "tmp"] {
+    for sub in ["proc", "dev"] {
         mount_move(format!("/{sub}"), format!("{mp}/{sub}")).map_err(e(&format!("move /{sub}")))?;
     }
     rustix::process::pivot_root(mp.as_str(), format!("{mp}{mp}").as_str())

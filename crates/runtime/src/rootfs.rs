@@ -57,7 +57,7 @@ fn opts(s: &CStr) -> Option<&CStr> {
     Some(s)
 }
 
-/// Mounts the layer stack, `/proc`, `/dev`, `/tmp`, then `pivot_root`s into it and drops the old root.
+/// Mounts the layer stack, `/proc` and `/dev`, then `pivot_root`s into it and drops the old root.
 ///
 /// Runs in the sandbox's init, already in its user and mount namespaces; the overlay itself was created by the
 /// zygote (see `LayerStack::fsmount`). `/proc` is mounted before the pivot: the kernel only allows a new procfs while a
@@ -172,19 +172,6 @@ pub fn setup(spec: &SandboxSpec, root_mnt: std::os::fd::OwnedFd) -> io::Result<(
     )?;
 
     mount_generation_guard(root)?;
-
-    let tmp = root.join("tmp");
-    ctx(
-        "mount",
-        &tmp,
-        mount(
-            "tmpfs",
-            &tmp,
-            "tmpfs",
-            MountFlags::NOSUID | MountFlags::NODEV,
-            opts(c"mode=1777"),
-        ),
-    )?;
 
     for f in PROC_MASKED_FILES {
         let p = proc_dir.join(f);

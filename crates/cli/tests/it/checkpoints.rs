@@ -475,3 +475,42 @@ fn threads_keep_writing_across_checkpoints_and_frozen_layers_stay_frozen() {
     }
     d.stop_and_check(&[id]);
 }
+
+/// `/tmp` is part of the sandbox's files: empty and world-writable in a new sandbox (nothing of the host's shows
+/// through), covered by checkpoints, rollbacks and forks.
+#[test]
+fn tmp_is_checkpointed_rolled_back_and_forked_like_any_directory() {
+    let marker = format!("/tmp/deltabox-host-marker-{}", std::process::id());
+    std::fs::write(&marker, "host").unwrap();
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let s = d.session(&id, "bash");
+    assert_eq!(
+        run(&d, &id, &s, "ls -A /tmp | wc -l; stat -c %a /tmp"),
+        "0\n1777\n"
+    );
+    run(
+        &d,
+        &id,
+        &s,
+        "echo v1 > /tmp/state && mkdir /tmp/dir && echo a > /tmp/dir/a",
+    );
+    let c = d.ok(&["checkpoint", &id]).trim().to_string();
+    run(
+        &d,
+        &id,
+        &s,
+        "echo v2 > /tmp/state && rm -r /tmp/dir && echo new > /tmp/new",
+    );
+    d.ok(&["rollback", &id, &c]);
+    let s = d.session(&id, "bash");
+    assert_eq!(
+        run(&d, &id, &s, "cat /tmp/state /tmp/dir/a; ls /tmp"),
+        "v1\na\ndir\nstate\n"
+    );
+    let fork = d.ok(&["fork", &c]).trim().to_string();
+    let fs = d.session(&fork, "bash");
+    assert_eq!(run(&d, &fork, &fs, "cat /tmp/state"), "v1\n");
+    std::fs::remove_file(&marker).unwrap();
+    d.stop_and_check(&[id, fork]);
+}

@@ -9,12 +9,16 @@
 //!    must be re-pointed; a deleted-but-open file, a shared writable mapping, a chroot, or a process already
 //!    being traced cannot be, so the switch is refused *before* anything changes, naming process, fd and path;
 //! 3. `fsmount` the new generation (in the zygote's namespace; the mount fd carries over);
-//! 4. in a short-lived grandchild that `setns`es into the sandbox's mount namespace: mount it at `/.deltabox`,
-//!    move `/proc` and `/dev` onto it, `pivot_root` (which moves every root and every cwd equal to the old
-//!    root), lazily detach the old root, re-cover the mountpoint;
+//! 4. `setns` into the sandbox's mount namespace for a moment (the caller is single-threaded): mount it at
+//!    `/.deltabox`, move `/proc` and `/dev` onto it, `pivot_root` (which moves every root and every cwd equal to
+//!    the old root), lazily detach the old root, re-cover the mountpoint, and come back;
 //! 5. seize every thread of the processes to re-point, thaw (a v1-frozen task only traps after thaw), and inject
 //!    `chdir` / `openat` + `lseek` + `dup3` + `close` so that they reference the same paths on the new generation;
 //! 6. detach. Nothing can write through the old writable layer any more.
+//!
+//! A process checkpoint ([`switch_capturing`]) holds every process with ptrace alone instead of freezing (seize
+//! and interrupt, again for processes that appeared meanwhile; freezing only a sandbox that keeps forking),
+//! captures them all, then does 3–6 with everything still held.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::collapser::Collapser;
 use crate::generation::{self, check, SwitchReport, SwitchSpec};
+use crate::teardown::Teardown;
 
 /// Daemon → keeper.
 #[derive(Debug, Serialize, Deserialize)]
@@ -179,6 +180,7 @@ fn send(sock: &OwnedFd, reply: &KeeperReply) -> std::io::Result<()> {
 pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
     let mut kept: HashMap<String, Vec<Captured>> = HashMap::new();
     let mut collapser = Collapser::default();
+    let mut teardown = Teardown::default();
     while let Some((payload, _)) = deltabox_sys::fdpass::recv_frame(&sock)? {
         let req: KeeperRequest = serde_json::from_slice(&payload).map_err(std::io::Error::other)?;
         collapser.poll();
@@ -214,17 +216,27 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
             KeeperRequest::Rollback { id, switch } => {
                 let templates = template_pids(&kept);
                 match kept.get_mut(&id) {
-                    Some(captured) => match rollback(init_pid, &switch, &templates, captured) {
-                        Ok(r) => KeeperReply::RolledBack(r),
-                        Err((error, switched)) => KeeperReply::RollbackFailed { error, switched },
-                    },
+                    Some(captured) => {
+                        match rollback(init_pid, &switch, &templates, captured, &mut teardown) {
+                            Ok(r) => KeeperReply::RolledBack(r),
+                            Err((error, switched)) => {
+                                KeeperReply::RollbackFailed { error, switched }
+                            }
+                        }
+                    }
                     None => KeeperReply::Failed {
                         error: format!("no process checkpoint {id} is kept"),
                     },
                 }
             }
             KeeperRequest::RollbackFiles { switch } => {
-                match rollback(init_pid, &switch, &template_pids(&kept), &mut []) {
+                match rollback(
+                    init_pid,
+                    &switch,
+                    &template_pids(&kept),
+                    &mut [],
+                    &mut teardown,
+                ) {
                     Ok(r) => KeeperReply::RolledBack(r),
                     Err((error, switched)) => KeeperReply::RollbackFailed { error, switched },
                 }
@@ -255,6 +267,8 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
             ),
         };
         send(&sock, &reply)?;
+        // Memory of the processes a rollback killed is torn down now, after the answer.
+        teardown.release();
         for id in learn_files {
             for c in kept.get_mut(&id).into_iter().flatten() {
                 c.reopen = c.files_to_reopen(c.template.pid().as_raw()).ok();
@@ -494,6 +508,7 @@ fn rollback(
     switch: &SwitchSpec,
     templates: &HashSet<i32>,
     captured: &mut [Captured],
+    teardown: &mut Teardown,
 ) -> Result<RestoreReport, (String, bool)> {
     let start = Instant::now();
     let mut r = RestoreReport::default();
@@ -513,6 +528,16 @@ fn rollback(
     // fork (each on its own CPU) while the keeper pivots the sandbox, whose pivot_root moves the children's roots
     // along with the templates'.
     let t = Instant::now();
+    // Large processes first get a holder of their memory (see `teardown`): killing them then frees their pids
+    // at once, and the teardown happens after the reply.
+    for pid in switch.cgroup.pids() {
+        if pid != init_pid && !templates.contains(&pid) {
+            teardown.hold_and_kill(pid);
+        }
+    }
+    let mut spared = templates.clone();
+    spared.extend(teardown.holders());
+    let templates = &spared;
     let mut victims = Vec::new();
     signal_live(init_pid, switch, templates, &mut victims);
     r.kill_us = us(t);
@@ -521,6 +546,12 @@ fn rollback(
     r.mount_us = us(t);
     let t = Instant::now();
     kill_live(init_pid, switch, templates, &mut victims).map_err(|e| (e, false))?;
+    teardown.release_pids(
+        &captured
+            .iter()
+            .map(|c| c.template.identity().ns_pid)
+            .collect::<Vec<_>>(),
+    );
     r.kill_us += us(t);
     let t = Instant::now();
     let spawning: Vec<_> = captured

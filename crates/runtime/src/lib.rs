@@ -27,6 +27,7 @@ pub mod limits;
 pub mod protocol;
 pub mod rootfs;
 pub mod session;
+pub mod teardown;
 pub mod zygote;
 
 pub use cgroup::{Cgroup, CgroupManager, CgroupVersion};

@@ -560,6 +560,12 @@ impl Tracee {
         Ok(copy)
     }
 
+    /// Drops the tracee without touching it again (no register restore, no detach): for a thread about to be
+    /// killed, which must not run a single instruction before it dies.
+    pub fn forget(mut self) {
+        self.attached = false;
+    }
+
     /// The process id (thread-group leader).
     pub fn tgid(&self) -> Pid {
         self.tgid

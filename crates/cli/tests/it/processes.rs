@@ -435,3 +435,43 @@ fn a_restored_reader_resumes_at_the_checkpoint_offset() {
     }
     d.stop_and_check(&[id]);
 }
+
+/// A large process in small pages is killed on rollback through a memory holder (its teardown happens after the
+/// answer): the state comes back every time, the pid too, and no holder is left behind.
+#[test]
+fn large_small_page_processes_roll_back_with_their_teardown_deferred() {
+    let d = TestDaemon::start();
+    let id = d.create(&["--memory", "2G"]);
+    let py = d.session(&id, "python3");
+    let sh = d.session(&id, "bash");
+    out(
+        &d,
+        &id,
+        &py,
+        "import os\ndata = bytearray(b'x') * (200 << 20)\nx = 1",
+    );
+    let pid = out(&d, &id, &py, "os.getpid()");
+    let c = d.json(&[
+        "checkpoint",
+        &id,
+        "--processes",
+        "--no-huge-pages",
+        "--json",
+    ]);
+    let c = c["id"].as_str().unwrap().to_string();
+    // Every process, templates included (holders would show up here).
+    let procs = |d: &TestDaemon| out(d, &id, &sh, "ps -e --no-headers | wc -l");
+    let before = procs(&d);
+    for round in 0..5 {
+        out(&d, &id, &py, "x = 2; data[0] = 0");
+        let r = d.json(&["rollback", &id, &c, "--json"]);
+        assert_eq!(r["processes_restarted"], false, "{r}");
+        assert_eq!(
+            out(&d, &id, &py, "x, len(data), data[0], os.getpid()"),
+            format!("(1, 209715200, 120, {})\n", pid.trim()),
+            "round {round}"
+        );
+        assert_eq!(procs(&d), before, "round {round}: no process left behind");
+    }
+    d.stop_and_check(&[id]);
+}

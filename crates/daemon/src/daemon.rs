@@ -1451,6 +1451,7 @@ impl Daemon {
         let mut sessions = sb.sessions.lock().await;
         let mut dormant = sb.dormant.lock().await;
         // Sessions whose interpreter is back: live ones resume, dormant ones wake up.
+        let mut back = Vec::new();
         for (sid, pid) in &snapshot {
             if !restored.contains(pid) {
                 continue;
@@ -1462,9 +1463,17 @@ impl Daemon {
                 }
                 None => dormant.remove(sid),
             };
-            let Some((s, h)) = entry else { continue };
-            match sb.handle.track(*pid).await {
-                Ok(exit) if s.pid() == *pid => {
+            if let Some((s, h)) = entry {
+                back.push((sid, *pid, s, h));
+            }
+        }
+        // Init learns to report their exits: all the requests at once.
+        let tracked =
+            futures_util::future::join_all(back.iter().map(|(_, pid, _, _)| sb.handle.track(*pid)))
+                .await;
+        for ((sid, pid, s, h), exit) in back.into_iter().zip(tracked) {
+            match exit {
+                Ok(exit) if s.pid() == pid => {
                     h.resume(exit);
                     sessions.insert(sid.clone(), s);
                 }

@@ -163,6 +163,8 @@ struct Captured {
     fixups: Vec<crate::fd_fixup::Fixup>,
     /// The live process it was taken from (host pid; it may be gone).
     source: i32,
+    /// It was stopped by a signal (SIGSTOP, ^Z) at the checkpoint: its copies come back stopped.
+    stopped: bool,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -291,6 +293,15 @@ fn parent_of(pid: i32) -> Option<i32> {
         .ok()
 }
 
+/// A capture in flight.
+struct Pending {
+    pid: i32,
+    capture: deltabox_cr::PendingCapture,
+    cwd: PathBuf,
+    fixups: Vec<crate::fd_fixup::Fixup>,
+    stopped: bool,
+}
+
 /// The keeper's capture hook: a template of every held process, forks overlapped.
 struct Capturer<'a> {
     init_pid: i32,
@@ -300,13 +311,8 @@ struct Capturer<'a> {
     generation: u64,
     /// Who holds which pipe end, read once every process is held (none can change its descriptors any more).
     pipes: Option<crate::fd_fixup::PipeHolders>,
-    /// Captures in flight: (pid, the capture, cwd, descriptor fixups).
-    pending: Vec<(
-        i32,
-        deltabox_cr::PendingCapture,
-        PathBuf,
-        Vec<crate::fd_fixup::Fixup>,
-    )>,
+    /// Captures in flight.
+    pending: Vec<Pending>,
     captured: Vec<Captured>,
 }
 
@@ -328,7 +334,13 @@ impl generation::CaptureHook for Capturer<'_> {
         // A child of init is captured as init's child; any other as a child of its process, invisible to `wait`.
         let pending = Template::start_capture(t, parent_of(pid) == Some(self.init_pid))
             .map_err(|e| e.to_string())?;
-        self.pending.push((pid, pending, cwd, fixups));
+        self.pending.push(Pending {
+            pid,
+            capture: pending,
+            cwd,
+            fixups,
+            stopped: t.was_group_stopped(),
+        });
         Ok(())
     }
 
@@ -336,10 +348,16 @@ impl generation::CaptureHook for Capturer<'_> {
         let at = self
             .pending
             .iter()
-            .position(|p| p.0 == pid)
+            .position(|p| p.pid == pid)
             .ok_or_else(|| format!("process {pid}: no capture in flight"))?;
-        let (_, pending, cwd, fixups) = self.pending.swap_remove(at);
-        let mut template = pending.finish(t).map_err(|e| e.to_string())?;
+        let Pending {
+            capture,
+            cwd,
+            fixups,
+            stopped,
+            ..
+        } = self.pending.swap_remove(at);
+        let mut template = capture.finish(t).map_err(|e| e.to_string())?;
         template
             .close_fds(&fixups.iter().map(|f| f.fd()).collect::<Vec<_>>())
             .map_err(|e| format!("process {pid}: {e}"))?;
@@ -350,6 +368,7 @@ impl generation::CaptureHook for Capturer<'_> {
             reopen: None,
             fixups,
             source: pid,
+            stopped,
         });
         Ok(())
     }
@@ -604,6 +623,10 @@ fn rollback(
             let t = Instant::now();
             repoint_restored(child, c, generation, &mut rep)
                 .map_err(|e| format!("restore process {}: {e}", c.template.identity().ns_pid))?;
+            if c.stopped {
+                // Queued while it is held: it stops again before running an instruction.
+                let _ = nix::sys::signal::kill(child.tgid(), nix::sys::signal::Signal::SIGSTOP);
+            }
             r.repoint_us += us(t);
             r.pids.push(c.template.identity().ns_pid);
         }

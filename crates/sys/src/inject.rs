@@ -262,6 +262,8 @@ pub struct Tracee {
     scratch_map: Option<(u64, u64)>,
     attached: bool,
     stopped: bool,
+    /// It was in a group stop (SIGSTOP, ^Z) when seized.
+    group_stopped: bool,
 }
 
 impl Tracee {
@@ -275,6 +277,8 @@ impl Tracee {
     /// Seizes and asks the thread to stop, without waiting for it. A thread frozen by the cgroup v1 freezer only
     /// reaches the stop after it is thawed: attach every thread while frozen, thaw, then [`Tracee::wait_stop`].
     pub fn attach(tgid: Pid, tid: Pid, syscall_insn: u64, timeout: Duration) -> Result<Tracee> {
+        // Read before seizing: a seized task leaves its group stop for a ptrace stop at once.
+        let group_stopped = thread_state(tid) == Some('T');
         ptrace::seize(tid, ptrace::Options::empty()).map_err(pt("seize", tid))?;
         let t = Tracee {
             tid,
@@ -286,10 +290,13 @@ impl Tracee {
             scratch_map: None,
             attached: true,
             stopped: false,
+            group_stopped: false,
         };
         // Seizing a task already in group-stop (SIGSTOP) traps it by itself; an extra interrupt would leave a
         // second trap pending.
-        if !matches!(thread_state(tid), Some('T' | 't')) {
+        let mut t = t;
+        t.group_stopped = group_stopped;
+        if !group_stopped && !matches!(thread_state(tid), Some('T' | 't')) {
             ptrace::interrupt(tid).map_err(pt("interrupt", tid))?;
         }
         Ok(t)
@@ -328,6 +335,11 @@ impl Tracee {
     /// thread seized while running may have exec'd since, moving its vdso).
     pub fn set_syscall_insn(&mut self, insn: u64) {
         self.syscall_insn = insn;
+    }
+
+    /// Whether the thread was stopped by a signal (SIGSTOP, ^Z) when it was seized.
+    pub fn was_group_stopped(&self) -> bool {
+        self.group_stopped
     }
 
     /// The thread id.
@@ -545,6 +557,7 @@ impl Tracee {
             scratch_map: self.scratch_map,
             attached: true,
             stopped: false,
+            group_stopped: false,
         };
         let ready = copy
             .wait_event_stop()
@@ -598,6 +611,7 @@ impl Tracee {
             scratch_map: None,
             attached: true,
             stopped: true,
+            group_stopped: false,
         }
     }
 

@@ -475,3 +475,28 @@ fn large_small_page_processes_roll_back_with_their_teardown_deferred() {
     }
     d.stop_and_check(&[id]);
 }
+
+/// A job stopped by a signal at the checkpoint (^Z, SIGSTOP) comes back stopped, and continues when told to.
+#[test]
+fn a_stopped_job_comes_back_stopped() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let sh = d.session(&id, "bash");
+    let job = out(&d, &id, &sh, "sleep 1000 & kill -STOP $!; echo $!")
+        .trim()
+        .to_string();
+    let state = |d: &TestDaemon| {
+        out(d, &id, &sh, &format!("ps -o stat= -p {job} | cut -c1"))
+            .trim()
+            .to_string()
+    };
+    eventually("the job stops", || state(&d) == "T");
+    let c = checkpoint(&d, &id);
+    assert_eq!(state(&d), "T", "still stopped after the checkpoint");
+    out(&d, &id, &sh, &format!("kill -CONT {job}"));
+    d.ok(&["rollback", &id, &c]);
+    assert_eq!(state(&d), "T", "stopped again after the rollback");
+    out(&d, &id, &sh, &format!("kill -CONT {job}"));
+    eventually("the job runs again", || state(&d) == "S");
+    d.stop_and_check(&[id]);
+}

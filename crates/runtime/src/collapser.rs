@@ -12,7 +12,8 @@
 //! The helper is a child of the keeper (the keeper is single-threaded and must stay so: it forks switch helpers
 //! and pivots), dies with it, and is reaped whenever the keeper handles a request.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
+use std::os::fd::OwnedFd;
 
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -25,6 +26,11 @@ const MIN_SMALL_BYTES: u64 = 32 << 20;
 pub struct Collapser {
     queue: VecDeque<i32>,
     running: Option<(Pid, Vec<i32>)>,
+    /// The running helper writes the pid of every process it left cheap to tear down (collapsed, or with little
+    /// small-page memory anyway), one per line.
+    results: Option<OwnedFd>,
+    partial: Vec<u8>,
+    cheap: HashSet<i32>,
 }
 
 impl Collapser {
@@ -39,9 +45,35 @@ impl Collapser {
         self.poll();
     }
 
-    /// Drops queued processes that went away (templates forgotten).
+    /// Drops processes that went away (templates forgotten, processes killed).
     pub fn remove(&mut self, pids: &[i32]) {
         self.queue.retain(|p| !pids.contains(p));
+        for p in pids {
+            self.cheap.remove(p);
+        }
+    }
+
+    /// Whether the helper found `pid` (a template or a live process) mapped mostly by huge pages or small
+    /// anyway: its exit is cheap.
+    pub fn is_cheap(&self, pid: i32) -> bool {
+        self.cheap.contains(&pid)
+    }
+
+    fn read_results(&mut self) {
+        let Some(fd) = &self.results else { return };
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = rustix::io::read(fd, &mut buf) {
+            self.partial.extend_from_slice(&buf[..n]);
+        }
+        while let Some(nl) = self.partial.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=nl).collect();
+            if let Some(pid) = std::str::from_utf8(&line)
+                .ok()
+                .and_then(|l| l.trim().parse().ok())
+            {
+                self.cheap.insert(pid);
+            }
+        }
     }
 
     /// Whether `pid` waits for or is in a collapse.
@@ -51,25 +83,37 @@ impl Collapser {
 
     /// Reaps a finished helper and starts the next batch.
     pub fn poll(&mut self) {
+        self.read_results();
         if let Some((helper, _)) = &self.running {
             match waitpid(*helper, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => return,
-                _ => self.running = None,
+                _ => {
+                    self.running = None;
+                    self.read_results();
+                    self.results = None;
+                }
             }
         }
         if self.queue.is_empty() {
             return;
         }
+        let Ok((r, w)) = rustix::pipe::pipe_with(
+            rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+        ) else {
+            return;
+        };
         let batch: Vec<i32> = self.queue.drain(..).collect();
         // SAFETY: the keeper is single-threaded; the child only runs `collapse_all` and exits.
         match unsafe { deltabox_sys::clone_process(0) } {
             Ok(deltabox_sys::CloneResult::Child) => {
-                collapse_all(&batch);
+                drop(r);
+                collapse_all(&batch, &w);
                 // SAFETY: leave without running the keeper's destructors (its templates are not ours).
                 unsafe { libc::_exit(0) }
             }
             Ok(deltabox_sys::CloneResult::Parent(pid)) => {
                 self.running = Some((Pid::from_raw(pid.as_raw_nonzero().get()), batch));
+                self.results = Some(r);
             }
             // No helper now: the processes simply stay as they are.
             Err(_) => {}
@@ -86,16 +130,22 @@ impl Drop for Collapser {
     }
 }
 
-fn collapse_all(pids: &[i32]) {
+fn collapse_all(pids: &[i32], results: &OwnedFd) {
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
     // Background work: yield to the sandbox and everything else.
     // SAFETY: setpriority(2) on ourselves with plain integers.
     unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
     for &pid in pids {
-        let worth =
-            deltabox_sys::hugepage::anon_memory(pid).is_ok_and(|m| m.small() >= MIN_SMALL_BYTES);
-        if worth {
-            let _ = deltabox_sys::hugepage::collapse(pid);
+        let Ok(mem) = deltabox_sys::hugepage::anon_memory(pid) else {
+            continue;
+        };
+        let cheap = mem.small() < MIN_SMALL_BYTES
+            || deltabox_sys::hugepage::collapse(pid).is_ok_and(|c| c.failed == 0)
+                && deltabox_sys::hugepage::anon_memory(pid)
+                    .is_ok_and(|m| m.small() < MIN_SMALL_BYTES);
+        if cheap {
+            // The pipe holds far more than a batch's worth of lines; a full pipe only loses the hint.
+            let _ = rustix::io::write(results, format!("{pid}\n").as_bytes());
         }
     }
 }

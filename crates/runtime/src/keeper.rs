@@ -180,9 +180,13 @@ fn send(sock: &OwnedFd, reply: &KeeperReply) -> std::io::Result<()> {
 
 /// Keeper entry point (single-threaded, forked from the zygote). Returns when the daemon closes the socket.
 pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
+    // Precise short sleeps while waiting for processes (the default slack is 50 µs).
+    // SAFETY: prctl(2) with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000, 0, 0, 0) };
     let mut kept: HashMap<String, Vec<Captured>> = HashMap::new();
     let mut collapser = Collapser::default();
     let mut teardown = Teardown::default();
+    let mut restored_from: HashMap<i32, i32> = HashMap::new();
     while let Some((payload, _)) = deltabox_sys::fdpass::recv_frame(&sock)? {
         let req: KeeperRequest = serde_json::from_slice(&payload).map_err(std::io::Error::other)?;
         collapser.poll();
@@ -219,7 +223,14 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
                 let templates = template_pids(&kept);
                 match kept.get_mut(&id) {
                     Some(captured) => {
-                        match rollback(init_pid, &switch, &templates, captured, &mut teardown) {
+                        let ctx = RollbackCtx {
+                            init_pid,
+                            templates: &templates,
+                            teardown: &mut teardown,
+                            collapser: &mut collapser,
+                            restored_from: &mut restored_from,
+                        };
+                        match rollback(ctx, &switch, captured) {
                             Ok(r) => KeeperReply::RolledBack(r),
                             Err((error, switched)) => {
                                 KeeperReply::RollbackFailed { error, switched }
@@ -232,13 +243,15 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
                 }
             }
             KeeperRequest::RollbackFiles { switch } => {
-                match rollback(
+                let templates = template_pids(&kept);
+                let ctx = RollbackCtx {
                     init_pid,
-                    &switch,
-                    &template_pids(&kept),
-                    &mut [],
-                    &mut teardown,
-                ) {
+                    templates: &templates,
+                    teardown: &mut teardown,
+                    collapser: &mut collapser,
+                    restored_from: &mut restored_from,
+                };
+                match rollback(ctx, &switch, &mut []) {
                     Ok(r) => KeeperReply::RolledBack(r),
                     Err((error, switched)) => KeeperReply::RollbackFailed { error, switched },
                 }
@@ -443,9 +456,10 @@ fn kill_live(
                 "{live} processes of the sandbox did not die within {TIMEOUT:?}"
             ));
         }
-        // Init reaps within microseconds of the exit, which takes as long as the memory teardown.
+        // Init reaps within microseconds of the exit. Short real sleeps (the keeper's timer slack is 1 µs), not
+        // spinning: on two CPUs a spinning keeper would delay the very exits and the reaping it waits for.
         if start.elapsed() < Duration::from_millis(5) {
-            std::thread::yield_now();
+            std::thread::sleep(Duration::from_micros(20));
         } else {
             std::thread::sleep(Duration::from_micros(100));
         }
@@ -522,13 +536,28 @@ fn template_pids(kept: &HashMap<String, Vec<Captured>>) -> HashSet<i32> {
         .collect()
 }
 
-fn rollback(
+/// What a rollback needs of the keeper's state besides the checkpoint.
+struct RollbackCtx<'a> {
     init_pid: i32,
+    templates: &'a HashSet<i32>,
+    teardown: &'a mut Teardown,
+    collapser: &'a mut Collapser,
+    /// Live process (host pid) → the template it was restored from.
+    restored_from: &'a mut HashMap<i32, i32>,
+}
+
+fn rollback(
+    ctx: RollbackCtx<'_>,
     switch: &SwitchSpec,
-    templates: &HashSet<i32>,
     captured: &mut [Captured],
-    teardown: &mut Teardown,
 ) -> Result<RestoreReport, (String, bool)> {
+    let RollbackCtx {
+        init_pid,
+        templates,
+        teardown,
+        collapser,
+        restored_from,
+    } = ctx;
     let start = Instant::now();
     let mut r = RestoreReport::default();
     for c in captured.iter_mut() {
@@ -549,8 +578,13 @@ fn rollback(
     let t = Instant::now();
     // Large processes first get a holder of their memory (see `teardown`): killing them then frees their pids
     // at once, and the teardown happens after the reply.
+    // (Not those in huge pages, or forked from a template in huge pages: they tear down fast anyway.)
     for pid in switch.cgroup.pids() {
-        if pid != init_pid && !templates.contains(&pid) {
+        let cheap = collapser.is_cheap(pid)
+            || restored_from
+                .get(&pid)
+                .is_some_and(|t| collapser.is_cheap(*t));
+        if pid != init_pid && !templates.contains(&pid) && !cheap {
             teardown.hold_and_kill(pid);
         }
     }
@@ -641,6 +675,11 @@ fn rollback(
             format!("{e} (the files were rolled back; no process was restored)"),
             true,
         ));
+    }
+    collapser.remove(&victims);
+    restored_from.clear();
+    for (c, child) in captured.iter().zip(&started) {
+        restored_from.insert(child.tgid().as_raw(), c.template.pid().as_raw());
     }
     let t = Instant::now();
     for child in started {

@@ -32,6 +32,7 @@ pub fn sandbox_main(
 ) -> ! {
     let mut report = std::fs::File::from(report);
     let _ = rustix::thread::set_name(c"deltabox-init");
+    hide_command_line();
     // Die with the zygote (and so with the daemon) instead of lingering unowned.
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
     let mut b = [0u8; 1];
@@ -49,6 +50,33 @@ pub fn sandbox_main(
             let _ = report.write_all(e.to_string().as_bytes());
             std::process::exit(1)
         }
+    }
+}
+
+/// Replaces the command line inherited from the zygote (it names the daemon's state directory) with
+/// `deltabox-init`: everything in the sandbox can read `/proc/1/cmdline`.
+fn hide_command_line() {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    // Fields after the command name (which may hold spaces) start at field 3; arg_start and arg_end are 48, 49.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<usize>().ok());
+    let (Some(start), Some(end)) = (field(48), field(49)) else {
+        return;
+    };
+    let name = b"deltabox-init";
+    if end <= start + name.len() {
+        return;
+    }
+    // SAFETY: [start, end) is this process's own argument area on its initial stack, as the kernel reports it:
+    // mapped and writable. Init is single-threaded and nothing reads the area while we overwrite it.
+    unsafe {
+        std::ptr::write_bytes(start as *mut u8, 0, end - start);
+        std::ptr::copy_nonoverlapping(name.as_ptr(), start as *mut u8, name.len());
     }
 }
 

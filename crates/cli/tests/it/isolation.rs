@@ -23,6 +23,9 @@ fn pid1_is_init_and_namespaces_are_private() {
     assert_eq!(lines[5], "0");
     let host_ns = std::fs::read_link("/proc/self/ns/pid").unwrap();
     assert_ne!(lines[6], host_ns.to_str().unwrap());
+    // Its command line names no host path (init is a fork of the zygote, whose arguments name the state dir).
+    let (code, out, _) = d.sh(&id, "tr '\\0' ' ' < /proc/1/cmdline");
+    assert_eq!((code, out.trim()), (0, "deltabox-init"));
     // init cannot be inspected or hijacked from inside (non-dumpable).
     let (code, _, _) = d.sh(&id, "cat /proc/1/mem; cat /proc/1/environ");
     assert_ne!(code, 0);

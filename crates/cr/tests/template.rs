@@ -268,3 +268,35 @@ fn a_template_forks_into_a_child_pid_namespace_with_its_pid() {
     kill(Pid::from_raw(sh), Signal::SIGKILL).unwrap();
     let _ = p.child.wait();
 }
+
+/// Fork ×N's session rewiring: a copy of a process gets fresh pipes in place of the stdin/stdout it shares with
+/// its source; each then talks only over its own.
+#[test]
+fn a_copy_gets_pipes_of_its_own() {
+    let mut p = spawn(ADDER);
+    assert_eq!(p.say("5"), "5");
+    let mut tpl = checkpoint(p.pid, false);
+    let mut copy = tpl.spawn(false).unwrap();
+    let stdin = copy.replace_with_pipe(0, true).unwrap();
+    let stdout = copy.replace_with_pipe(1, false).unwrap();
+    let copy_pid = copy.tgid();
+    copy.detach().unwrap();
+    let mut copy_in = std::fs::File::from(stdin);
+    let mut copy_out = BufReader::new(std::fs::File::from(stdout));
+    // The original goes on over the old pipes …
+    assert_eq!(p.say("3"), "8");
+    // … the copy, from the checkpoint's state, over its own.
+    writeln!(copy_in, "1").unwrap();
+    let mut l = String::new();
+    copy_out.read_line(&mut l).unwrap();
+    assert_eq!(l.trim(), "6");
+    assert_eq!(
+        p.say("1"),
+        "9",
+        "nothing of the copy's reached the original"
+    );
+    // The copy is the python's child (its template's sibling): it goes with it.
+    kill(copy_pid, Signal::SIGKILL).unwrap();
+    kill_and_reap(p.pid);
+    let _ = p.child.try_wait();
+}

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::ptrace;
 use nix::sys::signal::Signal;
+use std::os::fd::{AsRawFd, OwnedFd};
+
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
@@ -202,6 +204,25 @@ fn wait_for(tid: Pid, what: &'static str, timeout: Duration) -> Result<WaitStatu
 pub fn thread_state(tid: Pid) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).ok()?;
     stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// Duplicates descriptor `fd` of process `pid` into ours (`pidfd_getfd`, Linux 5.6; needs ptrace access to it).
+fn pidfd_getfd(pid: Pid, fd: i32) -> std::io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open(2) takes two integers and returns a new descriptor or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if pidfd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    // SAFETY: pidfd_getfd(2) takes integers (our pidfd, their descriptor number, flags 0).
+    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if got < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor the kernel installed for us (with O_CLOEXEC).
+    Ok(unsafe { OwnedFd::from_raw_fd(got as i32) })
 }
 
 /// Address of a `syscall` instruction (`0f 05`) in the process's `[vdso]`, else in any executable mapping.
@@ -450,6 +471,66 @@ impl Tracee {
         let (addr, _) = self.scratch_map.unwrap_or_default();
         self.write_mem(addr, data)?;
         Ok(addr)
+    }
+
+    fn read_mem(&self, addr: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        let remote = [nix::sys::uio::RemoteIoVec {
+            base: addr as usize,
+            len,
+        }];
+        let mut local = [std::io::IoSliceMut::new(&mut buf)];
+        match nix::sys::uio::process_vm_readv(self.tgid, &mut local, &remote) {
+            Ok(n) if n == len => Ok(buf),
+            Ok(_) => Err(InjectError::Io {
+                what: "read memory",
+                tid: self.tid.as_raw(),
+                source: std::io::ErrorKind::UnexpectedEof.into(),
+            }),
+            Err(e) => Err(InjectError::Io {
+                what: "read memory",
+                tid: self.tid.as_raw(),
+                source: e.into(),
+            }),
+        }
+    }
+
+    /// Gives the stopped process a fresh pipe in place of its descriptor `fd` and returns the other end, ours: a
+    /// copy forked into another sandbox must not share its source's session pipes. With `reads`, the process
+    /// keeps the read end (its stdin) and we get the write end; otherwise the reverse. The descriptor number,
+    /// and nothing else of the process, changes.
+    pub fn replace_with_pipe(&mut self, fd: i32, reads: bool) -> Result<OwnedFd> {
+        let io = |what: &'static str, tid: Pid, r: i64| -> Result<i64> {
+            if r < 0 {
+                return Err(InjectError::Io {
+                    what,
+                    tid: tid.as_raw(),
+                    source: std::io::Error::from_raw_os_error(-r as i32),
+                });
+            }
+            Ok(r)
+        };
+        let tid = self.tid;
+        let addr = self.write_scratch(&[0u8; 8])?;
+        let r = self.syscall(libc::SYS_pipe2, &[addr, libc::O_CLOEXEC as u64])?;
+        io("injected pipe2", tid, r)?;
+        let ends = self.read_mem(addr, 8)?;
+        let rfd = i32::from_ne_bytes([ends[0], ends[1], ends[2], ends[3]]);
+        let wfd = i32::from_ne_bytes([ends[4], ends[5], ends[6], ends[7]]);
+        let (keep, give) = if reads { (rfd, wfd) } else { (wfd, rfd) };
+        let taken = (|| -> Result<OwnedFd> {
+            let r = self.syscall(libc::SYS_dup3, &[keep as u64, fd as u64, 0])?;
+            io("injected dup3", tid, r)?;
+            pidfd_getfd(self.tgid, give).map_err(|source| InjectError::Io {
+                what: "pidfd_getfd",
+                tid: tid.as_raw(),
+                source,
+            })
+        })();
+        // Whatever happened, the temporary descriptors go.
+        let _ = self.syscall(libc::SYS_close, &[keep as u64]);
+        let _ = self.syscall(libc::SYS_close, &[give as u64]);
+        taken
     }
 
     fn write_mem(&self, addr: u64, data: &[u8]) -> Result<()> {

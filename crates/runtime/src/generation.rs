@@ -71,7 +71,7 @@ pub struct SwitchReport {
     pub capture_us: u64,
     /// Everything, as seen by the helper.
     pub total_us: u64,
-    /// Processes in the sandbox.
+    /// Processes of the sandbox, init included, templates not.
     pub processes: usize,
     /// Working directories re-pointed.
     pub cwds: usize,
@@ -160,7 +160,6 @@ fn switch_frozen(
     let mnt_ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
     let sandbox_ns = mnt_ns(spec.init_pid).ok_or("sandbox init is gone")?;
     let pids = spec.cgroup.pids();
-    rep.processes = pids.len();
     let mut plans = Vec::new();
     for pid in pids {
         let template = match &spec.templates {
@@ -170,6 +169,7 @@ fn switch_frozen(
         if template {
             continue;
         }
+        rep.processes += 1;
         // pivot_root moves only the sandbox's own mount namespace: a process in a nested one would keep writing
         // into the layer being frozen.
         if mnt_ns(pid).is_some_and(|ns| ns != sandbox_ns) {
@@ -295,6 +295,15 @@ type Held = Vec<(ProcPlan, Vec<Tracee>)>;
 /// Most rounds of seizing newly appeared processes before falling back to the freezer.
 const SEIZE_ROUNDS: usize = 8;
 
+/// [`SEIZE_ROUNDS`], unless `DELTABOX_SEIZE_ROUNDS` says otherwise (0: always freeze; the tests use it to cover
+/// the freezer path of process checkpoints, which only a sandbox that keeps forking reaches otherwise).
+fn seize_rounds() -> usize {
+    std::env::var("DELTABOX_SEIZE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(SEIZE_ROUNDS)
+}
+
 /// Holds every process of the sandbox but init and the templates in a ptrace stop, without the freezer: seize
 /// and interrupt each, wait for the stops, and repeat for processes that appeared meanwhile (a process can fork
 /// until it stops) until a round finds none. `None` if the sandbox kept forking for [`SEIZE_ROUNDS`] rounds
@@ -305,7 +314,7 @@ fn hold_seized(spec: &SwitchSpec, rep: &mut SwitchReport) -> Result<Option<Held>
     let templates = spec.templates.as_ref().unwrap_or(&no_templates);
     let mut held: Vec<(i32, u64, Vec<Tracee>)> = Vec::new();
     let mut converged = false;
-    for _ in 0..SEIZE_ROUNDS {
+    for _ in 0..seize_rounds() {
         let new: Vec<i32> = spec
             .cgroup
             .pids()
@@ -396,7 +405,8 @@ fn hold_seized(spec: &SwitchSpec, rep: &mut SwitchReport) -> Result<Option<Held>
             Err(ScanError::Refuse(msg)) => return Err(msg),
         }
     }
-    rep.processes = plans.len();
+    // The held processes and init.
+    rep.processes = plans.len() + 1;
     rep.scan_us = us(t);
     Ok(Some(plans))
 }

@@ -500,3 +500,50 @@ fn a_stopped_job_comes_back_stopped() {
     eventually("the job runs again", || state(&d) == "S");
     d.stop_and_check(&[id]);
 }
+
+/// The freezer path (taken when a sandbox keeps forking while its processes are seized; forced here) captures the
+/// same state as the ptrace-only path.
+#[test]
+fn the_freezer_path_captures_the_same_state() {
+    let d = TestDaemon::start_with(&[("DELTABOX_SEIZE_ROUNDS", "0")]);
+    let id = d.create(&[]);
+    let py = d.session(&id, "python3");
+    let sh = d.session(&id, "bash");
+    out(&d, &id, &py, "import os\nx = 41\ndata = list(range(10**5))");
+    out(
+        &d,
+        &id,
+        &sh,
+        "mkdir -p /work/d && cd /work/d && export FOO=bar && echo v1 > f",
+    );
+    let job = out(&d, &id, &sh, "sleep 1000 & echo $!").trim().to_string();
+    let pids = (
+        out(&d, &id, &py, "os.getpid()"),
+        out(&d, &id, &sh, "echo $$"),
+    );
+    let c = checkpoint(&d, &id);
+    for round in 0..5 {
+        out(&d, &id, &py, "x = 0; del data");
+        out(&d, &id, &sh, "cd /; unset FOO; echo v2 > /work/d/f");
+        let r = d.json(&["rollback", &id, &c, "--json"]);
+        assert_eq!(r["processes_restarted"], false, "{r}");
+        assert_eq!(
+            out(&d, &id, &py, "x + 1, len(data)"),
+            "(42, 100000)\n",
+            "round {round}"
+        );
+        assert_eq!(
+            out(
+                &d,
+                &id,
+                &sh,
+                &format!("pwd; echo $FOO; cat f; kill -0 {job} && echo job")
+            ),
+            "/work/d\nbar\nv1\njob\n",
+            "round {round}"
+        );
+        assert_eq!(out(&d, &id, &py, "os.getpid()"), pids.0);
+        assert_eq!(out(&d, &id, &sh, "echo $$"), pids.1);
+    }
+    d.stop_and_check(&[id]);
+}

@@ -143,6 +143,35 @@ impl Suspended {
     pub fn end(self) {}
 }
 
+/// Our ends of a session interpreter's pipes.
+#[derive(Debug)]
+pub struct SessionPipes {
+    /// Write end of what the interpreter reads commands from (bash: stdin; python: fd 201).
+    pub cmd: std::os::fd::OwnedFd,
+    /// Read end of its stdout.
+    pub out: std::os::fd::OwnedFd,
+    /// Read end of its stderr.
+    pub err: std::os::fd::OwnedFd,
+    /// Read end of its status pipe (fd 200).
+    pub status: std::os::fd::OwnedFd,
+}
+
+impl SessionPipes {
+    fn into_io(self, exit: oneshot::Receiver<ExitStatus>) -> Result<(SessionIo, pipe::Sender)> {
+        let io = SessionIo {
+            out: receiver(self.out)?,
+            err: receiver(self.err)?,
+            status: receiver(self.status)?,
+            status_buf: Vec::new(),
+            exit: Some(exit),
+            status_open: true,
+            out_open: true,
+            err_open: true,
+        };
+        Ok((io, sender(self.cmd)?))
+    }
+}
+
 /// A running session. Dropping it ends the process.
 #[derive(Debug)]
 pub struct Session {
@@ -191,17 +220,13 @@ impl Session {
             ),
         };
         let p = h.spawn(argv, env, cwd, fds).await?;
-        let mut io = SessionIo {
-            out: receiver(out_r)?,
-            err: receiver(err_r)?,
-            status: receiver(st_r)?,
-            status_buf: Vec::new(),
-            exit: Some(p.exit),
-            status_open: true,
-            out_open: true,
-            err_open: true,
-        };
-        let mut cmd = sender(cmd_w)?;
+        let (mut io, mut cmd) = SessionPipes {
+            cmd: cmd_w,
+            out: out_r,
+            err: err_r,
+            status: st_r,
+        }
+        .into_io(p.exit)?;
         if kind == SessionKind::Bash {
             cmd.write_all(BASH_SETUP.as_bytes())
                 .await
@@ -234,13 +259,32 @@ impl Session {
                 )));
             }
         }
+        Ok(Self::run_task(h, kind, p.pid, io, cmd))
+    }
+
+    /// Takes over an interpreter that already speaks the session protocol and waits between commands — a
+    /// copy of a session's interpreter forked into another sandbox, given pipes of its own — as a session.
+    pub fn adopt(
+        h: &SandboxHandle,
+        kind: SessionKind,
+        pid: i32,
+        pipes: SessionPipes,
+        exit: oneshot::Receiver<ExitStatus>,
+    ) -> Result<Session> {
+        let (io, cmd) = pipes.into_io(exit)?;
+        Ok(Self::run_task(h, kind, pid, io, cmd))
+    }
+
+    fn run_task(
+        h: &SandboxHandle,
+        kind: SessionKind,
+        pid: i32,
+        io: SessionIo,
+        cmd: pipe::Sender,
+    ) -> Session {
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(session_task(h.clone(), kind, p.pid, io, cmd, rx));
-        Ok(Session {
-            kind,
-            pid: p.pid,
-            tx,
-        })
+        tokio::spawn(session_task(h.clone(), kind, pid, io, cmd, rx));
+        Session { kind, pid, tx }
     }
 
     /// Which interpreter.

@@ -129,12 +129,7 @@ async fn measure(c: &Client, w: &Workload<'_>, reps: usize, huge: bool) -> Resul
         } else {
             // Only the first one is rolled back to: the others' templates would only crowd the pool (and the
             // per-sandbox cap would evict the first one with 16 processes).
-            c.call::<()>(
-                hyper::Method::DELETE,
-                &format!("/v1/checkpoints/{}", ck.id),
-                None::<&()>,
-            )
-            .await?;
+            c.remove_checkpoint(&ck.id).await?;
         }
         if huge {
             wait_collapsed(c, id).await?;

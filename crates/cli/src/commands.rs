@@ -239,13 +239,7 @@ async fn dispatch(
             Ok(0)
         }
         Command::RmCheckpoint { checkpoint } => {
-            client
-                .call::<()>(
-                    Method::DELETE,
-                    &format!("/v1/checkpoints/{}", seg(&checkpoint)),
-                    None::<&()>,
-                )
-                .await?;
+            client.remove_checkpoint(&checkpoint).await?;
             if json {
                 println!(
                     "{}",

@@ -2,9 +2,7 @@
 
 use std::time::Duration;
 
-use deltabox_sys::inject::{ForkSpec, Held, Tracee};
-use nix::sys::signal::Signal;
-use nix::sys::wait::{waitpid, WaitPidFlag};
+use deltabox_sys::inject::{kill_tracee, ForkSpec, Held, Tracee};
 use nix::unistd::Pid;
 
 use crate::{Error, Result};
@@ -32,15 +30,13 @@ pub struct Template {
 }
 
 fn ns_ids(pid: Pid) -> Option<(i32, i32, i32)> {
+    use deltabox_sys::procfs::last_field;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let last = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().last())
-            .and_then(|v| v.parse::<i32>().ok())
-    };
-    Some((last("NSpid:")?, last("NSpgid:")?, last("NSsid:")?))
+    Some((
+        last_field(&status, "NSpid:")?,
+        last_field(&status, "NSpgid:")?,
+        last_field(&status, "NSsid:")?,
+    ))
 }
 
 fn threads(pid: Pid) -> usize {
@@ -120,7 +116,7 @@ impl PendingCapture {
         {
             Ok(_) => copy.keep_stopped()?,
             Err(e) => {
-                kill_held(copy.tgid());
+                kill_tracee(copy.tgid());
                 return Err(e);
             }
         };
@@ -231,7 +227,7 @@ impl Template {
             .map_err(Error::from)
             .and_then(|r| check(child.tgid(), "setsid in restored process", r))
         {
-            kill_held(child.tgid());
+            kill_tracee(child.tgid());
             return Err(e);
         }
         Ok(child)
@@ -331,7 +327,7 @@ impl Template {
                 Err(e) => {
                     let pid = child.tgid();
                     drop(child.keep_stopped());
-                    kill_held(pid);
+                    kill_tracee(pid);
                     Err(e)
                 }
             }
@@ -355,21 +351,15 @@ impl Drop for Spawning {
             if let Ok(child) = t.finish_fork() {
                 let pid = child.tgid();
                 drop(child.keep_stopped());
-                kill_held(pid);
+                kill_tracee(pid);
             }
             let _ = t.keep_stopped();
         }
     }
 }
 
-/// Kills a process we hold in a ptrace stop and collects its exit as its tracer.
-fn kill_held(pid: Pid) {
-    let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-    let _ = waitpid(pid, Some(WaitPidFlag::__WALL));
-}
-
 impl Drop for Template {
     fn drop(&mut self) {
-        kill_held(self.held.tid);
+        kill_tracee(self.held.tid);
     }
 }

@@ -251,6 +251,16 @@ impl Client {
         self.checkpoint_body(id, &body).await
     }
 
+    /// `DELETE /v1/checkpoints/{id}`.
+    pub async fn remove_checkpoint(&self, checkpoint: &str) -> Result<(), ClientError> {
+        self.call(
+            Method::DELETE,
+            &format!("/v1/checkpoints/{}", seg(checkpoint)),
+            None::<&()>,
+        )
+        .await
+    }
+
     /// `GET /v1/sandboxes/{id}/checkpoints`: the sandbox's checkpoints, oldest first.
     pub async fn list_checkpoints(&self, id: &str) -> Result<Vec<CheckpointInfo>, ClientError> {
         self.call(

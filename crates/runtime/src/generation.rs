@@ -162,11 +162,7 @@ fn switch_frozen(
     let pids = spec.cgroup.pids();
     let mut plans = Vec::new();
     for pid in pids {
-        let template = match &spec.templates {
-            Some(set) => set.contains(&pid),
-            None => spec.keeper_pid.is_some_and(|k| traced_by(pid, k)),
-        };
-        if template {
+        if spec.is_template(pid) {
             continue;
         }
         rep.processes += 1;
@@ -185,12 +181,7 @@ fn switch_frozen(
         match scan(pid, old, capture.is_some(), None) {
             Ok(Some(p)) => {
                 if capture.is_some() && p.threads.len() > 1 {
-                    return Err(format!(
-                        "process {pid} ({}) has {} threads: process checkpoints support single-threaded processes \
-                         only (checkpoint files only instead)",
-                        comm(pid),
-                        p.threads.len()
-                    ));
+                    return Err(multi_threaded(pid, p.threads.len()));
                 }
                 plans.push(p)
             }
@@ -227,6 +218,25 @@ fn switch_frozen(
     repoint_all(held, rep);
     rep.repoint_us = us(t);
     Ok(())
+}
+
+impl SwitchSpec {
+    /// Whether `pid` is one of the keeper's templates (stopped copies living in the sandbox's cgroup).
+    fn is_template(&self, pid: i32) -> bool {
+        match &self.templates {
+            Some(set) => set.contains(&pid),
+            None => self.keeper_pid.is_some_and(|k| traced_by(pid, k)),
+        }
+    }
+}
+
+/// Why a process checkpoint refuses a multi-threaded process.
+fn multi_threaded(pid: i32, threads: usize) -> String {
+    format!(
+        "process {pid} ({}) has {threads} threads: process checkpoints support single-threaded processes only \
+         (checkpoint files only instead)",
+        comm(pid)
+    )
 }
 
 /// Whether process `pid` is traced by `tracer` (a keeper's template).
@@ -310,8 +320,6 @@ fn seize_rounds() -> usize {
 /// (everything is let go again). Then plans every held process as the frozen path does.
 fn hold_seized(spec: &SwitchSpec, rep: &mut SwitchReport) -> Result<Option<Held>, String> {
     let t = Instant::now();
-    let no_templates = std::collections::HashSet::new();
-    let templates = spec.templates.as_ref().unwrap_or(&no_templates);
     let mut held: Vec<(i32, u64, Vec<Tracee>)> = Vec::new();
     let mut converged = false;
     for _ in 0..seize_rounds() {
@@ -320,12 +328,7 @@ fn hold_seized(spec: &SwitchSpec, rep: &mut SwitchReport) -> Result<Option<Held>
             .pids()
             .into_iter()
             .filter(|p| {
-                *p != spec.init_pid
-                    && !templates.contains(p)
-                    && !spec
-                        .keeper_pid
-                        .is_some_and(|k| spec.templates.is_none() && traced_by(*p, k))
-                    && !held.iter().any(|(h, _, _)| h == p)
+                *p != spec.init_pid && !spec.is_template(*p) && !held.iter().any(|(h, _, _)| h == p)
             })
             .collect();
         if new.is_empty() {
@@ -339,11 +342,7 @@ fn hold_seized(spec: &SwitchSpec, rep: &mut SwitchReport) -> Result<Option<Held>
                 Err(_) => continue,
             };
             if threads.len() > 1 {
-                return Err(format!(
-                    "process {pid} ({}) has {} threads: process checkpoints support single-threaded processes                      only (checkpoint files only instead)",
-                    comm(pid),
-                    threads.len()
-                ));
+                return Err(multi_threaded(pid, threads.len()));
             }
             let Ok(insn) = find_syscall_insn(Pid::from_raw(pid)) else {
                 // Exited meanwhile (or mid-exec: the next round sees it again).
@@ -368,11 +367,7 @@ fn hold_seized(spec: &SwitchSpec, rep: &mut SwitchReport) -> Result<Option<Held>
                     tracees[0].set_syscall_insn(insn);
                     let threads = procfs::threads(pid).map(|t| t.len()).unwrap_or(1);
                     if threads > 1 {
-                        return Err(format!(
-                            "process {pid} ({}) has {threads} threads: process checkpoints support \
-                             single-threaded processes only (checkpoint files only instead)",
-                            comm(pid)
-                        ));
+                        return Err(multi_threaded(pid, threads));
                     }
                     held.push((pid, insn, tracees))
                 }

@@ -85,16 +85,9 @@ impl TemplateCost {
         for &pid in &templates.pids {
             let text =
                 std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-            let kb = |key: &str| {
-                text.lines()
-                    .find_map(|l| l.strip_prefix(key))
-                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-                    .unwrap_or(0)
-                    * 1024
-            };
-            cost.pss += kb("Pss:");
-            cost.private_dirty += kb("Private_Dirty:");
-            cost.huge += kb("AnonHugePages:");
+            cost.pss += procfs::kb_field(&text, "Pss:");
+            cost.private_dirty += procfs::kb_field(&text, "Private_Dirty:");
+            cost.huge += procfs::kb_field(&text, "AnonHugePages:");
         }
         cost
     }
@@ -222,40 +215,33 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
             KeeperRequest::Rollback { id, switch } => {
                 let templates = template_pids(&kept);
                 match kept.get_mut(&id) {
-                    Some(captured) => {
-                        let ctx = RollbackCtx {
+                    Some(captured) => rollback_reply(rollback(
+                        RollbackCtx {
                             init_pid,
                             templates: &templates,
                             teardown: &mut teardown,
                             collapser: &mut collapser,
                             restored_from: &mut restored_from,
-                        };
-                        match rollback(ctx, &switch, captured) {
-                            Ok(r) => KeeperReply::RolledBack(r),
-                            Err((error, switched)) => {
-                                KeeperReply::RollbackFailed { error, switched }
-                            }
-                        }
-                    }
+                        },
+                        &switch,
+                        captured,
+                    )),
                     None => KeeperReply::Failed {
                         error: format!("no process checkpoint {id} is kept"),
                     },
                 }
             }
-            KeeperRequest::RollbackFiles { switch } => {
-                let templates = template_pids(&kept);
-                let ctx = RollbackCtx {
+            KeeperRequest::RollbackFiles { switch } => rollback_reply(rollback(
+                RollbackCtx {
                     init_pid,
-                    templates: &templates,
+                    templates: &template_pids(&kept),
                     teardown: &mut teardown,
                     collapser: &mut collapser,
                     restored_from: &mut restored_from,
-                };
-                match rollback(ctx, &switch, &mut []) {
-                    Ok(r) => KeeperReply::RolledBack(r),
-                    Err((error, switched)) => KeeperReply::RollbackFailed { error, switched },
-                }
-            }
+                },
+                &switch,
+                &mut [],
+            )),
             KeeperRequest::Forget { ids } => {
                 for id in ids {
                     if let Some(caps) = kept.remove(&id) {
@@ -525,6 +511,13 @@ fn spawn_same_pid(template: &mut Template) -> deltabox_cr::Result<Tracee> {
             }
             other => return other,
         }
+    }
+}
+
+fn rollback_reply(r: Result<RestoreReport, (String, bool)>) -> KeeperReply {
+    match r {
+        Ok(r) => KeeperReply::RolledBack(r),
+        Err((error, switched)) => KeeperReply::RollbackFailed { error, switched },
     }
 }
 

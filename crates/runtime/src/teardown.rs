@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use deltabox_sys::inject::{find_syscall_insn, ForkSpec, Held, Tracee};
+use deltabox_sys::inject::{find_syscall_insn, kill_tracee, ForkSpec, Held, Tracee};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
@@ -26,35 +26,8 @@ pub struct Teardown {
 /// Size of a process's page tables (`VmPTE`): what its teardown has to walk.
 fn page_table_bytes(pid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmPTE:"))?
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
+        .map(|s| deltabox_sys::procfs::kb_field(&s, "VmPTE:"))
         .unwrap_or(0)
-        * 1024
-}
-
-/// The pid of `pid` in its own (innermost) pid namespace.
-fn ns_pid(pid: Pid) -> Option<i32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))?
-        .split_whitespace()
-        .last()?
-        .parse()
-        .ok()
-}
-
-/// Kills a process we trace and collects it as its tracer (then its parent, the sandbox's init, reaps it).
-fn kill_traced(pid: Pid) {
-    let _ = kill(pid, Signal::SIGKILL);
-    let _ = waitpid(pid, Some(WaitPidFlag::__WALL));
 }
 
 impl Teardown {
@@ -83,13 +56,13 @@ impl Teardown {
             let hid = holder.tgid();
             match holder.keep_stopped() {
                 Ok(held) if own_session => self.held.push(held),
-                Ok(_) => kill_traced(hid),
+                Ok(_) => kill_tracee(hid),
                 Err(_) => {}
             }
         }
         // Killed while still held, so it never runs again; with a holder its exit leaves the memory alone.
         t.forget();
-        kill_traced(p);
+        kill_tracee(p);
     }
 
     /// Host pids of the holders (they live in the sandbox's cgroup: the kill must spare them).
@@ -100,12 +73,13 @@ impl Teardown {
     /// Frees at once any holder whose pid in the sandbox is one of `wanted` (pids the rollback must give back),
     /// paying its teardown now: rare, the pids are fresh ones.
     pub fn release_pids(&mut self, wanted: &[i32]) {
-        let (clash, keep): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
-            .into_iter()
-            .partition(|h| ns_pid(h.tid).is_some_and(|n| wanted.contains(&n)));
+        let (clash, keep): (Vec<Held>, Vec<Held>) =
+            std::mem::take(&mut self.held).into_iter().partition(|h| {
+                deltabox_sys::procfs::ns_pid(h.tid.as_raw()).is_some_and(|n| wanted.contains(&n))
+            });
         self.held = keep;
         for h in clash {
-            kill_traced(h.tid);
+            kill_tracee(h.tid);
             let deadline = Instant::now() + Duration::from_secs(5);
             while std::path::Path::new(&format!("/proc/{}", h.tid)).exists()
                 && Instant::now() < deadline

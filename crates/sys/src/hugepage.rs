@@ -6,7 +6,7 @@
 //! densely populated (collapsing a sparse range would fill it with zeroes and waste memory).
 
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 
 /// `MADV_COLLAPSE` (Linux 6.1), not in every libc.
 const MADV_COLLAPSE: i32 = 25;
@@ -35,16 +35,9 @@ impl AnonMemory {
 /// Reads a process's anonymous memory totals.
 pub fn anon_memory(pid: i32) -> io::Result<AnonMemory> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
-    let kb = |key: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .unwrap_or(0)
-            * 1024
-    };
     Ok(AnonMemory {
-        anon: kb("Anonymous:"),
-        huge: kb("AnonHugePages:"),
+        anon: crate::procfs::kb_field(&text, "Anonymous:"),
+        huge: crate::procfs::kb_field(&text, "AnonHugePages:"),
     })
 }
 
@@ -140,22 +133,12 @@ fn dense_runs(pagemap: &mut std::fs::File, start: u64, end: u64) -> io::Result<V
     Ok(runs)
 }
 
-fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open(2) takes two integers and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
 /// Collapses the densely populated anonymous memory of process `pid` into huge pages, range by range. The
 /// process may keep running meanwhile (the kernel's khugepaged does the same); a process that exits midway ends
 /// the work early without error.
 pub fn collapse(pid: i32) -> io::Result<Collapsed> {
     // The pidfd pins the process's identity: every madvise below goes to this process even if `pid` is reused.
-    let pidfd = pidfd_open(pid)?;
+    let pidfd = crate::pidfd::open(pid)?;
     let mut pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
     let mut done = Collapsed::default();
     for (start, end) in candidates(pid)? {

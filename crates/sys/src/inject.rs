@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::ptrace;
 use nix::sys::signal::Signal;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -206,23 +206,11 @@ pub fn thread_state(tid: Pid) -> Option<char> {
     stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
-/// Duplicates descriptor `fd` of process `pid` into ours (`pidfd_getfd`, Linux 5.6; needs ptrace access to it).
-fn pidfd_getfd(pid: Pid, fd: i32) -> std::io::Result<OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: pidfd_open(2) takes two integers and returns a new descriptor or -1.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
-    if pidfd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
-    // SAFETY: pidfd_getfd(2) takes integers (our pidfd, their descriptor number, flags 0).
-    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-    if got < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor the kernel installed for us (with O_CLOEXEC).
-    Ok(unsafe { OwnedFd::from_raw_fd(got as i32) })
+/// Kills a process we trace and collects its exit as its tracer (its parent then reaps it, or we do if we are
+/// the parent).
+pub fn kill_tracee(pid: Pid) {
+    let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+    let _ = waitpid(pid, Some(WaitPidFlag::__WALL));
 }
 
 /// Address of a `syscall` instruction (`0f 05`) in the process's `[vdso]`, else in any executable mapping.
@@ -521,7 +509,7 @@ impl Tracee {
         let taken = (|| -> Result<OwnedFd> {
             let r = self.syscall(libc::SYS_dup3, &[keep as u64, fd as u64, 0])?;
             io("injected dup3", tid, r)?;
-            pidfd_getfd(self.tgid, give).map_err(|source| InjectError::Io {
+            crate::pidfd::getfd(self.tgid.as_raw(), give).map_err(|source| InjectError::Io {
                 what: "pidfd_getfd",
                 tid: tid.as_raw(),
                 source,
@@ -646,8 +634,7 @@ impl Tracee {
         if let Err(e) = ready {
             // Never let a copy we could not set up run: it would resume with the injected call's registers.
             copy.attached = false;
-            let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
-            let _ = waitpid(child, Some(WaitPidFlag::__WALL));
+            kill_tracee(child);
             return Err(e);
         }
         copy.stopped = true;

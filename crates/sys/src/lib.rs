@@ -10,6 +10,7 @@ pub mod fdpass;
 pub mod hugepage;
 pub mod inject;
 pub mod netdev;
+pub mod pidfd;
 pub mod procfs;
 pub mod seccomp;
 

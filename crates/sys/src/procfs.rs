@@ -11,6 +11,35 @@ pub fn mnt_id(path: &Path) -> io::Result<u64> {
     Ok(st.stx_mnt_id)
 }
 
+/// The amount a `/proc` summary (`status`, `smaps_rollup`) gives in kB on the line starting with `key` (such as
+/// `"Pss:"`), in bytes; 0 when the line is missing.
+pub fn kb_field(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+/// The last number on the line starting with `key` of `/proc/PID/status` text: for `NSpid:`, `NSpgid:` and
+/// `NSsid:`, the id in the innermost pid namespace.
+pub fn last_field(text: &str, key: &str) -> Option<i32> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
+}
+
+/// A process's pid in its own (innermost) pid namespace.
+pub fn ns_pid(pid: i32) -> Option<i32> {
+    last_field(
+        &std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?,
+        "NSpid:",
+    )
+}
+
 /// Thread ids of a process.
 pub fn threads(pid: i32) -> io::Result<Vec<i32>> {
     let mut out: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))?

@@ -9,6 +9,12 @@ fn out(d: &TestDaemon, id: &str, s: &str, cmd: &str) -> String {
     r["stdout"].as_str().unwrap().to_string()
 }
 
+/// Rolls back to process checkpoint `c`, asserting the processes were restored (not restarted).
+fn restore(d: &TestDaemon, id: &str, c: &str) {
+    let r = d.json(&["rollback", id, c, "--json"]);
+    assert_eq!(r["processes_restarted"], false, "{r}");
+}
+
 fn checkpoint(d: &TestDaemon, id: &str) -> String {
     let c = d.json(&["checkpoint", id, "--processes", "--json"]);
     assert!(c["with_processes"].as_bool().unwrap(), "{c}");
@@ -43,8 +49,7 @@ fn sessions_come_back_with_their_state_and_pids() {
         "cd / && unset FOO && unset -f greet && echo v2 > /work/file && rm -rf /work/deep",
     );
     for round in 0..20 {
-        let r = d.json(&["rollback", &id, &c, "--json"]);
-        assert_eq!(r["processes_restarted"], false, "{r}");
+        restore(&d, &id, &c);
         assert_eq!(
             out(&d, &id, &py, "x + 1, len(data)"),
             "(42, 1000000)\n",
@@ -247,8 +252,7 @@ fn a_thousand_rollbacks_to_one_checkpoint() {
     let pid = out(&d, &id, &py, "os.getpid()");
     let c = checkpoint(&d, &id);
     for round in 0..1000 {
-        let r = d.json(&["rollback", &id, &c, "--json"]);
-        assert_eq!(r["processes_restarted"], false, "round {round}: {r}");
+        restore(&d, &id, &c);
         assert_eq!(
             out(&d, &id, &py, "x += 1; x, os.getpid()"),
             format!("(8, {})\n", pid.trim()),
@@ -326,8 +330,7 @@ fn the_template_pool_reports_costs_and_evicts_the_least_recently_used() {
     let r = d.json(&["rollback", &id, &c2, "--json"]);
     assert_eq!(r["processes_restarted"], true, "{r}");
     assert!(r["note"].as_str().unwrap().contains("evicted"), "{r}");
-    let r = d.json(&["rollback", &id, &c1, "--json"]);
-    assert_eq!(r["processes_restarted"], false, "{r}");
+    restore(&d, &id, &c1);
     d.stop_and_check(&[id]);
 }
 
@@ -342,8 +345,7 @@ fn a_restored_background_job_keeps_running_and_kill_percent_one_kills_it() {
     let c = checkpoint(&d, &id);
     out(&d, &id, &sh, "kill %1; wait");
     for round in 0..3 {
-        let r = d.json(&["rollback", &id, &c, "--json"]);
-        assert_eq!(r["processes_restarted"], false, "{r}");
+        restore(&d, &id, &c);
         assert_eq!(
             out(
                 &d,
@@ -391,8 +393,7 @@ fn a_sandbox_that_keeps_forking_is_checkpointed_and_rolled_back() {
         out(&d, &id, &sh, &format!("export ROUND={round}"));
         let c = checkpoint(&d, &id);
         out(&d, &id, &sh, "export ROUND=broken");
-        let r = d.json(&["rollback", &id, &c, "--json"]);
-        assert_eq!(r["processes_restarted"], false, "{r}");
+        restore(&d, &id, &c);
         assert_eq!(out(&d, &id, &sh, "echo $ROUND"), format!("{round}\n"));
     }
     // The loop runs on after all that.
@@ -464,8 +465,7 @@ fn large_small_page_processes_roll_back_with_their_teardown_deferred() {
     let before = procs(&d);
     for round in 0..5 {
         out(&d, &id, &py, "x = 2; data[0] = 0");
-        let r = d.json(&["rollback", &id, &c, "--json"]);
-        assert_eq!(r["processes_restarted"], false, "{r}");
+        restore(&d, &id, &c);
         assert_eq!(
             out(&d, &id, &py, "x, len(data), data[0], os.getpid()"),
             format!("(1, 209715200, 120, {})\n", pid.trim()),
@@ -525,8 +525,7 @@ fn the_freezer_path_captures_the_same_state() {
     for round in 0..5 {
         out(&d, &id, &py, "x = 0; del data");
         out(&d, &id, &sh, "cd /; unset FOO; echo v2 > /work/d/f");
-        let r = d.json(&["rollback", &id, &c, "--json"]);
-        assert_eq!(r["processes_restarted"], false, "{r}");
+        restore(&d, &id, &c);
         assert_eq!(
             out(&d, &id, &py, "x + 1, len(data)"),
             "(42, 100000)\n",

@@ -466,7 +466,9 @@ pub async fn cr(client: &Client, quick: bool) -> Result<i32> {
             let w = Workload {
                 id: &sb.id,
                 py: &py.id,
-                verify: "tick, len([p for p in os.listdir('/proc') if p.isdigit() and b'time.sleep' in open('/proc/%s/cmdline' % p, 'rb').read() and open('/proc/%s/stat' % p).read().split(') ')[1][0] == 'S'])",
+                // Alive and not stopped: sleeping, or still running (a copy restarts its nanosleep right after
+                // the rollback, and may not have been scheduled yet when this runs).
+                verify: "tick, len([p for p in os.listdir('/proc') if p.isdigit() and b'time.sleep' in open('/proc/%s/cmdline' % p, 'rb').read() and open('/proc/%s/stat' % p).read().split(') ')[1][0] in 'SR'])",
                 expect: &expect,
                 touch: None,
             };

@@ -15,4 +15,7 @@ pub enum Error {
     /// The template is gone (killed from inside the sandbox, or evicted).
     #[error("template {0} is gone")]
     TemplateGone(i32),
+    /// The branch sandbox to fork into cannot be reached.
+    #[error("{0}")]
+    Branch(String),
 }

@@ -14,4 +14,4 @@ pub mod error;
 pub mod template;
 
 pub use error::{Error, Result};
-pub use template::{PendingCapture, Spawning, Template};
+pub use template::{BranchNamespaces, PendingCapture, Spawning, Template};

@@ -234,23 +234,63 @@ impl Template {
     }
 }
 
-/// Namespaces a copy placed in another sandbox's namespaces joins before it runs (all but the user namespace,
-/// which every branch of a sandbox shares).
-const BRANCH_NAMESPACES: i32 = libc::CLONE_NEWNS
-    | libc::CLONE_NEWNET
-    | libc::CLONE_NEWIPC
-    | libc::CLONE_NEWUTS
-    | libc::CLONE_NEWCGROUP;
+/// Namespaces a copy placed in another sandbox joins before it runs, besides the pid namespace (all but the user
+/// namespace, which every branch of a sandbox shares).
+const BRANCH_NAMESPACES: [(&str, i32); 5] = [
+    ("mnt", libc::CLONE_NEWNS),
+    ("net", libc::CLONE_NEWNET),
+    ("ipc", libc::CLONE_NEWIPC),
+    ("uts", libc::CLONE_NEWUTS),
+    ("cgroup", libc::CLONE_NEWCGROUP),
+];
+
+/// The namespaces of a branch sandbox, opened from its init (`/proc/<pid>/ns/…`) by the caller.
+///
+/// Namespace files, not a pidfd of the init: `setns` through a pidfd needs ptrace access to that process, and a
+/// sandbox's init is non-dumpable on purpose (its memory is a copy of the host-side zygote's).
+#[derive(Debug)]
+pub struct BranchNamespaces {
+    /// Its pid namespace (children of the template are placed there).
+    pid: std::os::fd::OwnedFd,
+    /// The others, with their `CLONE_NEW*` type.
+    others: Vec<(std::os::fd::OwnedFd, i32)>,
+}
+
+impl BranchNamespaces {
+    /// Opens the namespaces of process `init` (host pid).
+    pub fn open(init: i32) -> Result<BranchNamespaces> {
+        let open = |ns: &str| {
+            std::fs::File::open(format!("/proc/{init}/ns/{ns}"))
+                .map(std::os::fd::OwnedFd::from)
+                .map_err(|e| Error::Branch(format!("open namespace {ns} of process {init}: {e}")))
+        };
+        Ok(BranchNamespaces {
+            pid: open("pid")?,
+            others: BRANCH_NAMESPACES
+                .iter()
+                .map(|&(name, ty)| Ok((open(name)?, ty)))
+                .collect::<Result<_>>()?,
+        })
+    }
+}
 
 impl Template {
-    /// Forks the template into another sandbox: the pid namespace whose pid 1 the template sees as `anchor` (it
-    /// must lie below the template's own: the kernel places children nowhere else), with the original pid
-    /// there, and moves the copy into that init's mount, network, IPC, UTS and cgroup namespaces before it
-    /// runs. The calls are injected into the template and the copy, so they run with the sandbox's own
-    /// credentials (root of its user namespace); a template without them gets a clear error, and nothing is
-    /// shared. The template keeps its own pid namespace for later forks. Returns the copy held in its first
-    /// stop, with root and working directory at the new mount namespace's root, for the caller to re-point.
-    pub fn spawn_into(&mut self, anchor: i32) -> Result<Tracee> {
+    /// Forks the template into another sandbox, whose namespaces are `ns`: into its pid namespace (it must lie
+    /// below the template's own: the kernel places children nowhere else) with the original pid there, and into
+    /// its mount, network, IPC, UTS and cgroup namespaces before the copy runs. The calls are injected into the
+    /// template and the copy, so they run with the sandbox's own credentials (root of its user namespace); a
+    /// template without them gets a clear error, and nothing is shared. The template keeps its own pid namespace
+    /// for later forks.
+    ///
+    /// The copy must be a child of the branch's init (which reaps it and reports its exit), yet a fork's parent
+    /// is the forking process or, with `CLONE_PARENT`, its parent — both outside the branch. So the template
+    /// first makes an *intermediate*, `clone(CLONE_VM)` (no page tables copied), inside the branch with pid
+    /// `scratch_pid` (one the branch does not use); the intermediate forks the copy and is killed, and the
+    /// kernel re-parents the copy to the init of the intermediate's pid namespace: the branch's. Returns the copy
+    /// held in its first stop, with root and working directory at the new mount namespace's root, for the
+    /// caller to re-point.
+    pub fn spawn_into(&mut self, ns: &BranchNamespaces, scratch_pid: i32) -> Result<Tracee> {
+        use std::os::fd::AsFd;
         if !self.is_alive() {
             return Err(Error::TemplateGone(self.held.tid.as_raw()));
         }
@@ -260,44 +300,50 @@ impl Template {
             let sc = |t: &mut Tracee, what: &'static str, nr: i64, args: &[u64]| -> Result<i64> {
                 check(me, what, t.syscall(nr, args)?)
             };
-            let target = sc(
-                &mut t,
-                "pidfd_open(branch init)",
-                libc::SYS_pidfd_open,
-                &[anchor as u64, 0],
-            )?;
-            let own_pid = sc(&mut t, "getpid in template", libc::SYS_getpid, &[])?;
-            let own = match sc(
-                &mut t,
-                "pidfd_open(self)",
-                libc::SYS_pidfd_open,
-                &[own_pid as u64, 0],
-            ) {
-                Ok(fd) => fd,
-                Err(e) => {
-                    let _ = t.syscall(libc::SYS_close, &[target as u64]);
-                    return Err(e);
+            let mut give = vec![ns.pid.as_fd()];
+            give.extend(ns.others.iter().map(|(fd, _)| fd.as_fd()));
+            // Their numbers in the template (and in the intermediate and the copy, which inherit them).
+            let nums = t.install_fds(&give)?;
+            let own_pid = sc(&mut t, "getpid in template", libc::SYS_getpid, &[]);
+            let own = own_pid.and_then(|p| {
+                sc(
+                    &mut t,
+                    "pidfd_open(self)",
+                    libc::SYS_pidfd_open,
+                    &[p as u64, 0],
+                )
+            });
+            let close_all = |t: &mut Tracee, own: Option<i64>| {
+                for &n in nums.iter() {
+                    let _ = t.syscall(libc::SYS_close, &[n as u64]);
+                }
+                if let Some(o) = own {
+                    let _ = t.syscall(libc::SYS_close, &[o as u64]);
                 }
             };
-            let close_both = |t: &mut Tracee| {
-                let _ = t.syscall(libc::SYS_close, &[target as u64]);
-                let _ = t.syscall(libc::SYS_close, &[own as u64]);
+            let own = match own {
+                Ok(o) => o,
+                Err(e) => {
+                    close_all(&mut t, None);
+                    return Err(e);
+                }
             };
             if let Err(e) = sc(
                 &mut t,
                 "setns to the branch's pid namespace",
                 libc::SYS_setns,
-                &[target as u64, libc::CLONE_NEWPID as u64],
+                &[nums[0] as u64, libc::CLONE_NEWPID as u64],
             ) {
-                close_both(&mut t);
+                close_all(&mut t, Some(own));
                 return Err(e);
             }
+            // The intermediate shares the template's memory; with CLONE_PARENT the template's parent reaps it.
             let spec = ForkSpec {
-                flags: libc::CLONE_PARENT as u64,
+                flags: (libc::CLONE_VM | libc::CLONE_PARENT) as u64,
                 exit_signal: 0,
-                set_tid: vec![self.identity.ns_pid],
+                set_tid: vec![scratch_pid],
             };
-            let child = t.fork(&spec);
+            let intermediate = t.fork(&spec);
             // Back to its own pid namespace whatever happened: once the branch's init died, every later fork
             // from a template still pointing there would fail.
             let back = sc(
@@ -306,15 +352,35 @@ impl Template {
                 libc::SYS_setns,
                 &[own as u64, libc::CLONE_NEWPID as u64],
             );
-            close_both(&mut t);
-            let mut child = child?;
-            let joined = back.and_then(|_| {
-                let r = child.syscall(libc::SYS_setns, &[target as u64, BRANCH_NAMESPACES as u64]);
-                // The copy inherited both descriptors.
-                let _ = child.syscall(libc::SYS_close, &[target as u64]);
-                let _ = child.syscall(libc::SYS_close, &[own as u64]);
-                check(child.tgid(), "setns to the branch's namespaces", r?)
+            close_all(&mut t, Some(own));
+            let mut intermediate = intermediate?;
+            let child = back.and_then(|_| {
+                intermediate
+                    .fork(&ForkSpec {
+                        flags: 0,
+                        exit_signal: libc::SIGCHLD as u64,
+                        set_tid: vec![self.identity.ns_pid],
+                    })
+                    .map_err(Error::from)
             });
+            // The intermediate never runs: killed as it is (its memory is the template's; nothing to undo).
+            // Collecting its exit means it has exited, so the copy now is the branch init's child.
+            let ipid = intermediate.tgid();
+            intermediate.forget();
+            kill_tracee(ipid);
+            let mut child = child?;
+            let joined = (|| {
+                for (i, (_, ty)) in ns.others.iter().enumerate() {
+                    let r = child.syscall(libc::SYS_setns, &[nums[i + 1] as u64, *ty as u64]);
+                    check(child.tgid(), "setns to the branch's namespaces", r?)?;
+                }
+                Ok(())
+            })();
+            // The copy inherited the descriptors.
+            for &n in nums.iter() {
+                let _ = child.syscall(libc::SYS_close, &[n as u64]);
+            }
+            let _ = child.syscall(libc::SYS_close, &[own as u64]);
             let sid = joined.and_then(|_| {
                 check(
                     child.tgid(),

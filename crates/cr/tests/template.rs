@@ -224,13 +224,25 @@ fn a_template_forks_into_a_child_pid_namespace_with_its_pid() {
     }
     assert_eq!(p.say("5"), "5");
     let py_ns = *ns_pids(py).last().unwrap();
-    let anchor_in_p = ns_pids(anchor)[1];
     let mut tpl = checkpoint(Pid::from_raw(py), false);
     assert_eq!(p.say("3"), "8");
     kill(Pid::from_raw(py), Signal::SIGKILL).unwrap();
 
-    let copy = tpl.spawn_into(anchor_in_p).unwrap();
+    let branch = deltabox_cr::BranchNamespaces::open(anchor).unwrap();
+    let copy = tpl.spawn_into(&branch, py_ns + 100).unwrap();
     let c = copy.tgid().as_raw();
+    // A child of the branch's init (which reaps it), not of anything outside the branch.
+    let ppid: i32 = std::fs::read_to_string(format!("/proc/{c}/stat"))
+        .unwrap()
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(ppid, anchor, "parent of the copy");
     let pids = ns_pids(c);
     assert_eq!(pids.len(), 3, "host, P, Q: {pids:?}");
     assert_eq!(
@@ -256,8 +268,17 @@ fn a_template_forks_into_a_child_pid_namespace_with_its_pid() {
     kill(again_pid, Signal::SIGKILL).unwrap();
     let _ = waitpid(again_pid, Some(WaitPidFlag::__WALL));
     // A pid namespace the template cannot reach is refused with a reason, and the template survives it.
-    let err = tpl.spawn_into(999_999).unwrap_err().to_string();
-    assert!(err.contains("pidfd_open"), "{err}");
+    let err = deltabox_cr::BranchNamespaces::open(999_999)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("open namespace pid of process 999999"),
+        "{err}"
+    );
+    // A namespace the template may not enter (the host's) is refused with a reason, and the template survives.
+    let host = deltabox_cr::BranchNamespaces::open(std::process::id() as i32).unwrap();
+    let err = tpl.spawn_into(&host, 4242).unwrap_err().to_string();
+    assert!(err.contains("setns"), "{err}");
     assert!(tpl.is_alive());
     drop(tpl);
     // Killing P's init ends the whole family (Q included).

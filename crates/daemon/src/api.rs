@@ -66,6 +66,13 @@ pub struct SandboxInfo {
     /// Frozen layers under the writable one (checkpoints deep).
     #[serde(default)]
     pub depth: usize,
+    /// For a fork that got its source's live processes: the source sandbox (the branch's pid namespace lies
+    /// inside the source's, so the source cannot be removed while the branch runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch_of: Option<String>,
+    /// For such a fork: the processes forked into it (sandbox pids, the same as in the source).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forked_processes: Vec<i32>,
 }
 
 /// A checkpoint.

@@ -262,7 +262,7 @@ impl Daemon {
             base: image.layers.clone(),
             head: None,
         };
-        self.create_on(limits, network, &image, start).await
+        self.create_on(limits, network, &image, start, None).await
     }
 
     /// Creates and starts a sandbox whose files are `start.chain` over `start.base` (empty for a new sandbox,
@@ -273,6 +273,7 @@ impl Daemon {
         network: NetworkMode,
         image: &deltabox_fs::BaseImage,
         start: FsState,
+        branch_of: Option<&Sandbox>,
     ) -> Result<SandboxInfo, ApiError> {
         let id = random_id("");
         let hostname = format!("dbx-{}", &id[..8]);
@@ -311,7 +312,15 @@ impl Daemon {
             fs.chain = self.current_chain(&cid)?;
         }
         let sb = self
-            .start_init(&id, &hostname, network, &fs, cgroup, image.config.clone())
+            .start_init(
+                &id,
+                &hostname,
+                network,
+                &fs,
+                cgroup,
+                image.config.clone(),
+                branch_of,
+            )
             .await?;
         let info = SandboxInfo {
             id: id.clone(),
@@ -332,6 +341,8 @@ impl Daemon {
             upper: Some(self.layer_dir(&fs.upper).join("diff").display().to_string()),
             head: fs.head.clone(),
             depth: self.depth(&fs.chain),
+            branch_of: branch_of.map(|b| b.id.clone()),
+            forked_processes: Vec::new(),
         };
         if let Err(e) = self
             .store
@@ -385,8 +396,10 @@ impl Daemon {
         fs: &FsState,
         cgroup: deltabox_runtime::Cgroup,
         image_config: deltabox_fs::ImageConfig,
+        branch_of: Option<&Sandbox>,
     ) -> Result<Arc<Sandbox>, ApiError> {
         let spec = SandboxSpec {
+            branch_of: branch_of.map(|b| b.handle.init_pid()),
             id: id.to_string(),
             hostname: hostname.to_string(),
             layers: self.stack(fs),
@@ -412,6 +425,7 @@ impl Daemon {
             keeper: Default::default(),
             kept: Default::default(),
             dormant: Default::default(),
+            branch_of: branch_of.map(|b| b.id.clone()),
         }))
     }
 
@@ -803,13 +817,13 @@ impl Daemon {
             }
         };
         if processes {
-            let sessions: Vec<(String, i32)> = sb
+            let sessions: Vec<(String, i32, deltabox_runtime::SessionKind)> = sb
                 .sessions
                 .lock()
                 .await
                 .iter()
                 .filter(|(_, s)| pids.contains(&s.pid()))
-                .map(|(sid, s)| (sid.clone(), s.pid()))
+                .map(|(sid, s)| (sid.clone(), s.pid(), s.kind()))
                 .collect();
             if let Ok(mut kept) = sb.kept.lock() {
                 kept.insert(
@@ -996,7 +1010,19 @@ impl Daemon {
         } else {
             NetworkMode::None
         };
-        let mut made = Vec::new();
+        // A process checkpoint whose templates the source's keeper holds: the branches get the processes too.
+        let source = self
+            .live
+            .read()
+            .await
+            .get(&ck.sandbox_id)
+            .cloned()
+            .filter(|sb| sb.handle.is_alive() && sb.kept.lock().is_ok_and(|k| k.contains_key(cid)));
+        let _source_guard = match &source {
+            Some(sb) => Some(sb.lifecycle.lock().await),
+            None => None,
+        };
+        let mut made: Vec<SandboxInfo> = Vec::new();
         for _ in 0..n {
             let start = FsState {
                 upper: String::new(),
@@ -1004,7 +1030,22 @@ impl Daemon {
                 base: ck.base.clone(),
                 head: Some(cid.to_string()),
             };
-            match self.create_on(limits, network, &image, start).await {
+            let branch = async {
+                let mut info = self
+                    .create_on(limits, network, &image, start, source.as_deref())
+                    .await?;
+                if let Some(src) = &source {
+                    match self.fork_processes(src, cid, &info.id).await {
+                        Ok(pids) => info.forked_processes = pids,
+                        Err(e) => {
+                            let _ = self.remove(&info.id).await;
+                            return Err(e);
+                        }
+                    }
+                }
+                Ok::<_, ApiError>(info)
+            };
+            match branch.await {
                 Ok(info) => made.push(info),
                 Err(e) => {
                     for m in &made {
@@ -1015,6 +1056,96 @@ impl Daemon {
             }
         }
         Ok(made)
+    }
+
+    /// Forks the processes of checkpoint `cid` (kept by `src`'s keeper) into the new branch sandbox `branch_id`
+    /// and gives each session interpreter among them pipes of its own, as a session of the branch with the same
+    /// id. Returns the processes (sandbox pids).
+    async fn fork_processes(
+        &self,
+        src: &Arc<Sandbox>,
+        cid: &str,
+        branch_id: &str,
+    ) -> Result<Vec<i32>, ApiError> {
+        let branch = self
+            .live
+            .read()
+            .await
+            .get(branch_id)
+            .cloned()
+            .ok_or_else(|| ApiError::internal("the new branch vanished"))?;
+        let snapshot = {
+            let mut kept = src
+                .kept
+                .lock()
+                .map_err(|_| ApiError::internal("poisoned"))?;
+            let k = kept.get_mut(cid).ok_or_else(|| {
+                ApiError::conflict(
+                    "templates_gone",
+                    format!("checkpoint {cid}'s process templates were dropped meanwhile"),
+                )
+            })?;
+            k.last_used = std::time::Instant::now();
+            k.sessions.clone()
+        };
+        let keeper = src
+            .keeper
+            .lock()
+            .await
+            .clone()
+            .ok_or_else(|| ApiError::internal("process checkpoint without a keeper"))?;
+        let req = KeeperRequest::Fork {
+            id: cid.to_string(),
+            branch: deltabox_runtime::keeper::BranchTarget {
+                init_pid: branch.handle.init_pid(),
+                cgroup: branch.cgroup.clone(),
+                sessions: snapshot
+                    .iter()
+                    .map(|(_, pid, kind)| (*pid, *kind))
+                    .collect(),
+            },
+        };
+        let (report, fds) = match blocking(move || keeper.request_with_fds(&req)).await? {
+            Ok((KeeperReply::Forked(report), fds)) => (report, fds),
+            Ok((KeeperReply::Failed { error }, _)) => {
+                return Err(ApiError::conflict("fork_failed", error))
+            }
+            Ok((other, _)) => {
+                return Err(ApiError::internal(format!(
+                    "unexpected keeper reply {other:?}"
+                )))
+            }
+            Err(e) => return Err(ApiError::internal(e.to_string())),
+        };
+        if fds.len() != report.sessions.len() * 4 {
+            return Err(ApiError::internal(format!(
+                "the keeper sent {} descriptors for {} sessions",
+                fds.len(),
+                report.sessions.len()
+            )));
+        }
+        let mut fds = fds.into_iter();
+        let mut sessions = branch.sessions.lock().await;
+        for pid in &report.sessions {
+            let (Some(cmd), Some(out), Some(err), Some(status)) =
+                (fds.next(), fds.next(), fds.next(), fds.next())
+            else {
+                break;
+            };
+            let Some((sid, _, kind)) = snapshot.iter().find(|(_, p, _)| p == pid) else {
+                continue;
+            };
+            let exit = branch.handle.track(*pid).await?;
+            let pipes = deltabox_runtime::session::SessionPipes {
+                cmd,
+                out,
+                err,
+                status,
+            };
+            let session = Session::adopt(&branch.handle, *kind, *pid, pipes, exit)?;
+            sessions.insert(sid.clone(), Arc::new(session));
+        }
+        Ok(report.pids)
     }
 
     /// Deletes a checkpoint: it can no longer be rolled back to or forked, and its layers are freed once nothing
@@ -1235,6 +1366,14 @@ impl Daemon {
                 }
             }
         }
+        let branches = self.live_branches(id).await;
+        if !branches.is_empty() {
+            return Err(Self::branches_refusal(
+                id,
+                "restart (a files-only rollback) of",
+                &branches,
+            ));
+        }
         let old = self.live.write().await.remove(id);
         let (cgroup, hostname, network, image_config) = match &old {
             Some(sb) => {
@@ -1299,7 +1438,15 @@ impl Daemon {
             head: Some(cid.to_string()),
         };
         let sb = match self
-            .start_init(id, &hostname, network, &next, cgroup.clone(), image_config)
+            .start_init(
+                id,
+                &hostname,
+                network,
+                &next,
+                cgroup.clone(),
+                image_config,
+                None,
+            )
             .await
         {
             Ok(sb) => sb,
@@ -1347,7 +1494,7 @@ impl Daemon {
     ) -> Result<Result<RollbackInfo, String>, ApiError> {
         let _g = sb.lifecycle.lock().await;
         // Which sessions it had; it is now the most recently used.
-        let snapshot: Vec<(String, i32)> = {
+        let snapshot: Vec<(String, i32, deltabox_runtime::SessionKind)> = {
             let mut kept = sb.kept.lock().map_err(|_| ApiError::internal("poisoned"))?;
             match kept.get_mut(cid) {
                 Some(k) => {
@@ -1452,7 +1599,7 @@ impl Daemon {
         let mut dormant = sb.dormant.lock().await;
         // Sessions whose interpreter is back: live ones resume, dormant ones wake up.
         let mut back = Vec::new();
-        for (sid, pid) in &snapshot {
+        for (sid, pid, _) in &snapshot {
             if !restored.contains(pid) {
                 continue;
             }
@@ -1539,8 +1686,37 @@ impl Daemon {
         if let Some(s) = self.live.read().await.get(&info.id) {
             info.init_pid = Some(s.handle.init_pid());
             info.sessions = s.sessions.lock().await.len();
+            info.branch_of = s.branch_of.clone();
         }
         info
+    }
+
+    /// Live branches forked with processes from sandbox `id` (their pid namespaces lie inside its own).
+    async fn live_branches(&self, id: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .live
+            .read()
+            .await
+            .values()
+            .filter(|b| b.branch_of.as_deref() == Some(id) && b.handle.is_alive())
+            .map(|b| b.id.clone())
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn branches_refusal(id: &str, what: &str, branches: &[String]) -> ApiError {
+        ApiError::conflict(
+            "has_branches",
+            format!(
+                "cannot {what} sandbox {id}: {} live fork{} ({}) got its processes, whose pid namespaces lie inside \
+                 {id}'s; remove {} first",
+                branches.len(),
+                if branches.len() == 1 { "" } else { "s" },
+                branches.join(", "),
+                if branches.len() == 1 { "it" } else { "them" },
+            ),
+        )
     }
 
     /// Every sandbox.
@@ -1568,6 +1744,10 @@ impl Daemon {
     pub async fn remove(&self, id: &str) -> Result<(), ApiError> {
         if !valid_id(id) || self.store.get(id)?.is_none() {
             return Err(ApiError::not_found(format!("no sandbox {id:?}")));
+        }
+        let branches = self.live_branches(id).await;
+        if !branches.is_empty() {
+            return Err(Self::branches_refusal(id, "remove", &branches));
         }
         let sb = self.live.write().await.remove(id);
         let cg = self.cgroups.open(id);

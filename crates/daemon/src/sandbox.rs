@@ -35,13 +35,15 @@ pub struct Sandbox {
     /// Sessions whose interpreter a rollback killed and did not restore, kept with their pipes (suspended) in
     /// case a later rollback restores that interpreter from an older checkpoint.
     pub dormant: Mutex<HashMap<String, (Arc<Session>, deltabox_runtime::Suspended)>>,
+    /// For a branch forked with processes: the source sandbox, whose pid namespace holds the branch's.
+    pub branch_of: Option<String>,
 }
 
 /// A process checkpoint whose templates the sandbox's keeper holds.
 #[derive(Debug, Clone)]
 pub struct KeptCheckpoint {
-    /// The sessions (id, pid) there were when it was taken.
-    pub sessions: Vec<(String, i32)>,
+    /// The sessions (id, pid, kind) there were when it was taken.
+    pub sessions: Vec<(String, i32, deltabox_runtime::SessionKind)>,
     /// Templates (one per process).
     pub processes: usize,
     /// Taken or last rolled back to (the template pool evicts the least recently used).

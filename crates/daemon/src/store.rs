@@ -202,6 +202,8 @@ impl Store {
             upper: None,
             head: None,
             depth: 0,
+            branch_of: None,
+            forked_processes: Vec::new(),
         })
     }
 

@@ -33,6 +33,8 @@ pub enum Fixup {
     },
     /// Replace with `/dev/null`.
     Broken { fd: i32, flags: i32 },
+    /// Both ends of a pipe to itself (a self-pipe): replace with a new pipe, at the same numbers.
+    SelfPipe { read: i32, write: i32, flags: i32 },
 }
 
 impl Fixup {
@@ -40,6 +42,7 @@ impl Fixup {
     pub fn fd(&self) -> i32 {
         match self {
             Fixup::Bound { fd, .. } | Fixup::Broken { fd, .. } => *fd,
+            Fixup::SelfPipe { read, .. } => *read,
         }
     }
 }
@@ -192,12 +195,61 @@ pub fn plan(pid: i32, pipes: &PipeHolders) -> Vec<Fixup> {
     out
 }
 
+/// For a copy placed in another sandbox (a fork branch): what it still shares with its source — and so with the
+/// source's processes and the daemon's pipes to them — besides the descriptors in `keep`: a pipe to itself gets a
+/// new pipe of its own, any other pipe or socket is replaced by `/dev/null` (a connection that breaks, as after
+/// a crash; nothing of the source reaches the branch, nothing of the branch reaches the source).
+pub fn plan_branch(pid: i32, keep: &[i32]) -> Vec<Fixup> {
+    let mut out = Vec::new();
+    let mut pipes: HashMap<u64, Vec<(i32, i32)>> = HashMap::new();
+    for fd in fds(pid) {
+        if keep.contains(&fd) {
+            continue;
+        }
+        let flags = fd_flags(pid, fd);
+        match object(pid, fd) {
+            Some(Object::Pipe(ino)) => pipes.entry(ino).or_default().push((fd, flags)),
+            Some(Object::Socket(_)) => out.push(Fixup::Broken { fd, flags }),
+            None => {}
+        }
+    }
+    for ends in pipes.into_values() {
+        let read = ends
+            .iter()
+            .find(|(_, f)| f & libc::O_ACCMODE == libc::O_RDONLY);
+        let write = ends
+            .iter()
+            .find(|(_, f)| f & libc::O_ACCMODE == libc::O_WRONLY);
+        match (read, write) {
+            (Some(&(r, flags)), Some(&(w, _))) => {
+                out.push(Fixup::SelfPipe {
+                    read: r,
+                    write: w,
+                    flags,
+                });
+                // Further duplicates of either end are cut off.
+                for &(fd, flags) in &ends {
+                    if fd != r && fd != w {
+                        out.push(Fixup::Broken { fd, flags });
+                    }
+                }
+            }
+            _ => out.extend(ends.iter().map(|&(fd, flags)| Fixup::Broken { fd, flags })),
+        }
+    }
+    out
+}
+
 /// Applies `fixups` in a restored process (held, already in the sandbox's namespaces and on its root).
 pub fn apply(t: &mut Tracee, fixups: &[Fixup]) -> Result<(), String> {
     let sc = |t: &mut Tracee, nr: i64, args: &[u64]| t.syscall(nr, args).map_err(|e| e.to_string());
     for f in fixups {
         let (fd, flags) = match f {
             Fixup::Bound { fd, flags, .. } | Fixup::Broken { fd, flags } => (*fd, *flags),
+            Fixup::SelfPipe { read, write, flags } => {
+                self_pipe(t, *read, *write, *flags)?;
+                continue;
+            }
         };
         let what = |s: &str| format!("fd {fd}: {s}");
         let new = match f {
@@ -244,6 +296,7 @@ pub fn apply(t: &mut Tracee, fixups: &[Fixup]) -> Result<(), String> {
                 }
                 s
             }
+            Fixup::SelfPipe { .. } => continue,
             Fixup::Broken { .. } => {
                 let p = t
                     .write_path(Path::new("/dev/null"))
@@ -295,4 +348,37 @@ pub fn apply(t: &mut Tracee, fixups: &[Fixup]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Gives a held process a new pipe at descriptors `read` and `write`.
+fn self_pipe(t: &mut Tracee, read: i32, write: i32, flags: i32) -> Result<(), String> {
+    let sc = |t: &mut Tracee, nr: i64, args: &[u64]| t.syscall(nr, args).map_err(|e| e.to_string());
+    let what = |s: &str| format!("fd {read}/{write}: {s}");
+    let addr = t.write_scratch(&[0u8; 8]).map_err(|e| e.to_string())?;
+    let pipe_flags = flags & (libc::O_CLOEXEC | libc::O_NONBLOCK);
+    check(
+        &what("pipe2"),
+        sc(t, libc::SYS_pipe2, &[addr, pipe_flags as u64])?,
+    )?;
+    let ends = t.read_mem(addr, 8).map_err(|e| e.to_string())?;
+    let r = i32::from_ne_bytes([ends[0], ends[1], ends[2], ends[3]]);
+    let w = i32::from_ne_bytes([ends[4], ends[5], ends[6], ends[7]]);
+    let result = (|| {
+        let cloexec = (flags & libc::O_CLOEXEC) as u64;
+        check(
+            &what("dup3"),
+            sc(t, libc::SYS_dup3, &[r as u64, read as u64, cloexec])?,
+        )?;
+        check(
+            &what("dup3"),
+            sc(t, libc::SYS_dup3, &[w as u64, write as u64, cloexec])?,
+        )?;
+        Ok(())
+    })();
+    for fd in [r, w] {
+        if fd != read && fd != write {
+            let _ = sc(t, libc::SYS_close, &[fd as u64]);
+        }
+    }
+    result
 }

@@ -33,13 +33,14 @@ pub fn sandbox_main(
     let mut report = std::fs::File::from(report);
     let _ = rustix::thread::set_name(c"deltabox-init");
     hide_command_line();
-    // Die with the zygote (and so with the daemon) instead of lingering unowned.
-    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
     let mut b = [0u8; 1];
     if rustix::io::read(&go, &mut b) != Ok(1) {
         std::process::exit(1);
     }
     drop(go);
+    // Die with the zygote (and so with the daemon) instead of lingering unowned. Set only now: a branch's init
+    // is the zygote's child only from the go on (see `zygote::branch_init`).
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
     match setup(spec, root_mnt) {
         Ok(()) => {
             let _ = report.write_all(b"OK");

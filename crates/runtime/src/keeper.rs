@@ -39,6 +39,9 @@ pub enum KeeperRequest {
     /// Roll the files back only (a checkpoint without kept templates): kill the processes but init and the
     /// templates, and move onto `switch.layers`. Every other checkpoint's templates stay.
     RollbackFiles { switch: SwitchSpec },
+    /// Fork checkpoint `id`'s processes into a branch sandbox (see [`fork_branch`]). The reply carries the
+    /// daemon's ends of the branch's session pipes.
+    Fork { id: String, branch: BranchTarget },
     /// Drop the templates of these checkpoints.
     Forget { ids: Vec<String> },
     /// What the templates of each kept checkpoint cost.
@@ -93,6 +96,35 @@ impl TemplateCost {
     }
 }
 
+/// A branch sandbox a checkpoint's processes are forked into.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BranchTarget {
+    /// Host pid of the branch's init (made with [`crate::SandboxSpec::branch_of`] this sandbox).
+    pub init_pid: i32,
+    /// The branch's cgroup: the copies move there before they run.
+    pub cgroup: crate::Cgroup,
+    /// Session interpreters (sandbox pids) that get pipes of their own, and their kind.
+    pub sessions: Vec<(i32, crate::SessionKind)>,
+}
+
+/// What forking into a branch did, with phase timings in microseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ForkReport {
+    /// The processes made (sandbox pids).
+    pub pids: Vec<i32>,
+    /// Sessions whose pipes are attached to the reply, in order, four descriptors each: command (write end),
+    /// stdout, stderr, status (read ends).
+    pub sessions: Vec<i32>,
+    /// Fork the templates into the branch.
+    pub fork_us: u64,
+    /// Re-open files on the branch's generation, cut what is shared with the source, new session pipes.
+    pub repoint_us: u64,
+    /// Move the copies into the branch's cgroup.
+    pub cgroup_us: u64,
+    /// Everything.
+    pub total_us: u64,
+}
+
 /// Keeper → daemon.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum KeeperReply {
@@ -103,6 +135,8 @@ pub enum KeeperReply {
     },
     /// Rollback done.
     RolledBack(RestoreReport),
+    /// Forked into a branch.
+    Forked(ForkReport),
     /// Rollback failed; with `switched`, after the sandbox was already moved onto the new generation (its files
     /// are rolled back, its processes gone).
     RollbackFailed { error: String, switched: bool },
@@ -166,9 +200,11 @@ fn us(t: Instant) -> u64 {
     t.elapsed().as_micros() as u64
 }
 
-fn send(sock: &OwnedFd, reply: &KeeperReply) -> std::io::Result<()> {
+fn send(sock: &OwnedFd, reply: &KeeperReply, fds: &[OwnedFd]) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
     let payload = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
-    deltabox_sys::fdpass::send_frame(sock, &payload, &[])
+    let fds: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    deltabox_sys::fdpass::send_frame(sock, &payload, &fds)
 }
 
 /// Keeper entry point (single-threaded, forked from the zygote). Returns when the daemon closes the socket.
@@ -187,6 +223,7 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
         let mut collapse_next: Vec<i32> = Vec::new();
         // Checkpoints whose templates' descriptors are read after the reply.
         let mut learn_files: Vec<String> = Vec::new();
+        let mut fds: Vec<OwnedFd> = Vec::new();
         let reply = match req {
             KeeperRequest::Checkpoint {
                 id,
@@ -242,6 +279,18 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
                 &switch,
                 &mut [],
             )),
+            KeeperRequest::Fork { id, branch } => match kept.get_mut(&id) {
+                Some(captured) => match fork_branch(captured, &branch) {
+                    Ok((report, pipes)) => {
+                        fds = pipes;
+                        KeeperReply::Forked(report)
+                    }
+                    Err(error) => KeeperReply::Failed { error },
+                },
+                None => KeeperReply::Failed {
+                    error: format!("no process checkpoint {id} is kept"),
+                },
+            },
             KeeperRequest::Forget { ids } => {
                 for id in ids {
                     if let Some(caps) = kept.remove(&id) {
@@ -267,7 +316,8 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
                     .collect(),
             ),
         };
-        send(&sock, &reply)?;
+        send(&sock, &reply, &fds)?;
+        drop(fds);
         // Memory of the processes a rollback killed is torn down now, after the answer.
         teardown.release();
         for id in learn_files {
@@ -282,7 +332,8 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
     Ok(())
 }
 
-fn parent_of(pid: i32) -> Option<i32> {
+/// Parent (host pid) of process `pid`.
+pub(crate) fn parent_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit_once(')')?
         .1
@@ -681,4 +732,109 @@ fn rollback(
     r.repoint_us += us(t);
     r.total_us = us(start);
     Ok(r)
+}
+
+/// Descriptors of a session interpreter that get pipes of their own in a branch, in [`ForkReport::sessions`]
+/// order (command, stdout, stderr, status), with whether the interpreter reads from it.
+fn session_fds(kind: crate::SessionKind) -> [(i32, bool); 4] {
+    let cmd = match kind {
+        crate::SessionKind::Bash => 0,
+        crate::SessionKind::Python3 => crate::session::PY_CMD_FD,
+    };
+    [
+        (cmd, true),
+        (1, false),
+        (2, false),
+        (crate::session::STATUS_FD, false),
+    ]
+}
+
+/// Forks every template of a checkpoint into the branch `b` (see [`Template::spawn_into`]): same pids there,
+/// files re-opened on the branch's generation, descriptors shared with the source cut (session pipes replaced by
+/// new ones, returned), moved into the branch's cgroup, then let go. All or nothing: on failure every copy made
+/// is killed and the templates stay as they were.
+fn fork_branch(
+    captured: &mut [Captured],
+    b: &BranchTarget,
+) -> Result<(ForkReport, Vec<OwnedFd>), String> {
+    let start = Instant::now();
+    let mut r = ForkReport::default();
+    if captured.is_empty() {
+        return Ok((r, Vec::new()));
+    }
+    let ns = deltabox_cr::BranchNamespaces::open(b.init_pid)
+        .map_err(|e| format!("the branch's init is gone? {e}"))?;
+    let generation = procfs::mnt_id(Path::new(&format!("/proc/{}/root", b.init_pid)))
+        .map_err(|e| format!("branch root: {e}"))?;
+    // Intermediates take pids above every pid the copies need.
+    let top = captured
+        .iter()
+        .map(|c| c.template.identity().ns_pid)
+        .max()
+        .unwrap_or(1);
+    let mut made: Vec<(usize, Tracee)> = Vec::new();
+    let mut pipes = Vec::new();
+    let result = (|| -> Result<(), String> {
+        let t = Instant::now();
+        for (i, c) in captured.iter_mut().enumerate() {
+            let child = c
+                .template
+                .spawn_into(&ns, top + 1 + i as i32)
+                .map_err(|e| format!("fork process {}: {e}", c.template.identity().ns_pid))?;
+            made.push((i, child));
+        }
+        r.fork_us = us(t);
+        let t = Instant::now();
+        let mut rep = SwitchReport::default();
+        for (i, child) in made.iter_mut() {
+            let c = &captured[*i];
+            let pid = c.template.identity().ns_pid;
+            let what = |e: String| format!("process {pid} in the branch: {e}");
+            repoint_restored(child, c, generation, &mut rep).map_err(what)?;
+            let session = b.sessions.iter().find(|(p, _)| *p == pid).map(|(_, k)| *k);
+            let mut keep: Vec<i32> = c.fixups.iter().map(|f| f.fd()).collect();
+            if let Some(kind) = session {
+                keep.extend(session_fds(kind).iter().map(|(fd, _)| *fd));
+            }
+            let cut = crate::fd_fixup::plan_branch(child.tgid().as_raw(), &keep);
+            crate::fd_fixup::apply(child, &cut).map_err(what)?;
+            if let Some(kind) = session {
+                for (fd, reads) in session_fds(kind) {
+                    pipes.push(
+                        child
+                            .replace_with_pipe(fd, reads)
+                            .map_err(|e| what(format!("session pipe {fd}: {e}")))?,
+                    );
+                }
+                r.sessions.push(pid);
+            }
+            if c.stopped {
+                let _ = nix::sys::signal::kill(child.tgid(), nix::sys::signal::Signal::SIGSTOP);
+            }
+        }
+        r.repoint_us = us(t);
+        let t = Instant::now();
+        for (_, child) in &made {
+            for f in b.cgroup.procs_files() {
+                std::fs::write(&f, child.tgid().as_raw().to_string())
+                    .map_err(|e| format!("move into the branch's cgroup ({}): {e}", f.display()))?;
+            }
+        }
+        r.cgroup_us = us(t);
+        Ok(())
+    })();
+    if let Err(e) = result {
+        for (_, child) in made {
+            let pid = child.tgid();
+            child.forget();
+            deltabox_sys::inject::kill_tracee(pid);
+        }
+        return Err(e);
+    }
+    for (i, child) in made {
+        r.pids.push(captured[i].template.identity().ns_pid);
+        child.detach().map_err(|e| e.to_string())?;
+    }
+    r.total_us = us(start);
+    Ok((r, pipes))
 }

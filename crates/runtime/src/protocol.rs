@@ -32,6 +32,11 @@ pub struct SandboxSpec {
     pub cgroup_procs: Vec<PathBuf>,
     /// Network mode.
     pub network: NetworkMode,
+    /// Create it as a branch of the sandbox whose init has this host pid: inside that sandbox's user namespace,
+    /// its pid namespace one level below that sandbox's (where that sandbox's process templates can fork
+    /// copies into it), every other namespace its own.
+    #[serde(default)]
+    pub branch_of: Option<i32>,
 }
 
 /// Daemon → zygote.

@@ -26,8 +26,10 @@ use crate::exec::{dev_null, pipe_pair, push_bounded, receiver, sender};
 use crate::protocol::ExitStatus;
 use crate::{Error, Result, SandboxHandle};
 
-const STATUS_FD: i32 = 200;
-const PY_CMD_FD: i32 = 201;
+/// The status pipe's descriptor in a session interpreter.
+pub(crate) const STATUS_FD: i32 = 200;
+/// Where the python driver reads code from.
+pub(crate) const PY_CMD_FD: i32 = 201;
 const PYTHON_DRIVER: &str = include_str!("session_python.py");
 const BASH_SETUP: &str = concat!(
     "set +o history +H; unset HISTFILE MAILCHECK PROMPT_COMMAND; PS1=''; PS2=''; PS0=''\n",

@@ -29,6 +29,11 @@ fn send_reply(
 /// Zygote entry point (the process must be single-threaded). Returns when the daemon closes the socket.
 pub fn run(sock: OwnedFd, host_root: &Path) -> io::Result<()> {
     rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+    // A branch's init is forked by a helper inside its source's namespaces and handed to us when it exits.
+    rustix::process::set_child_subreaper(Some(
+        rustix::process::Pid::from_raw(std::process::id() as i32)
+            .ok_or_else(|| io::Error::other("pid 0"))?,
+    ))?;
     // Sandbox inits are our children; nobody waits for them individually (the daemon sees their sockets close).
     // SAFETY: SIG_IGN installs no handler code.
     unsafe {
@@ -155,25 +160,85 @@ fn create(spec: &SandboxSpec) -> std::result::Result<(i32, OwnedFd), String> {
         .map_err(|e| format!("pipe: {e}"))?;
     let (rep_r, rep_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| format!("pipe: {e}"))?;
-    let mut flags = libc::CLONE_NEWUSER
-        | libc::CLONE_NEWNS
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWIPC;
+    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
     if spec.network == NetworkMode::None {
         flags |= libc::CLONE_NEWNET;
     }
-    // SAFETY: the zygote is single-threaded (it is its own exec'd process and starts no threads).
-    let pid =
-        match unsafe { deltabox_sys::clone_process(flags) }.map_err(|e| format!("clone: {e}"))? {
-            deltabox_sys::CloneResult::Child => {
-                drop(ours);
-                drop(go_w);
-                drop(rep_r);
-                crate::init::sandbox_main(spec, root_mnt, OwnedFd::from(theirs), go_r, rep_w)
+    let pid = match spec.branch_of {
+        None => {
+            // SAFETY: the zygote is single-threaded (it is its own exec'd process and starts no threads).
+            match unsafe {
+                deltabox_sys::clone_process(flags | libc::CLONE_NEWUSER | libc::CLONE_NEWPID)
             }
-            deltabox_sys::CloneResult::Parent(pid) => pid.as_raw_nonzero().get(),
-        };
+            .map_err(|e| format!("clone: {e}"))?
+            {
+                deltabox_sys::CloneResult::Child => {
+                    drop(ours);
+                    drop(go_w);
+                    drop(rep_r);
+                    crate::init::sandbox_main(spec, root_mnt, OwnedFd::from(theirs), go_r, rep_w)
+                }
+                deltabox_sys::CloneResult::Parent(pid) => pid.as_raw_nonzero().get(),
+            }
+        }
+        Some(source) => {
+            let (pid_r, pid_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+                .map_err(|e| format!("pipe: {e}"))?;
+            // SAFETY: the zygote is single-threaded.
+            match unsafe { deltabox_sys::clone_process(0) }.map_err(|e| format!("fork: {e}"))? {
+                deltabox_sys::CloneResult::Child => {
+                    drop(pid_r);
+                    let init = move || -> std::convert::Infallible {
+                        drop(ours);
+                        drop(go_w);
+                        drop(rep_r);
+                        crate::init::sandbox_main(
+                            spec,
+                            root_mnt,
+                            OwnedFd::from(theirs),
+                            go_r,
+                            rep_w,
+                        )
+                    };
+                    let msg = match branch_init(source, flags, init) {
+                        Ok(pid) => pid.to_string(),
+                        Err(e) => format!("E{e}"),
+                    };
+                    let _ = rustix::io::write(&pid_w, msg.as_bytes());
+                    // SAFETY: leave without running the zygote's destructors.
+                    unsafe { libc::_exit(0) }
+                }
+                deltabox_sys::CloneResult::Parent(_) => {}
+            }
+            drop(pid_w);
+            let mut buf = [0u8; 512];
+            let n = loop {
+                match rustix::io::read(&pid_r, &mut buf) {
+                    Err(rustix::io::Errno::INTR) => continue,
+                    other => break other.map_err(|e| format!("read branch init pid: {e}"))?,
+                }
+            };
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let pid = match msg.strip_prefix('E') {
+                Some(e) => return Err(e.to_string()),
+                None => msg
+                    .parse::<i32>()
+                    .map_err(|_| "the branch helper died".to_string())?,
+            };
+            // The helper that forked it exits: the init becomes our child (we are a subreaper) before it runs.
+            let me = std::process::id() as i32;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while crate::keeper::parent_of(pid) != Some(me) {
+                if std::time::Instant::now() > deadline {
+                    // SAFETY: kill(2) with plain integers.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    return Err("the branch's init was not handed over to the zygote".into());
+                }
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
+            pid
+        }
+    };
     drop(theirs);
     drop(go_r);
     drop(rep_w);
@@ -183,8 +248,10 @@ fn create(spec: &SandboxSpec) -> std::result::Result<(i32, OwnedFd), String> {
     };
     // Identity map: sandbox root is uid 0 of its own user namespace (capabilities reach only its namespaces).
     let setup = || -> io::Result<()> {
-        std::fs::write(format!("/proc/{pid}/uid_map"), "0 0 4294967295")?;
-        std::fs::write(format!("/proc/{pid}/gid_map"), "0 0 4294967295")?;
+        if spec.branch_of.is_none() {
+            std::fs::write(format!("/proc/{pid}/uid_map"), "0 0 4294967295")?;
+            std::fs::write(format!("/proc/{pid}/gid_map"), "0 0 4294967295")?;
+        }
         for f in &spec.cgroup_procs {
             std::fs::write(f, pid.to_string())
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", f.display())))?;
@@ -223,6 +290,89 @@ fn create(spec: &SandboxSpec) -> std::result::Result<(i32, OwnedFd), String> {
         });
     }
     Ok((pid, OwnedFd::from(ours)))
+}
+
+/// In a helper forked from the zygote: makes a branch's init, running `init`, and returns its host pid.
+///
+/// The init must lie in a new pid namespace one level below the source sandbox's (whose init is `source`), in
+/// the source's user namespace, with new namespaces `flags`. The helper joins that user namespace (for good: so
+/// not in the zygote itself) and makes the source's pid namespace the one for children; `CLONE_NEWPID` only
+/// works where that is the caller's own, so a second helper (*maker*), born inside the source's pid namespace,
+/// unshares the new one and clones the init (`CLONE_PARENT`: our child). When we exit, the init is handed to
+/// the zygote, a child subreaper, like every sandbox's init.
+fn branch_init(
+    source: i32,
+    flags: libc::c_int,
+    init: impl FnOnce() -> std::convert::Infallible,
+) -> std::result::Result<i32, String> {
+    let pidfd = deltabox_sys::pidfd::open(source)
+        .map_err(|e| format!("the source sandbox's init ({source}) is gone: {e}"))?;
+    // SAFETY: setns(2) on a descriptor we own; the helper is single-threaded (a fresh fork of the zygote).
+    if unsafe { libc::setns(pidfd.as_raw_fd(), libc::CLONE_NEWUSER | libc::CLONE_NEWPID) } != 0 {
+        return Err(format!(
+            "join the source sandbox's namespaces: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    drop(pidfd);
+    let (made_r, made_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| format!("pipe: {e}"))?;
+    // SAFETY: single-threaded (see above).
+    let maker = match unsafe { deltabox_sys::clone_process(0) }.map_err(|e| format!("fork: {e}"))? {
+        deltabox_sys::CloneResult::Child => {
+            drop(made_r);
+            // SAFETY: single-threaded; unsharing a pid namespace only affects later children.
+            let r = unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWPID) }
+                .map_err(|e| e.raw_os_error())
+                .and_then(|()| {
+                    // SAFETY: single-threaded.
+                    match unsafe { deltabox_sys::clone_process(flags | libc::CLONE_PARENT) } {
+                        Ok(deltabox_sys::CloneResult::Child) => match init() {},
+                        Ok(deltabox_sys::CloneResult::Parent(_)) => Ok(()),
+                        Err(e) => Err(e.raw_os_error().unwrap_or(libc::EIO)),
+                    }
+                });
+            let msg = match r {
+                Ok(()) => "ok".to_string(),
+                Err(errno) => errno.to_string(),
+            };
+            let _ = rustix::io::write(&made_w, msg.as_bytes());
+            // SAFETY: leave without running the zygote's destructors.
+            unsafe { libc::_exit(0) }
+        }
+        deltabox_sys::CloneResult::Parent(pid) => pid.as_raw_nonzero().get(),
+    };
+    drop(made_w);
+    let mut b = [0u8; 16];
+    let n = rustix::io::read(&made_r, &mut b).unwrap_or(0);
+    match std::str::from_utf8(&b[..n]) {
+        Ok("ok") => {}
+        // The kernel nests pid namespaces at most 32 deep.
+        Ok(e) if e == libc::ENOSPC.to_string() => {
+            return Err(
+                "fork depth limit: pid namespaces nest at most 32 levels deep (fork an earlier \
+                 checkpoint, or a checkpoint of a sandbox fewer forks down)"
+                    .to_string(),
+            )
+        }
+        Ok("") => return Err("make the branch's init: the helper died".into()),
+        Ok(e) => {
+            return Err(format!(
+                "make the branch's init: {}",
+                io::Error::from_raw_os_error(e.parse().unwrap_or(libc::EIO))
+            ))
+        }
+        Err(_) => return Err("make the branch's init: garbled reply".into()),
+    }
+    // Our only child besides the maker.
+    let me = std::process::id();
+    let children = std::fs::read_to_string(format!("/proc/{me}/task/{me}/children"))
+        .map_err(|e| format!("find the branch's init: {e}"))?;
+    children
+        .split_whitespace()
+        .filter_map(|c| c.parse::<i32>().ok())
+        .find(|c| *c != maker)
+        .ok_or_else(|| "the branch's init died at once".to_string())
 }
 
 /// The daemon's side of the zygote.
@@ -375,6 +525,14 @@ impl Keeper {
         &self,
         req: &crate::keeper::KeeperRequest,
     ) -> Result<crate::keeper::KeeperReply> {
+        self.request_with_fds(req).map(|(reply, _)| reply)
+    }
+
+    /// [`Keeper::request`] for replies that carry descriptors ([`crate::keeper::KeeperReply::Forked`]).
+    pub fn request_with_fds(
+        &self,
+        req: &crate::keeper::KeeperRequest,
+    ) -> Result<(crate::keeper::KeeperReply, Vec<OwnedFd>)> {
         let sock = self
             .sock
             .lock()
@@ -382,10 +540,11 @@ impl Keeper {
         let payload = serde_json::to_vec(req).map_err(|e| Error::Zygote(e.to_string()))?;
         deltabox_sys::fdpass::send_frame(&*sock, &payload, &[])
             .map_err(|e| Error::Zygote(format!("keeper exited? {e}")))?;
-        let (payload, _) = deltabox_sys::fdpass::recv_frame(&*sock)
+        let (payload, fds) = deltabox_sys::fdpass::recv_frame(&*sock)
             .map_err(|e| Error::Zygote(format!("keeper: {e}")))?
             .ok_or_else(|| Error::Zygote("the keeper exited".into()))?;
-        serde_json::from_slice(&payload).map_err(|e| Error::Zygote(e.to_string()))
+        let reply = serde_json::from_slice(&payload).map_err(|e| Error::Zygote(e.to_string()))?;
+        Ok((reply, fds))
     }
 }
 

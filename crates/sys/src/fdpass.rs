@@ -14,7 +14,7 @@ use rustix::net::{
 };
 
 /// Most descriptors one frame may carry.
-pub const MAX_FDS: usize = 16;
+pub const MAX_FDS: usize = 252;
 /// Largest frame accepted; protects both ends from a corrupt length.
 pub const MAX_FRAME: usize = 64 << 20;
 

@@ -461,7 +461,8 @@ impl Tracee {
         Ok(addr)
     }
 
-    fn read_mem(&self, addr: u64, len: usize) -> Result<Vec<u8>> {
+    /// Reads `len` bytes of the tracee's memory at `addr`.
+    pub fn read_mem(&self, addr: u64, len: usize) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len];
         let remote = [nix::sys::uio::RemoteIoVec {
             base: addr as usize,
@@ -519,6 +520,129 @@ impl Tracee {
         let _ = self.syscall(libc::SYS_close, &[keep as u64]);
         let _ = self.syscall(libc::SYS_close, &[give as u64]);
         taken
+    }
+
+    /// Gives the tracee copies of our descriptors `fds` (close-on-exec) and returns their numbers there: an
+    /// injected `socketpair`, whose one end we take (`pidfd_getfd`) to send the descriptors over, and an injected
+    /// `recvmsg` on the other. For objects the tracee could not open itself (a namespace it may not reach by
+    /// path or pidfd).
+    pub fn install_fds(&mut self, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<Vec<i32>> {
+        use std::os::fd::AsRawFd;
+        let tid = self.tid;
+        let io = |what: &'static str, r: i64| -> Result<i64> {
+            if r < 0 {
+                return Err(InjectError::Io {
+                    what,
+                    tid: tid.as_raw(),
+                    source: std::io::Error::from_raw_os_error(-r as i32),
+                });
+            }
+            Ok(r)
+        };
+        let os = |what: &'static str| {
+            move |source| InjectError::Io {
+                what,
+                tid: tid.as_raw(),
+                source,
+            }
+        };
+        let addr = self.write_scratch(&[0u8; 8])?;
+        let r = self.syscall(
+            libc::SYS_socketpair,
+            &[
+                libc::AF_UNIX as u64,
+                (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as u64,
+                0,
+                addr,
+            ],
+        )?;
+        io("injected socketpair", r)?;
+        let sv = self.read_mem(addr, 8)?;
+        let theirs = i32::from_ne_bytes([sv[0], sv[1], sv[2], sv[3]]);
+        let ours_in_tracee = i32::from_ne_bytes([sv[4], sv[5], sv[6], sv[7]]);
+        let result = (|| -> Result<Vec<i32>> {
+            let ours = crate::pidfd::getfd(self.tgid.as_raw(), ours_in_tracee)
+                .map_err(os("pidfd_getfd"))?;
+            // Our side: one byte with the descriptors attached.
+            let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+            let space = std::mem::size_of_val(raw.as_slice());
+            // SAFETY: CMSG_SPACE only computes a size.
+            let cmsg_space = unsafe { libc::CMSG_SPACE(space as u32) } as usize;
+            let mut control = vec![0u8; cmsg_space];
+            let mut byte = [0u8; 1];
+            let mut iov = libc::iovec {
+                iov_base: byte.as_mut_ptr().cast(),
+                iov_len: 1,
+            };
+            // SAFETY: all-zero is a valid msghdr.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = cmsg_space;
+            // SAFETY: msg points at a control buffer of CMSG_SPACE(space) bytes, so the first header and its
+            // data fit; we fill exactly that much.
+            unsafe {
+                let cmsg = libc::CMSG_FIRSTHDR(&msg);
+                (*cmsg).cmsg_level = libc::SOL_SOCKET;
+                (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(space as u32) as usize;
+                std::ptr::copy_nonoverlapping(
+                    raw.as_ptr().cast::<u8>(),
+                    libc::CMSG_DATA(cmsg),
+                    space,
+                );
+            }
+            // SAFETY: msg and everything it points to live until the call returns.
+            if unsafe { libc::sendmsg(ours.as_raw_fd(), &msg, 0) } != 1 {
+                return Err(os("sendmsg")(std::io::Error::last_os_error()));
+            }
+            // Their side: a msghdr, its iovec, one byte and the control buffer in one scratch block.
+            const HDR: usize = std::mem::size_of::<libc::msghdr>();
+            const IOV: usize = std::mem::size_of::<libc::iovec>();
+            let block_len = HDR + IOV + 8 + cmsg_space;
+            let base = self.write_scratch(&vec![0u8; block_len])?;
+            let iov_at = base + HDR as u64;
+            let data_at = iov_at + IOV as u64;
+            let control_at = data_at + 8;
+            let mut block = Vec::with_capacity(block_len);
+            // struct msghdr (x86-64): name, namelen (+pad), iov, iovlen, control, controllen, flags (+pad).
+            block.extend_from_slice(&0u64.to_ne_bytes());
+            block.extend_from_slice(&0u64.to_ne_bytes());
+            block.extend_from_slice(&iov_at.to_ne_bytes());
+            block.extend_from_slice(&1u64.to_ne_bytes());
+            block.extend_from_slice(&control_at.to_ne_bytes());
+            block.extend_from_slice(&(cmsg_space as u64).to_ne_bytes());
+            block.extend_from_slice(&0u64.to_ne_bytes());
+            block.extend_from_slice(&data_at.to_ne_bytes());
+            block.extend_from_slice(&1u64.to_ne_bytes());
+            block.resize(block_len, 0);
+            self.write_mem(base, &block)?;
+            let r = self.syscall(
+                libc::SYS_recvmsg,
+                &[theirs as u64, base, libc::MSG_CMSG_CLOEXEC as u64],
+            )?;
+            io("injected recvmsg", r)?;
+            let got = self.read_mem(control_at, cmsg_space)?;
+            // struct cmsghdr: len (u64), level (i32), type (i32), then the descriptors.
+            let len = u64::from_ne_bytes(got[0..8].try_into().unwrap_or_default()) as usize;
+            let n = len.saturating_sub(16) / 4;
+            if n != fds.len() {
+                return Err(os("recvmsg")(std::io::Error::other(format!(
+                    "{n} of {} descriptors arrived",
+                    fds.len()
+                ))));
+            }
+            Ok((0..n)
+                .map(|i| {
+                    let at = 16 + 4 * i;
+                    i32::from_ne_bytes([got[at], got[at + 1], got[at + 2], got[at + 3]])
+                })
+                .collect())
+        })();
+        let _ = self.syscall(libc::SYS_close, &[theirs as u64]);
+        let _ = self.syscall(libc::SYS_close, &[ours_in_tracee as u64]);
+        result
     }
 
     fn write_mem(&self, addr: u64, data: &[u8]) -> Result<()> {

@@ -40,6 +40,13 @@ pub fn ns_pid(pid: i32) -> Option<i32> {
     )
 }
 
+/// A process's pid in every pid namespace from ours inwards (`NSpid:`).
+pub fn ns_pids(pid: i32) -> Option<Vec<i32>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+    line.split_whitespace().map(|v| v.parse().ok()).collect()
+}
+
 /// Thread ids of a process.
 pub fn threads(pid: i32) -> io::Result<Vec<i32>> {
     let mut out: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))?

@@ -8,6 +8,7 @@ mod bad_input;
 mod checkpoints;
 mod daemon_lifecycle;
 mod deep_chain;
+mod fork_live;
 mod images;
 mod isolation;
 mod limits;

@@ -113,6 +113,11 @@ const COMPACT_MARGIN: usize = 8;
 /// Most sandboxes one fork call may create.
 pub const MAX_FORK: usize = 64;
 
+/// A sandbox's hostname: `dbx-` and the first 8 characters of its id.
+fn hostname_of(id: &str) -> String {
+    format!("dbx-{}", &id[..8.min(id.len())])
+}
+
 fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
@@ -276,7 +281,7 @@ impl Daemon {
         branch_of: Option<&Sandbox>,
     ) -> Result<SandboxInfo, ApiError> {
         let id = random_id("");
-        let hostname = format!("dbx-{}", &id[..8]);
+        let hostname = hostname_of(&id);
         let _layers = self.layers_lock.lock().await;
         // Until the sandbox is registered, any failure undoes what was made so far.
         let mut undo = Undo {
@@ -312,15 +317,7 @@ impl Daemon {
             fs.chain = self.current_chain(&cid)?;
         }
         let sb = self
-            .start_init(
-                &id,
-                &hostname,
-                network,
-                &fs,
-                cgroup,
-                image.config.clone(),
-                branch_of,
-            )
+            .start_init(&id, network, &fs, cgroup, image.config.clone(), branch_of)
             .await?;
         let info = SandboxInfo {
             id: id.clone(),
@@ -391,13 +388,13 @@ impl Daemon {
     async fn start_init(
         &self,
         id: &str,
-        hostname: &str,
         network: NetworkMode,
         fs: &FsState,
         cgroup: deltabox_runtime::Cgroup,
         image_config: deltabox_fs::ImageConfig,
         branch_of: Option<&Sandbox>,
     ) -> Result<Arc<Sandbox>, ApiError> {
+        let hostname = hostname_of(id);
         let spec = SandboxSpec {
             branch_of: branch_of.map(|b| b.handle.init_pid()),
             id: id.to_string(),
@@ -1375,7 +1372,7 @@ impl Daemon {
             ));
         }
         let old = self.live.write().await.remove(id);
-        let (cgroup, hostname, network, image_config) = match &old {
+        let (cgroup, network, image_config) = match &old {
             Some(sb) => {
                 let _g = sb.lifecycle.lock().await;
                 sb.sessions.lock().await.clear();
@@ -1389,12 +1386,7 @@ impl Daemon {
                     return Err(e);
                 }
                 let _ = tokio::time::timeout(Duration::from_secs(5), sb.handle.closed()).await;
-                (
-                    sb.cgroup.clone(),
-                    sb.hostname.clone(),
-                    sb.network,
-                    sb.image_config.clone(),
-                )
+                (sb.cgroup.clone(), sb.network, sb.image_config.clone())
             }
             None => {
                 // A sandbox that was lost or exited comes back to life on the checkpoint.
@@ -1416,7 +1408,7 @@ impl Daemon {
                 } else {
                     NetworkMode::None
                 };
-                (cg, format!("dbx-{}", &id[..8.min(id.len())]), net, config)
+                (cg, net, config)
             }
         };
         let layers_guard = self.layers_lock.lock().await;
@@ -1438,15 +1430,7 @@ impl Daemon {
             head: Some(cid.to_string()),
         };
         let sb = match self
-            .start_init(
-                id,
-                &hostname,
-                network,
-                &next,
-                cgroup.clone(),
-                image_config,
-                None,
-            )
+            .start_init(id, network, &next, cgroup.clone(), image_config, None)
             .await
         {
             Ok(sb) => sb,

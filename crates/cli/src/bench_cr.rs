@@ -491,8 +491,116 @@ pub async fn cr(client: &Client, quick: bool) -> Result<i32> {
         print_row(&n.to_string(), "", &s, Some(criu));
     }
     let _ = std::fs::remove_dir_all(&scratch);
+    fork_fanout(client, if quick { &[1, 4] } else { &[1, 4, 16, 64] }).await?;
     println!("\npages: 4K = templates share the live processes' small pages; 2M = background huge-page collapse on (the default), measured after it finished");
     println!("first write = writing one byte per 4 KiB page of the heap right after a rollback (copy-on-write)");
     println!("\nrollback = kill the live processes until their pids are free (a large small-page process hands its memory teardown to a holder that dies after the answer), mount the generation, fork every template with its pid, re-point; every rollback was verified (the heap's length, the processes alive)");
     Ok(0)
+}
+
+/// The state every branch of the fan-out must read back: a repository of small files and a 64 MiB heap.
+const FANOUT_SETUP_BASH: &str =
+    "mkdir -p /repo && cd /repo && for i in $(seq 200); do printf 'line %s\\n' $i > f$i.txt; done";
+const FANOUT_SETUP_PY: &str =
+    "import hashlib, os\ndata = bytearray(range(256)) * (256 << 10)\nmark = hashlib.sha256(data).hexdigest()[:16]";
+const FANOUT_VERIFY_PY: &str = "len(data), hashlib.sha256(data).hexdigest()[:16] == mark, len(os.listdir('/repo')), open('/repo/f77.txt').read().strip(), os.getpid()";
+
+/// Fork ×N of live processes (RL fan-out): N branches of one checkpoint of a bash session and a python3 REPL
+/// holding 64 MiB, with a small repository; every branch reads back and verifies what it inherited. Beside it, in
+/// the same run, the copy-free alternative without live forks: N fresh sandboxes that rebuild the state.
+async fn fork_fanout(client: &Client, counts: &[usize]) -> Result<()> {
+    println!(
+        "\nfork ×N (RL fan-out): a bash session + a python3 REPL holding 64 MiB, and a 200-file repository; each branch verifies its heap (sha256), files and pids:"
+    );
+    println!(
+        "{:>4} {:>12} {:>12} {:>14} {:>22} {:>12}",
+        "N", "fork", "per branch", "verify all", "rebuild (fresh + replay)", "ratio"
+    );
+    let start_session = |kind: &str| StartSession {
+        kind: kind.into(),
+        cwd: None,
+        env: Default::default(),
+    };
+    let src: SandboxInfo = client.create(&CreateSandbox::default()).await?;
+    let result = async {
+        let bash: SessionInfo = client
+            .start_session(&src.id, &start_session("bash"))
+            .await?;
+        let py: SessionInfo = client
+            .start_session(&src.id, &start_session("python3"))
+            .await?;
+        run(client, &src.id, &bash.id, FANOUT_SETUP_BASH).await?;
+        run(client, &src.id, &py.id, FANOUT_SETUP_PY).await?;
+        let expect = run(client, &src.id, &py.id, FANOUT_VERIFY_PY).await?;
+        let ck = client
+            .checkpoint_body(
+                &src.id,
+                &CheckpointBody {
+                    processes: true,
+                    huge_pages: Some(true),
+                },
+            )
+            .await?;
+        wait_collapsed(client, &src.id).await?;
+        for &n in counts {
+            let t = Instant::now();
+            let branches = client.fork(&ck.id, n).await?;
+            let fork_ms = t.elapsed().as_secs_f64() * 1e3;
+            let verified = async {
+                let t = Instant::now();
+                for b in &branches {
+                    ensure!(
+                        b.forked_processes.len() >= 2,
+                        "branch {} got no processes",
+                        b.id
+                    );
+                    let got = run(client, &b.id, &py.id, FANOUT_VERIFY_PY).await?;
+                    ensure!(
+                        got == expect,
+                        "branch {} read back {got:?}, expected {expect:?}",
+                        b.id
+                    );
+                }
+                Ok(t.elapsed().as_secs_f64() * 1e3)
+            }
+            .await;
+            for b in &branches {
+                client.remove(&b.id).await?;
+            }
+            let verify_ms = verified?;
+            // The same state rebuilt in N fresh sandboxes (what a fan-out costs without live forks).
+            let t = Instant::now();
+            let mut fresh = Vec::new();
+            let rebuilt = async {
+                for _ in 0..n {
+                    let sb: SandboxInfo = client.create(&CreateSandbox::default()).await?;
+                    fresh.push(sb.id.clone());
+                    let bash: SessionInfo =
+                        client.start_session(&sb.id, &start_session("bash")).await?;
+                    let py: SessionInfo = client
+                        .start_session(&sb.id, &start_session("python3"))
+                        .await?;
+                    run(client, &sb.id, &bash.id, FANOUT_SETUP_BASH).await?;
+                    run(client, &sb.id, &py.id, FANOUT_SETUP_PY).await?;
+                }
+                Ok::<_, anyhow::Error>(t.elapsed().as_secs_f64() * 1e3)
+            }
+            .await;
+            for id in &fresh {
+                client.remove(id).await?;
+            }
+            let rebuild_ms = rebuilt?;
+            println!(
+                "{n:>4} {fork_ms:>12.1} {:>12.2} {verify_ms:>14.1} {rebuild_ms:>22.1} {:>11.1}×",
+                fork_ms / n as f64,
+                rebuild_ms / fork_ms
+            );
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    client.remove(&src.id).await?;
+    result?;
+    println!("fork = one API call making N live sandboxes (init, generation, processes forked from the templates with their pids, sessions re-wired, cgroup); ratio = rebuild / fork");
+    Ok(())
 }

@@ -92,7 +92,7 @@ fn random_session_commands_checkpoints_rollbacks_and_forks_match_the_model() {
     // (checkpoint, model, the session then)
     let mut cks: Vec<(String, Model, String)> = Vec::new();
     let mut next_job = 10_000;
-    let (mut rbs, mut restarts, mut forks) = (0, 0, 0);
+    let (mut rbs, mut restarts, mut forks, mut live_forks) = (0, 0, 0, 0);
     for step in 0..steps {
         let what = match rng.below(100) {
             0..=14 => {
@@ -162,17 +162,29 @@ fn random_session_commands_checkpoints_rollbacks_and_forks_match_the_model() {
                 format!("rollback {c}")
             }
             93..=99 if !cks.is_empty() => {
-                // A fork copies the files (its processes start fresh).
-                let (c, snap, _) = cks[rng.below(cks.len())].clone();
-                let f = d.ok(&["fork", &c]).trim().to_string();
-                let fs = d.session(&f, "bash");
-                let mut fresh = Model::fresh();
-                fresh.files = snap.files.clone();
+                // A fork gets the checkpoint's processes: the session goes on there from the checkpoint's
+                // state, under the same id (with only the files if its templates were evicted).
+                let (c, snap, then) = cks[rng.below(cks.len())].clone();
+                let v = d.json(&["fork", &c]);
+                let f = v[0]["id"].as_str().unwrap().to_string();
+                let with_processes = v[0]["forked_processes"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty());
+                let (fs, want) = if with_processes {
+                    live_forks += 1;
+                    (then, snap)
+                } else {
+                    let mut fresh = Model::fresh();
+                    fresh.files = snap.files.clone();
+                    (d.session(&f, "bash"), fresh)
+                };
                 assert_eq!(
                     observe(&d, &f, &fs),
-                    expected(&fresh),
+                    expected(&want),
                     "step {step}: fork of {c} (seed {seed})"
                 );
+                // What the branch does stays in the branch (checked on the source below).
+                run(&d, &f, &fs, "export V0=forked; cd /; rm -rf /work/files");
                 d.ok(&["rm", &f]);
                 forks += 1;
                 format!("fork {c}")
@@ -186,9 +198,10 @@ fn random_session_commands_checkpoints_rollbacks_and_forks_match_the_model() {
         );
     }
     eprintln!(
-        "shell model: {steps} steps, {} checkpoints, {rbs} rollbacks ({restarts} restarted), {forks} forks",
+        "shell model: {steps} steps, {} checkpoints, {rbs} rollbacks ({restarts} restarted), {forks} forks ({live_forks} with processes)",
         cks.len()
     );
     assert!(!cks.is_empty() && rbs > 0);
+    assert!(forks == 0 || live_forks > 0, "no fork got the processes");
     d.stop_and_check(&[id]);
 }

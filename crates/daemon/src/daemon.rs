@@ -1019,38 +1019,74 @@ impl Daemon {
             Some(sb) => Some(sb.lifecycle.lock().await),
             None => None,
         };
+        // Pipelined: the keeper forks the processes into one branch while the zygote makes the next.
+        type Forking<'a> = std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Vec<i32>, ApiError>> + Send + 'a>,
+        >;
         let mut made: Vec<SandboxInfo> = Vec::new();
+        let mut in_flight: Option<(SandboxInfo, Forking<'_>)> = None;
+        let mut failure = None;
+        let settle = |made: &mut Vec<SandboxInfo>,
+                      done: Option<(SandboxInfo, Result<Vec<i32>, ApiError>)>|
+         -> Option<ApiError> {
+            let (mut info, r) = done?;
+            let e = match r {
+                Ok(pids) => {
+                    info.forked_processes = pids;
+                    None
+                }
+                Err(e) => Some(e),
+            };
+            made.push(info);
+            e
+        };
         for _ in 0..n {
-            let start = FsState {
-                upper: String::new(),
-                chain: self.rewrite(&ck.chain)?,
-                base: ck.base.clone(),
-                head: Some(cid.to_string()),
-            };
-            let branch = async {
-                let mut info = self
-                    .create_on(limits, network, &image, start, source.as_deref())
-                    .await?;
-                if let Some(src) = &source {
-                    match self.fork_processes(src, cid, &info.id).await {
-                        Ok(pids) => info.forked_processes = pids,
-                        Err(e) => {
-                            let _ = self.remove(&info.id).await;
-                            return Err(e);
-                        }
-                    }
-                }
-                Ok::<_, ApiError>(info)
-            };
-            match branch.await {
-                Ok(info) => made.push(info),
+            let start = match self.rewrite(&ck.chain) {
+                Ok(chain) => FsState {
+                    upper: String::new(),
+                    chain,
+                    base: ck.base.clone(),
+                    head: Some(cid.to_string()),
+                },
                 Err(e) => {
-                    for m in &made {
-                        let _ = self.remove(&m.id).await;
-                    }
-                    return Err(e);
+                    failure = Some(e);
+                    break;
                 }
+            };
+            let create = self.create_on(limits, network, &image, start, source.as_deref());
+            let (created, done) = match in_flight.take() {
+                Some((info, forking)) => {
+                    let (c, f) = tokio::join!(create, forking);
+                    (c, Some((info, f)))
+                }
+                None => (create.await, None),
+            };
+            failure = settle(&mut made, done);
+            match created {
+                Ok(info) => match &source {
+                    Some(src) => {
+                        let forking: Forking<'_> =
+                            Box::pin(self.fork_processes(src, cid, info.id.clone()));
+                        in_flight = Some((info, forking));
+                    }
+                    None => made.push(info),
+                },
+                Err(e) => failure = failure.or(Some(e)),
             }
+            if failure.is_some() {
+                break;
+            }
+        }
+        if let Some((info, forking)) = in_flight.take() {
+            let r = forking.await;
+            failure = settle(&mut made, Some((info, r))).or(failure);
+        }
+        if let Some(e) = failure {
+            // All or nothing.
+            for m in &made {
+                let _ = self.remove(&m.id).await;
+            }
+            return Err(e);
         }
         Ok(made)
     }
@@ -1062,13 +1098,13 @@ impl Daemon {
         &self,
         src: &Arc<Sandbox>,
         cid: &str,
-        branch_id: &str,
+        branch_id: String,
     ) -> Result<Vec<i32>, ApiError> {
         let branch = self
             .live
             .read()
             .await
-            .get(branch_id)
+            .get(&branch_id)
             .cloned()
             .ok_or_else(|| ApiError::internal("the new branch vanished"))?;
         let snapshot = {
@@ -1114,6 +1150,13 @@ impl Daemon {
             }
             Err(e) => return Err(ApiError::internal(e.to_string())),
         };
+        tracing::debug!(
+            "fork {cid} into {branch_id}: keeper {} us (fork {}, re-point {}, cgroup {})",
+            report.total_us,
+            report.fork_us,
+            report.repoint_us,
+            report.cgroup_us
+        );
         if fds.len() != report.sessions.len() * 4 {
             return Err(ApiError::internal(format!(
                 "the keeper sent {} descriptors for {} sessions",

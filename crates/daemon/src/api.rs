@@ -73,6 +73,9 @@ pub struct SandboxInfo {
     /// For such a fork: the processes forked into it (sandbox pids, the same as in the source).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forked_processes: Vec<i32>,
+    /// For a fork of a process checkpoint that got the files only: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// A checkpoint.

@@ -113,6 +113,18 @@ const COMPACT_MARGIN: usize = 8;
 /// Most sandboxes one fork call may create.
 pub const MAX_FORK: usize = 64;
 
+/// What every branch of one fork gets.
+#[derive(Clone, Copy)]
+struct BranchPlan<'a> {
+    cid: &'a str,
+    n: usize,
+    limits: Limits,
+    network: NetworkMode,
+    image: &'a deltabox_fs::BaseImage,
+    chain: &'a [String],
+    base: &'a [PathBuf],
+}
+
 /// A sandbox's hostname: `dbx-` and the first 8 characters of its id.
 fn hostname_of(id: &str) -> String {
     format!("dbx-{}", &id[..8.min(id.len())])
@@ -340,6 +352,7 @@ impl Daemon {
             depth: self.depth(&fs.chain),
             branch_of: branch_of.map(|b| b.id.clone()),
             forked_processes: Vec::new(),
+            note: None,
         };
         if let Err(e) = self
             .store
@@ -1019,6 +1032,60 @@ impl Daemon {
             Some(sb) => Some(sb.lifecycle.lock().await),
             None => None,
         };
+        let plan = BranchPlan {
+            cid,
+            n,
+            limits,
+            network,
+            image: &image,
+            chain: &ck.chain,
+            base: &ck.base,
+        };
+        match self.make_branches(&plan, source.as_ref()).await {
+            // The templates were killed from inside: the branches get the files, processes start fresh.
+            Err(e) if source.is_some() && e.message.contains("is gone") => {
+                if let Some(sb) = &source {
+                    if let Ok(mut k) = sb.kept.lock() {
+                        k.remove(cid);
+                    }
+                }
+                let note = format!("files only; processes start fresh: {}", e.message);
+                let mut made = self.make_branches(&plan, None).await?;
+                for m in &mut made {
+                    m.note = Some(note.clone());
+                }
+                Ok(made)
+            }
+            Ok(mut made) if source.is_none() && ck_has_processes(&self.store, cid) => {
+                let why = if self.evicted.lock().is_ok_and(|e| e.contains(cid)) {
+                    "this checkpoint's process templates were evicted to keep within the template memory budget"
+                } else {
+                    "this checkpoint's process templates are gone (its sandbox or the daemon restarted since)"
+                };
+                for m in &mut made {
+                    m.note = Some(format!("files only; processes start fresh: {why}"));
+                }
+                Ok(made)
+            }
+            other => other,
+        }
+    }
+
+    /// Makes the branches of a fork (see [`Daemon::fork`]), with `source`'s processes when given. All or nothing.
+    async fn make_branches(
+        self: &Arc<Self>,
+        plan: &BranchPlan<'_>,
+        source: Option<&Arc<Sandbox>>,
+    ) -> Result<Vec<SandboxInfo>, ApiError> {
+        let BranchPlan {
+            cid,
+            n,
+            limits,
+            network,
+            image,
+            chain,
+            base,
+        } = *plan;
         // Pipelined: the keeper forks the processes into one branch while the zygote makes the next.
         type Forking<'a> = std::pin::Pin<
             Box<dyn std::future::Future<Output = Result<Vec<i32>, ApiError>> + Send + 'a>,
@@ -1041,11 +1108,11 @@ impl Daemon {
             e
         };
         for _ in 0..n {
-            let start = match self.rewrite(&ck.chain) {
+            let start = match self.rewrite(chain) {
                 Ok(chain) => FsState {
                     upper: String::new(),
                     chain,
-                    base: ck.base.clone(),
+                    base: base.to_vec(),
                     head: Some(cid.to_string()),
                 },
                 Err(e) => {
@@ -1053,7 +1120,7 @@ impl Daemon {
                     break;
                 }
             };
-            let create = self.create_on(limits, network, &image, start, source.as_deref());
+            let create = self.create_on(limits, network, image, start, source.map(|s| &**s));
             let (created, done) = match in_flight.take() {
                 Some((info, forking)) => {
                     let (c, f) = tokio::join!(create, forking);
@@ -1063,7 +1130,7 @@ impl Daemon {
             };
             failure = settle(&mut made, done);
             match created {
-                Ok(info) => match &source {
+                Ok(info) => match source {
                     Some(src) => {
                         let forking: Forking<'_> =
                             Box::pin(self.fork_processes(src, cid, info.id.clone()));
@@ -1672,11 +1739,18 @@ impl Daemon {
             processes_restarted: files_only.is_some(),
             note: match files_only {
                 Some(note) => note.to_string(),
-                None => format!(
-                    "files and processes rolled back ({} process{} restored with their pids)",
-                    restored.len(),
-                    if restored.len() == 1 { "" } else { "es" }
-                ),
+                None => {
+                    let mut note = format!(
+                        "files and processes rolled back ({} process{} restored with their pids)",
+                        restored.len(),
+                        if restored.len() == 1 { "" } else { "es" }
+                    );
+                    for n in report.iter().flat_map(|r| &r.notes) {
+                        note.push_str("; ");
+                        note.push_str(n);
+                    }
+                    note
+                }
             },
             duration_ms: start.elapsed().as_secs_f64() * 1e3,
             restored,

@@ -204,6 +204,7 @@ impl Store {
             depth: 0,
             branch_of: None,
             forked_processes: Vec::new(),
+            note: None,
         })
     }
 

@@ -82,6 +82,10 @@ pub struct SwitchReport {
     /// Processes that could not be re-pointed after the switch and were killed so that nothing writes through
     /// a frozen layer (should never happen; reported, never silent).
     pub killed: Vec<String>,
+    /// What could only be re-pointed approximately (a working directory the process cannot search with its own
+    /// credentials: it continues in `/`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -631,17 +635,69 @@ fn repoint(plan: &ProcPlan, tracees: &mut [Tracee], rep: &mut SwitchReport) -> R
         let Some(t) = tracees.iter_mut().find(|t| t.tid().as_raw() == *tid) else {
             continue;
         };
-        let p = t.write_path(path).map_err(|e| e.to_string())?;
-        check(
-            &format!("cwd {}", path.display()),
-            t.syscall(libc::SYS_chdir, &[p])
-                .map_err(|e| e.to_string())?,
-        )?;
-        rep.syscalls += 1;
-        rep.cwds += 1;
+        chdir(t, path, rep)?;
         done.push(path);
     }
     Ok(())
+}
+
+/// Moves `t`'s working directory to `path` on the generation its root is now on. A directory the process may
+/// not search with its own credentials (it dropped root while in `/root`) cannot be entered again — and it could
+/// not resolve a relative path through it either — so it continues in `/`, noted in the report.
+pub(crate) fn chdir(t: &mut Tracee, path: &Path, rep: &mut SwitchReport) -> Result<(), String> {
+    let p = t.write_path(path).map_err(|e| e.to_string())?;
+    let r = t
+        .syscall(libc::SYS_chdir, &[p])
+        .map_err(|e| e.to_string())?;
+    rep.syscalls += 1;
+    rep.cwds += 1;
+    if r == -i64::from(libc::EACCES) {
+        let root = t.write_path(Path::new("/")).map_err(|e| e.to_string())?;
+        check(
+            &format!("cwd {} (then /)", path.display()),
+            t.syscall(libc::SYS_chdir, &[root])
+                .map_err(|e| e.to_string())?,
+        )?;
+        rep.syscalls += 1;
+        rep.notes.push(format!(
+            "process {}: working directory {} is not searchable with its own credentials: it continues in /",
+            t.tgid(),
+            path.display()
+        ));
+        return Ok(());
+    }
+    check(&format!("cwd {}", path.display()), r)?;
+    Ok(())
+}
+
+/// Opens `target` (a path inside `t`'s root) with our own credentials, through `/proc/<pid>/root`, and gives
+/// `t` the descriptor: for a file the process may no longer open itself (it dropped root after opening it).
+fn open_for(t: &mut Tracee, target: &Path, flags: i32) -> Result<i64, String> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let root = rustix::fs::open(
+        format!("/proc/{}/root", t.tgid()).as_str(),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("its root: {e}"))?;
+    let rel = target
+        .strip_prefix("/")
+        .map_err(|_| format!("{}: not an absolute path", target.display()))?;
+    // Resolved inside its root, as the process would: the sandbox's symlinks never lead out of it.
+    let file = rustix::fs::openat2(
+        &root,
+        rel,
+        OFlags::from_bits_retain(flags as u32 & !(libc::O_CLOEXEC as u32)) | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| format!("open {} for it: {e}", target.display()))?;
+    let fds = t
+        .install_fds(&[std::os::fd::AsFd::as_fd(&file)])
+        .map_err(|e| e.to_string())?;
+    fds.first()
+        .map(|&fd| i64::from(fd))
+        .ok_or_else(|| "no descriptor installed".to_string())
 }
 
 /// Re-opens descriptor `f` in `t` by path (same flags, offset and close-on-exec), over the same number: from then
@@ -667,14 +723,19 @@ pub(crate) fn reopen(
             flags = (flags & !libc::O_ACCMODE) | libc::O_RDWR;
         }
     }
-    let nfd = check(
-        &what,
-        t.syscall(
+    let r = t
+        .syscall(
             libc::SYS_openat,
             &[libc::AT_FDCWD as u64, p, flags as u64, 0],
         )
-        .map_err(|e| e.to_string())?,
-    )?;
+        .map_err(|e| e.to_string())?;
+    // A file it opened before dropping root: opened for it.
+    let r = if r == -i64::from(libc::EACCES) {
+        open_for(t, &f.target, flags).map_err(|e| format!("{what}: {e}"))?
+    } else {
+        r
+    };
+    let nfd = check(&what, r)?;
     rep.syscalls += 1;
     if fifo && f.flags as i32 & libc::O_NONBLOCK == 0 {
         let back = (flags & !libc::O_NONBLOCK) as u64;

@@ -163,6 +163,9 @@ pub struct RestoreReport {
     pub total_us: u64,
     /// The processes restored (sandbox pids).
     pub pids: Vec<i32>,
+    /// What could only be restored approximately (see [`SwitchReport::notes`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 impl Captured {
@@ -527,11 +530,7 @@ fn repoint_restored(
         check("setns to the new generation", joined)?;
     }
     if c.cwd != Path::new("/") {
-        let p = t.write_path(&c.cwd).map_err(|e| e.to_string())?;
-        check(
-            &format!("chdir {}", c.cwd.display()),
-            sc(t, libc::SYS_chdir, &[p])?,
-        )?;
+        generation::chdir(t, &c.cwd, rep)?;
     }
     let read;
     let files = match &c.reopen {
@@ -562,6 +561,74 @@ fn spawn_same_pid(template: &mut Template) -> deltabox_cr::Result<Tracee> {
             }
             other => return other,
         }
+    }
+}
+
+/// Whether process `pid` may choose its children's pids (`clone3` `set_tid`): it needs `CAP_SYS_ADMIN` or
+/// `CAP_CHECKPOINT_RESTORE` in the sandbox's user namespace, which a process that dropped root has not.
+fn may_set_tid(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let v = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(v.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & ((1 << 21) | (1 << 40)) != 0)
+}
+
+/// Forks `template` (a process that may not use `set_tid`) at its original pid the old way: the pid
+/// namespace's last allocated pid is set to the one before it (`ns_last_pid`, written by a short-lived child of
+/// ours inside that namespace, with our credentials), and the next fork there gets it. The sandbox's other
+/// processes are dead or held, so nothing else allocates a pid in between.
+fn spawn_at_last_pid(template: &mut Template, init_pid: i32) -> deltabox_cr::Result<Tracee> {
+    let want = template.identity().ns_pid;
+    set_last_pid(init_pid, want - 1).map_err(deltabox_cr::Error::Branch)?;
+    let child = template.spawn(false)?;
+    let got = procfs::ns_pid(child.tgid().as_raw());
+    if got != Some(want) {
+        let pid = child.tgid();
+        child.forget();
+        deltabox_sys::inject::kill_tracee(pid);
+        return Err(deltabox_cr::Error::Branch(format!(
+            "process {want} came back as {got:?}: another process took its pid"
+        )));
+    }
+    Ok(child)
+}
+
+/// Sets `ns_last_pid` of the pid namespace of `init_pid` (host pid): the file acts on the writer's own pid
+/// namespace, so a child of ours made there writes it.
+fn set_last_pid(init_pid: i32, last: i32) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let own =
+        std::fs::File::open("/proc/self/ns/pid").map_err(|e| format!("own pid namespace: {e}"))?;
+    let target = std::fs::File::open(format!("/proc/{init_pid}/ns/pid"))
+        .map_err(|e| format!("the sandbox's pid namespace: {e}"))?;
+    let setns = |f: &std::fs::File| {
+        // SAFETY: setns(2) on a descriptor we own; the keeper is single-threaded.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
+            return Err(format!("setns: {}", std::io::Error::last_os_error()));
+        }
+        Ok(())
+    };
+    setns(&target)?;
+    // SAFETY: the keeper is single-threaded.
+    let forked = unsafe { deltabox_sys::clone_process(0) };
+    let back = setns(&own);
+    let child = match forked {
+        Ok(deltabox_sys::CloneResult::Child) => {
+            let ok = std::fs::write("/proc/sys/kernel/ns_last_pid", last.to_string()).is_ok();
+            // SAFETY: leave without running the keeper's destructors.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+        }
+        Ok(deltabox_sys::CloneResult::Parent(pid)) => pid.as_raw_nonzero().get(),
+        Err(e) => return Err(format!("fork: {e}")),
+    };
+    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None);
+    back?;
+    match status {
+        Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => Ok(()),
+        other => Err(format!("write ns_last_pid: {other:?}")),
     }
 }
 
@@ -651,9 +718,11 @@ fn rollback(
     );
     r.kill_us += us(t);
     let t = Instant::now();
+    // A process without the sandbox's root capabilities cannot choose its copy's pid (`set_tid`); its copy is
+    // made after the others, at a pid set up through `ns_last_pid`.
     let spawning: Vec<_> = captured
         .iter_mut()
-        .map(|c| c.template.start_spawn(true))
+        .map(|c| may_set_tid(c.template.pid().as_raw()).then(|| c.template.start_spawn(true)))
         .collect();
     r.fork_us = us(t);
     let t = Instant::now();
@@ -664,8 +733,9 @@ fn rollback(
     let mut forked = Vec::new();
     for (c, s) in captured.iter_mut().zip(spawning) {
         let child = match s {
-            Ok(s) => c.template.finish_spawn(s),
-            Err(e) => Err(e),
+            Some(Ok(s)) => c.template.finish_spawn(s),
+            Some(Err(e)) => Err(e),
+            None => spawn_at_last_pid(&mut c.template, init_pid),
         };
         let child = match child {
             // The pid was not free yet (see spawn_same_pid): once more, patiently.
@@ -720,6 +790,7 @@ fn rollback(
             true,
         ));
     }
+    r.notes = rep.notes;
     collapser.remove(&victims);
     restored_from.clear();
     for (c, child) in captured.iter().zip(&started) {
@@ -761,6 +832,37 @@ fn fork_branch(
     let mut r = ForkReport::default();
     if captured.is_empty() {
         return Ok((r, Vec::new()));
+    }
+    // The injected setns calls run with each process's own credentials: root of the sandbox's user namespace.
+    for c in captured.iter_mut() {
+        let pid = c.template.pid().as_raw();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let caps = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok());
+        // CAP_SYS_ADMIN (21) for setns, CAP_SYS_CHROOT (18) for a mount namespace.
+        let needed = (1u64 << 21) | (1u64 << 18);
+        match caps {
+            _ if !c.template.is_alive() => {
+                return Err(format!(
+                    "the template of process {} is gone (killed from inside the sandbox?): this checkpoint's \
+                     processes cannot be forked",
+                    c.template.identity().ns_pid
+                ))
+            }
+            Some(caps) if caps & needed == needed => {}
+            _ => {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                return Err(format!(
+                    "process {} ({}) runs without the sandbox's root capabilities (it dropped them, e.g. with \
+                     setpriv or su): it cannot move itself into a branch's namespaces, so this checkpoint's \
+                     processes cannot be forked",
+                    c.template.identity().ns_pid,
+                    comm.trim()
+                ));
+            }
+        }
     }
     let ns = deltabox_cr::BranchNamespaces::open(b.init_pid)
         .map_err(|e| format!("the branch's init is gone? {e}"))?;

@@ -277,3 +277,95 @@ fn a_background_server_serves_in_each_branch_on_its_own_loopback() {
     all.push(id);
     d.stop_and_check(&all);
 }
+
+#[test]
+fn a_fork_after_the_templates_were_killed_gets_the_files_and_says_why() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let py = d.session(&id, "python3");
+    out(&d, &id, &py, "open('/root/kept', 'w').write('v1')");
+    let c = checkpoint(&d, &id);
+    // The agent kills everything it can see, templates included.
+    let _ = d.sh(&id, "kill -9 -1; true");
+    let b = fork(&d, &c, 2);
+    for info in &b {
+        assert!(
+            info["note"].as_str().unwrap_or("").contains("gone"),
+            "{info}"
+        );
+        assert!(info["forked_processes"].is_null(), "{info}");
+        let bid = info["id"].as_str().unwrap();
+        assert_eq!(d.sh(bid, "cat /root/kept").1, "v1");
+    }
+    let mut all: Vec<String> = b
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_string())
+        .collect();
+    for x in &all {
+        d.ok(&["rm", x]);
+    }
+    all.push(id);
+    d.stop_and_check(&all);
+}
+
+#[test]
+fn a_process_without_root_credentials_is_checkpointed_and_restored_but_refuses_the_fork_by_name() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let sh = d.session(&id, "bash");
+    // It dropped root while in /root (0700), holding a root-only file open.
+    let pid = out(
+        &d,
+        &id,
+        &sh,
+        "echo secret > /root/own; chmod 600 /root/own; exec 7</root/own\n\
+         setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all sleep 1000 </dev/null >/dev/null 2>&1 &\n\
+         exec 7<&-; sleep 0.3; echo $!",
+    );
+    let pid = pid.trim().to_string();
+    let alive = |d: &TestDaemon| {
+        d.sh(&id, &format!("cat /proc/{pid}/comm; cat /proc/{pid}/fd/7"))
+            .1
+    };
+    assert_eq!(alive(&d), "sleep\nsecret\n");
+    let c = d.json(&["checkpoint", &id, "--processes", "--json"]);
+    assert_eq!(c["switch"]["killed"], serde_json::json!([]), "{c}");
+    assert!(
+        c["switch"]["notes"][0]
+            .as_str()
+            .unwrap()
+            .contains("working directory /root is not searchable with its own credentials"),
+        "{c}"
+    );
+    assert_eq!(
+        alive(&d),
+        "sleep\nsecret\n",
+        "still running after the checkpoint"
+    );
+    let c = c["id"].as_str().unwrap().to_string();
+    // Rollback brings it back with its pid (through ns_last_pid: it may not choose pids itself) and its file.
+    d.sh(&id, &format!("kill {pid}"));
+    let r = d.json(&["rollback", &id, &c, "--json"]);
+    assert_eq!(r["processes_restarted"], false, "{r}");
+    assert!(
+        r["note"].as_str().unwrap().contains("continues in /"),
+        "{r}"
+    );
+    assert_eq!(alive(&d), "sleep\nsecret\n", "restored");
+    // A fork would need it to move itself into the branch's namespaces: refused by name, nothing left behind.
+    let before = d.json(&["ls"]).as_array().unwrap().len();
+    let r = d.cli(&["fork", &c, "-n", "3"]);
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("(sleep) runs without the sandbox's root capabilities"),
+        "{err}"
+    );
+    assert_eq!(
+        d.json(&["ls"]).as_array().unwrap().len(),
+        before,
+        "no branch left"
+    );
+    out(&d, &id, &sh, "export X=1");
+    d.stop_and_check(&[id]);
+}

@@ -35,13 +35,21 @@ pub enum Fixup {
     Broken { fd: i32, flags: i32 },
     /// Both ends of a pipe to itself (a self-pipe): replace with a new pipe, at the same numbers.
     SelfPipe { read: i32, write: i32, flags: i32 },
+    /// An epoll instance: a template shares it with the live process (whose sockets it watches are gone by the
+    /// time a copy runs), so the copy gets a new one watching its own descriptors `(fd, events, data)`,
+    /// applied after every other fixup.
+    Epoll {
+        fd: i32,
+        flags: i32,
+        watches: Vec<(i32, u32, u64)>,
+    },
 }
 
 impl Fixup {
     /// The descriptor number.
     pub fn fd(&self) -> i32 {
         match self {
-            Fixup::Bound { fd, .. } | Fixup::Broken { fd, .. } => *fd,
+            Fixup::Bound { fd, .. } | Fixup::Broken { fd, .. } | Fixup::Epoll { fd, .. } => *fd,
             Fixup::SelfPipe { read, .. } => *read,
         }
     }
@@ -162,11 +170,39 @@ const TCP_LISTEN: u8 = 0x0A;
 /// UDP sockets report `TCP_CLOSE` when bound and not connected.
 const UDP_UNCONNECTED: u8 = 0x07;
 
+/// What an epoll descriptor of `pid` watches, from its `fdinfo` (`tfd: N events: HEX data: HEX …`).
+fn epoll_watches(pid: i32, fd: i32) -> Option<Vec<(i32, u32, u64)>> {
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
+    if link.to_str()? != "anon_inode:[eventpoll]" {
+        return None;
+    }
+    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+    Some(
+        info.lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                match f.as_slice() {
+                    ["tfd:", tfd, "events:", ev, "data:", data, ..] => Some((
+                        tfd.parse().ok()?,
+                        u32::from_str_radix(ev, 16).ok()?,
+                        u64::from_str_radix(data, 16).ok()?,
+                    )),
+                    _ => None,
+                }
+            })
+            .collect(),
+    )
+}
+
 /// What process `pid` holds that its template must drop, and how to give it back on restore.
 pub fn plan(pid: i32, pipes: &PipeHolders) -> Vec<Fixup> {
     let mut out = Vec::new();
     for fd in fds(pid) {
         let flags = fd_flags(pid, fd);
+        if let Some(watches) = epoll_watches(pid, fd) {
+            out.push(Fixup::Epoll { fd, flags, watches });
+            continue;
+        }
         match object(pid, fd) {
             Some(Object::Pipe(ino)) => {
                 let write = flags & libc::O_ACCMODE == libc::O_WRONLY;
@@ -250,6 +286,7 @@ pub fn apply(t: &mut Tracee, fixups: &[Fixup]) -> Result<(), String> {
                 self_pipe(t, *read, *write, *flags)?;
                 continue;
             }
+            Fixup::Epoll { .. } => continue,
         };
         let what = |s: &str| format!("fd {fd}: {s}");
         let new = match f {
@@ -296,7 +333,7 @@ pub fn apply(t: &mut Tracee, fixups: &[Fixup]) -> Result<(), String> {
                 }
                 s
             }
-            Fixup::SelfPipe { .. } => continue,
+            Fixup::SelfPipe { .. } | Fixup::Epoll { .. } => continue,
             Fixup::Broken { .. } => {
                 let p = t
                     .write_path(Path::new("/dev/null"))
@@ -346,6 +383,50 @@ pub fn apply(t: &mut Tracee, fixups: &[Fixup]) -> Result<(), String> {
             )?;
             sc(t, libc::SYS_close, &[new as u64])?;
         }
+    }
+    // Last: what they watch exists now.
+    for f in fixups {
+        if let Fixup::Epoll { fd, flags, watches } = f {
+            epoll(t, *fd, *flags, watches)?;
+        }
+    }
+    Ok(())
+}
+
+/// Gives a held process a new epoll instance at `fd` watching `watches`. A watch whose descriptor is gone or
+/// cannot be watched any more (a connection that came back as `/dev/null`) is left out, as its events would
+/// never come.
+fn epoll(t: &mut Tracee, fd: i32, flags: i32, watches: &[(i32, u32, u64)]) -> Result<(), String> {
+    let sc = |t: &mut Tracee, nr: i64, args: &[u64]| t.syscall(nr, args).map_err(|e| e.to_string());
+    let what = |s: &str| format!("fd {fd} (epoll): {s}");
+    let new = check(
+        &what("epoll_create1"),
+        sc(
+            t,
+            libc::SYS_epoll_create1,
+            &[(flags & libc::O_CLOEXEC) as u64],
+        )?,
+    )?;
+    for &(tfd, events, data) in watches {
+        // struct epoll_event is packed on x86-64: u32 events, u64 data.
+        let mut ev = [0u8; 12];
+        ev[..4].copy_from_slice(&events.to_ne_bytes());
+        ev[4..].copy_from_slice(&data.to_ne_bytes());
+        let addr = t.write_scratch(&ev).map_err(|e| e.to_string())?;
+        let _ = sc(
+            t,
+            libc::SYS_epoll_ctl,
+            &[new as u64, libc::EPOLL_CTL_ADD as u64, tfd as u64, addr],
+        )?;
+    }
+    // It may have got the very number (the template closed it): then it is in place already.
+    if new != i64::from(fd) {
+        let cloexec = (flags & libc::O_CLOEXEC) as u64;
+        check(
+            &what("dup3"),
+            sc(t, libc::SYS_dup3, &[new as u64, fd as u64, cloexec])?,
+        )?;
+        sc(t, libc::SYS_close, &[new as u64])?;
     }
     Ok(())
 }

@@ -892,14 +892,14 @@ fn fork_branch(
             let c = &captured[*i];
             let pid = c.template.identity().ns_pid;
             let what = |e: String| format!("process {pid} in the branch: {e}");
-            repoint_restored(child, c, generation, &mut rep).map_err(what)?;
+            // Cut first: what the copy's fixups re-create (sockets, epoll instances) is its own.
             let session = b.sessions.iter().find(|(p, _)| *p == pid).map(|(_, k)| *k);
-            let mut keep: Vec<i32> = c.fixups.iter().map(|f| f.fd()).collect();
-            if let Some(kind) = session {
-                keep.extend(session_fds(kind).iter().map(|(fd, _)| *fd));
-            }
+            let keep: Vec<i32> = session
+                .map(|kind| session_fds(kind).iter().map(|(fd, _)| *fd).collect())
+                .unwrap_or_default();
             let cut = crate::fd_fixup::plan_branch(child.tgid().as_raw(), &keep);
             crate::fd_fixup::apply(child, &cut).map_err(what)?;
+            repoint_restored(child, c, generation, &mut rep).map_err(what)?;
             if let Some(kind) = session {
                 for (fd, reads) in session_fds(kind) {
                     pipes.push(

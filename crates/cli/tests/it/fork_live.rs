@@ -369,3 +369,43 @@ fn a_process_without_root_credentials_is_checkpointed_and_restored_but_refuses_t
     out(&d, &id, &sh, "export X=1");
     d.stop_and_check(&[id]);
 }
+
+/// An asyncio (epoll) server: a copy gets an epoll instance of its own watching its re-created listening socket,
+/// after a rollback and in a branch.
+#[test]
+fn an_asyncio_server_serves_after_rollback_and_in_a_branch() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let sh = d.session(&id, "bash");
+    let server = "import asyncio\n\
+async def handle(r, w):\n    await r.readline()\n    w.write(open('/srv/msg').read().encode())\n    await w.drain()\n    w.close()\n\
+async def main():\n    s = await asyncio.start_server(handle, '127.0.0.1', 8002)\n    async with s:\n        await s.serve_forever()\n\
+asyncio.run(main())\n";
+    out(
+        &d,
+        &id,
+        &sh,
+        &format!(
+            "mkdir -p /srv && echo one > /srv/msg && cat > /srv/aserver.py <<'PY'\n{server}PY\n\
+             (python3 /srv/aserver.py >/dev/null 2>&1 &) && sleep 1"
+        ),
+    );
+    let fetch = "timeout 5 python3 -c \"import socket; s = socket.create_connection(('127.0.0.1', 8002), timeout=4); s.sendall(b'hi\\n'); print(s.recv(100).decode().strip())\"";
+    assert_eq!(d.sh(&id, fetch).1, "one\n");
+    let c = checkpoint(&d, &id);
+    d.sh(&id, "pkill -f aserver; sleep 0.2");
+    assert_ne!(d.sh(&id, fetch).0, 0, "down");
+    let r = d.json(&["rollback", &id, &c, "--json"]);
+    assert_eq!(r["processes_restarted"], false, "{r}");
+    assert_eq!(
+        d.sh(&id, fetch).1,
+        "one\n",
+        "serving again after the rollback"
+    );
+    let b = fork(&d, &c, 1)[0]["id"].as_str().unwrap().to_string();
+    d.sh(&b, "echo two > /srv/msg");
+    assert_eq!(d.sh(&b, fetch).1, "two\n", "the branch's own server");
+    assert_eq!(d.sh(&id, fetch).1, "one\n");
+    d.ok(&["rm", &b]);
+    d.stop_and_check(&[b, id]);
+}

@@ -2,7 +2,8 @@
 //! fresh sandbox: write a buggy module and its tests, run them, fix the bug, re-run, explore in a python REPL
 //! whose state persists, commit with git, and show what the sandbox can and cannot see. Every step is
 //! checkpointed with its processes; a bad branch is rolled back (the REPL's variables and the shell's working
-//! directory come back with the files), then an earlier checkpoint, then the fixed one is forked.
+//! directory come back with the files), then an earlier checkpoint; then an explored checkpoint is forked with
+//! its live processes.
 
 use std::time::Instant;
 
@@ -247,25 +248,53 @@ async fn trajectory(d: &mut Demo<'_>) -> Result<()> {
         bail!("the REPL should be back to before it computed data");
     }
 
-    d.say("roll forward to the fixed checkpoint, and fork its files three times (forks start fresh processes)");
+    d.say("roll forward to the fixed checkpoint: the tests pass again");
     d.rollback(&fixed).await?;
+    d.session(&bash.id, "python3 -m unittest -q 2>&1 | tail -n 1")
+        .await?;
+
+    d.say("fork the explored checkpoint three times: each branch goes on from its processes (the REPL's data, the shell's directory, the same pids) and diverges on its own");
     let t = Instant::now();
-    let forks = d.client.fork(&fixed, 3).await?;
+    let forks = d.client.fork(&explored, 3).await?;
     println!(
         "    -> forked 3 sandboxes in {:.2} ms",
         t.elapsed().as_secs_f64() * 1e3
     );
-    for f in &forks {
-        let body = ExecBody {
-            argv: vec![
-                "sh".into(),
-                "-c".into(),
-                "cd /work/calc && python3 -m unittest -q 2>&1 | tail -n 1".into(),
-            ],
-            ..Default::default()
+    let client = d.client;
+    for (i, f) in forks.iter().enumerate() {
+        let run = |sid: &str, command: String| {
+            let body = RunInSession {
+                command,
+                timeout_ms: Some(60_000),
+                max_output_bytes: None,
+            };
+            let (id, sid) = (f.id.clone(), sid.to_string());
+            async move { client.run_in_session(&id, &sid, &body).await }
         };
-        let r: ExecResult = d.client.exec(&f.id, &body).await?;
-        println!("    | fork {}: {}", f.id, r.stdout.trim());
+        let shown = match &f.note {
+            // Its templates were evicted or killed: a fork of the files, with fresh processes.
+            Some(note) => format!("files only ({note})"),
+            None => {
+                let r: SessionResult = run(
+                    &py.id,
+                    format!("branch = {i}; sum(data), calc.mul(6, 7), branch"),
+                )
+                .await?;
+                if !r.stdout.contains(&format!("(9999900000, 42, {i})")) {
+                    bail!("fork {} should have the REPL's data: {}", f.id, r.stdout);
+                }
+                let sh: SessionResult = run(&bash.id, "pwd".into()).await?;
+                format!(
+                    "python {} · bash in {} · pids {:?}",
+                    r.stdout.trim(),
+                    sh.stdout.trim(),
+                    f.forked_processes
+                )
+            }
+        };
+        println!("    | fork {}: {shown}", f.id);
+    }
+    for f in &forks {
         d.client.remove(&f.id).await?;
     }
     let mut ms: Vec<f64> = d.checkpoints.iter().map(|c| c.2).collect();

@@ -1029,7 +1029,20 @@ impl Daemon {
             .cloned()
             .filter(|sb| sb.handle.is_alive() && sb.kept.lock().is_ok_and(|k| k.contains_key(cid)));
         let _source_guard = match &source {
-            Some(sb) => Some(sb.lifecycle.lock().await),
+            Some(sb) => {
+                let g = sb.lifecycle.lock().await;
+                // Its templates are frozen with it: nothing could be forked from them.
+                if sb.cgroup.is_frozen() {
+                    return Err(ApiError::conflict(
+                        "sandbox_paused",
+                        format!(
+                            "sandbox {} is paused, and its process templates with it: resume it to fork checkpoint {cid}",
+                            sb.id
+                        ),
+                    ));
+                }
+                Some(g)
+            }
             None => None,
         };
         let plan = BranchPlan {

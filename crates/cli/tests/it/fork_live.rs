@@ -210,6 +210,12 @@ fn a_branch_checkpoints_rolls_back_and_forks_on_its_own() {
     let py = d.session(&id, "python3");
     out(&d, &id, &py, "x = 1");
     let c = checkpoint(&d, &id);
+    // A paused source's templates are frozen with it: refused, saying so.
+    d.ok(&["pause", &id]);
+    let r = d.cli(&["fork", &c]);
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("is paused"));
+    d.ok(&["resume", &id]);
     let b = fork(&d, &c, 1)[0]["id"].as_str().unwrap().to_string();
     out(&d, &b, &py, "x = 2");
     let cb = checkpoint(&d, &b);

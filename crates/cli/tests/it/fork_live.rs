@@ -415,3 +415,41 @@ asyncio.run(main())\n";
     d.ok(&["rm", &b]);
     d.stop_and_check(&[b, id]);
 }
+
+/// Branches of branches nest one pid namespace deeper each generation; past the kernel's 32 levels the fork
+/// fails with a clear error and leaves nothing behind.
+#[test]
+fn fork_generations_stop_at_the_pid_namespace_depth_limit_with_a_clear_error() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let py = d.session(&id, "python3");
+    out(&d, &id, &py, "depth = 0");
+    let mut chain = vec![id.clone()];
+    let err = loop {
+        let cur = chain.last().unwrap().clone();
+        let c = checkpoint(&d, &cur);
+        let r = d.cli(&["--json", "fork", &c]);
+        if !r.status.success() {
+            break String::from_utf8_lossy(&r.stderr).into_owned();
+        }
+        let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+        let b = v[0]["id"].as_str().unwrap().to_string();
+        out(&d, &b, &py, "depth += 1");
+        chain.push(b);
+        assert!(chain.len() < 40, "no depth limit?");
+    };
+    assert!(err.contains("fork depth limit"), "{err}");
+    // The sandbox is at level 1 below the host's pid namespace, so 31 generations of branches fit.
+    assert_eq!(chain.len() - 1, 31, "generations");
+    assert_eq!(
+        out(&d, chain.last().unwrap(), &py, "depth"),
+        "31\n",
+        "the deepest branch went on from every generation's state"
+    );
+    let listed = d.json(&["ls"]).as_array().unwrap().len();
+    assert_eq!(listed, chain.len(), "nothing left of the refused fork");
+    for b in chain.iter().rev() {
+        d.ok(&["rm", b]);
+    }
+    d.stop_and_check(&chain);
+}

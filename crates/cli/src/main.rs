@@ -18,6 +18,13 @@ fn main() {
         std::process::exit(daemon_cmd::zygote_main(&args[2..]));
     }
     let cli = cli::Cli::parse();
+    if !matches!(cli.command, cli::Command::Daemon(_)) {
+        // A client whose output is cut short (`deltabox ls | head -1`) ends quietly, like other command-line
+        // tools, instead of panicking on the broken pipe. (The daemon keeps ignoring SIGPIPE: a client that
+        // goes away must not end it.)
+        // SAFETY: SIG_DFL installs no handler code; nothing else has started yet.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let json = cli.json;
     let code = match commands::run(cli) {
         Ok(code) => code,

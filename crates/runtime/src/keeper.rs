@@ -683,9 +683,9 @@ fn rollback(
             ));
         }
     }
-    // Overlapped: the live processes die (their memory torn down) while the generation mounts; the templates
-    // fork (each on its own CPU) while the keeper pivots the sandbox, whose pivot_root moves the children's roots
-    // along with the templates'.
+    // Overlapped: the live processes die (their memory torn down, init reaping them) while the keeper mounts
+    // the generation and pivots the sandbox onto it (pivot_root moves the templates' roots too, so their copies
+    // start on it); then the templates fork, each on its own CPU.
     let t = Instant::now();
     // Large processes first get a holder of their memory (see `teardown`): killing them then frees their pids
     // at once, and the teardown happens after the reply.
@@ -706,10 +706,13 @@ fn rollback(
     signal_live(init_pid, switch, templates, &mut victims);
     r.kill_us = us(t);
     let t = Instant::now();
-    let prepared = generation::Prepared::mount(switch).map_err(|e| (e, false))?;
+    // The pivot moves the templates' roots (and so their copies') along with the sandbox's.
+    generation::Prepared::mount(switch)
+        .and_then(|prepared| prepared.pivot())
+        .map_err(|e| (e, false))?;
     r.mount_us = us(t);
     let t = Instant::now();
-    kill_live(init_pid, switch, templates, &mut victims).map_err(|e| (e, false))?;
+    kill_live(init_pid, switch, templates, &mut victims).map_err(|e| (e, true))?;
     teardown.release_pids(
         &captured
             .iter()
@@ -724,12 +727,6 @@ fn rollback(
         .iter_mut()
         .map(|c| may_set_tid(c.template.pid().as_raw()).then(|| c.template.start_spawn(true)))
         .collect();
-    r.fork_us = us(t);
-    let t = Instant::now();
-    // On failure the forks in flight are dropped: their copies are killed, the templates stay.
-    prepared.pivot().map_err(|e| (e, false))?;
-    r.mount_us += us(t);
-    let t = Instant::now();
     let mut forked = Vec::new();
     for (c, s) in captured.iter_mut().zip(spawning) {
         let child = match s {

@@ -101,6 +101,18 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("worker: {e}")))
 }
 
+/// Runs a short blocking call on the latency-critical path (a keeper request) right on this worker thread
+/// (`block_in_place`: other tasks move to another worker) instead of handing it to the blocking pool and back,
+/// which costs two thread wake-ups. Falls back to the pool on a single-threaded runtime.
+async fn blocking_here<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::MultiThread => Ok(tokio::task::block_in_place(f)),
+        _ => blocking(f).await,
+    }
+}
+
 /// Whether checkpoint `cid` was taken with its processes (recorded so that a rollback after a restart can say why
 /// they were restarted instead).
 fn ck_has_processes(store: &Store, cid: &str) -> bool {
@@ -811,7 +823,7 @@ impl Daemon {
                     switch: spec,
                     huge_pages: opts.huge_pages.unwrap_or(true),
                 };
-                match blocking(move || keeper.request(&req)).await? {
+                match blocking_here(move || keeper.request(&req)).await? {
                     Ok(KeeperReply::Checkpointed { report, pids }) => Ok((report, pids)),
                     Ok(KeeperReply::Failed { error }) => Err(error),
                     Ok(other) => Err(format!("unexpected keeper reply {other:?}")),
@@ -1674,7 +1686,7 @@ impl Daemon {
             },
         };
         let k = keeper.clone();
-        let (report, error) = match blocking(move || k.request(&req)).await? {
+        let (report, error) = match blocking_here(move || k.request(&req)).await? {
             Ok(KeeperReply::RolledBack(r)) => (Some(r), None),
             Ok(KeeperReply::RollbackFailed { error, switched }) => (None, Some((error, switched))),
             Ok(other) => (

@@ -494,7 +494,7 @@ pub async fn cr(client: &Client, quick: bool) -> Result<i32> {
     fork_fanout(client, if quick { &[1, 4] } else { &[1, 4, 16, 64] }).await?;
     println!("\npages: 4K = templates share the live processes' small pages; 2M = background huge-page collapse on (the default), measured after it finished");
     println!("first write = writing one byte per 4 KiB page of the heap right after a rollback (copy-on-write)");
-    println!("\nrollback = kill the live processes until their pids are free (a large small-page process hands its memory teardown to a holder that dies after the answer), mount the generation, fork every template with its pid, re-point; every rollback was verified (the heap's length, the processes alive)");
+    println!("\nrollback = kill the live processes (a large small-page process hands its memory teardown to a holder that dies after the answer) and, while they die, mount the generation and pivot onto it (fs); once their pids are free (kill) fork every template with its pid (fork), re-point; every rollback was verified (the heap's length, the processes alive)");
     Ok(0)
 }
 

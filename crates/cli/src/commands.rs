@@ -210,6 +210,10 @@ async fn dispatch(
             if json {
                 print_json(&list)?;
             } else {
+                // Like rollback: the ids on stdout, what the forks did not get on stderr.
+                if let Some(note) = list.first().and_then(|s| s.note.as_deref()) {
+                    eprintln!("deltabox: {note}");
+                }
                 for s in list {
                     println!("{}", s.id);
                 }

@@ -974,16 +974,19 @@ impl Daemon {
             let Some(keeper) = sb.keeper.lock().await.clone() else {
                 continue;
             };
-            let req = KeeperRequest::Forget {
-                ids: vec![cid.clone()],
-            };
-            let _ = blocking(move || keeper.request(&req)).await;
+            // Not while a rollback or fork uses the sandbox's templates; and no longer listed as kept before the
+            // keeper forgets them, so that nothing asks the keeper for them afterwards.
+            let _g = sb.lifecycle.lock().await;
             if let Ok(mut k) = sb.kept.lock() {
                 k.remove(&cid);
             }
             if let Ok(mut e) = self.evicted.lock() {
                 e.insert(cid.clone());
             }
+            let req = KeeperRequest::Forget {
+                ids: vec![cid.clone()],
+            };
+            let _ = blocking(move || keeper.request(&req)).await;
             tracing::info!("template pool: evicted the processes of checkpoint {cid} ({pss} bytes, {n} processes)");
             total = total.saturating_sub(pss);
             per_sandbox.insert(sb.id.clone(), count.saturating_sub(n));
@@ -1040,7 +1043,9 @@ impl Daemon {
             .get(&ck.sandbox_id)
             .cloned()
             .filter(|sb| sb.handle.is_alive() && sb.kept.lock().is_ok_and(|k| k.contains_key(cid)));
-        let _source_guard = match &source {
+        let mut source = source;
+        let locked = source.clone();
+        let _source_guard = match &locked {
             Some(sb) => {
                 let g = sb.lifecycle.lock().await;
                 // Its templates are frozen with it: nothing could be forked from them.
@@ -1052,6 +1057,10 @@ impl Daemon {
                             sb.id
                         ),
                     ));
+                }
+                // Evicted while this fork waited for the sandbox: the branches get the files.
+                if !sb.kept.lock().is_ok_and(|k| k.contains_key(cid)) {
+                    source = None;
                 }
                 Some(g)
             }
@@ -1620,6 +1629,14 @@ impl Daemon {
                     k.last_used = std::time::Instant::now();
                     k.sessions.clone()
                 }
+                // Evicted while this rollback waited for the sandbox: nothing changed; restart instead.
+                None if files_only.is_none() => {
+                    return Ok(Err(
+                        "this checkpoint's process templates were evicted to keep within the template memory \
+                         budget"
+                            .into(),
+                    ))
+                }
                 None => Vec::new(),
             }
         };
@@ -1871,6 +1888,12 @@ impl Daemon {
         if !valid_id(id) || self.store.get(id)?.is_none() {
             return Err(ApiError::not_found(format!("no sandbox {id:?}")));
         }
+        // Held until the sandbox is gone: a fork of it (which holds the lock) cannot add branches meanwhile.
+        let live = self.live.read().await.get(id).cloned();
+        let _guard = match &live {
+            Some(sb) => Some(sb.lifecycle.lock().await),
+            None => None,
+        };
         let branches = self.live_branches(id).await;
         if !branches.is_empty() {
             return Err(Self::branches_refusal(id, "remove", &branches));
@@ -1879,7 +1902,6 @@ impl Daemon {
         let cg = self.cgroups.open(id);
         let dir = self.sandbox_dir(id);
         if let Some(sb) = &sb {
-            let _guard = sb.lifecycle.lock().await;
             sb.sessions.lock().await.clear();
         }
         blocking(move || -> Result<(), ApiError> {

@@ -151,7 +151,10 @@ fn random_session_commands_checkpoints_rollbacks_and_forks_match_the_model() {
                 // The session that existed then comes back with its interpreter (even if a later rollback had
                 // ended it); one started since is gone.
                 s = then;
-                if r["processes_restarted"].as_bool().unwrap() {
+                if r["processes_restarted"]
+                    .as_bool()
+                    .unwrap_or_else(|| panic!("step {step}: rollback to {c}: {r}"))
+                {
                     // Its templates were evicted: files come back, the shell starts fresh.
                     restarts += 1;
                     s = d.session(&id, "bash");

@@ -206,17 +206,20 @@ mod tests {
                 unsafe { *(p as *mut u8).add(off) = 1 };
             }
         }
-        // SAFETY: same range; allow huge pages again so the collapse may act.
-        unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
         let me = std::process::id() as i32;
         let before = anon_memory(me).unwrap();
+        // SAFETY: same range; allow huge pages again so the collapse may act.
+        unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
+        // khugepaged may collapse some of it on its own from here on; what it did first is not ours to do.
+        let by_khugepaged = anon_memory(me).unwrap().huge.saturating_sub(before.huge);
         let done = collapse(me).unwrap();
         let after = anon_memory(me).unwrap();
-        assert!(done.bytes >= (len / 2 - (2 << 20)) as u64, "{done:?}");
+        let dense = (len / 2 - (2 << 20)) as u64;
         assert!(
-            after.huge >= before.huge + (len / 2 - (2 << 20)) as u64,
-            "{before:?} {after:?}"
+            done.bytes + by_khugepaged >= dense,
+            "{done:?}, {by_khugepaged} by khugepaged"
         );
+        assert!(after.huge >= before.huge + dense, "{before:?} {after:?}");
         // The sparse half was not filled in.
         assert!(after.anon < before.anon + (4 << 20), "{before:?} {after:?}");
         // SAFETY: still ours; the data survived the collapse.

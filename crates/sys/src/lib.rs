@@ -6,6 +6,7 @@
 pub mod btrfs;
 pub mod caps;
 pub mod clone;
+pub mod dirty;
 pub mod fdpass;
 pub mod hugepage;
 pub mod inject;

@@ -344,6 +344,27 @@ mod tests {
             in_buffer(&tracker.take_written().unwrap()),
             want[1..2].to_vec()
         );
+        // A template is forked from the process (as a process checkpoint does): writes after it are still
+        // reported, in the process that made them.
+        let mut t = Tracee::seize(pid, pid, insn, Duration::from_secs(5)).unwrap();
+        let copy = t
+            .fork(&crate::inject::ForkSpec {
+                flags: 0,
+                exit_signal: 0,
+                set_tid: Vec::new(),
+            })
+            .unwrap();
+        let copy_pid = copy.tgid();
+        let held = copy.keep_stopped().unwrap();
+        t.detach().unwrap();
+        say(&mut stdin, &mut out, &offs);
+        assert_eq!(
+            in_buffer(&tracker.take_written().unwrap()),
+            want,
+            "after a fork"
+        );
+        crate::inject::kill_tracee(held.tid);
+        assert_eq!(held.tid, copy_pid);
         child.kill().unwrap();
         let _ = child.wait();
     }

@@ -1750,20 +1750,25 @@ impl Daemon {
                 back.push((sid, *pid, s, h));
             }
         }
-        // Init learns to report their exits: all the requests at once.
-        let tracked =
-            futures_util::future::join_all(back.iter().map(|(_, pid, _, _)| sb.handle.track(*pid)))
-                .await;
-        for ((sid, pid, s, h), exit) in back.into_iter().zip(tracked) {
-            match exit {
-                Ok(exit) if s.pid() == pid => {
-                    h.resume(exit);
-                    sessions.insert(sid.clone(), s);
-                }
-                _ => {
-                    sessions.remove(sid);
-                }
+        // Init learns to report their exits, off the reply's path: each session goes on at once with an exit
+        // receiver that a task fills once init has answered (if init finds the process gone, the receiver
+        // closes and the session ends, as the process did).
+        for (sid, pid, s, h) in back {
+            if s.pid() != pid {
+                sessions.remove(sid);
+                continue;
             }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let handle = sb.handle.clone();
+            tokio::spawn(async move {
+                if let Ok(exit) = handle.track(pid).await {
+                    if let Ok(status) = exit.await {
+                        let _ = tx.send(status);
+                    }
+                }
+            });
+            h.resume(rx);
+            sessions.insert(sid.clone(), s);
         }
         // The others' interpreters are gone: hide them, pipes kept, until a rollback brings them back.
         for (sid, s, h) in held {

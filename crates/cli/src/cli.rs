@@ -53,7 +53,8 @@ pub enum Command {
     },
     /// Roll a sandbox back to a checkpoint: files, and processes if it holds them (else they are restarted).
     Rollback { id: String, checkpoint: String },
-    /// Fork a checkpoint into N new sandboxes; prints their ids, one a line.
+    /// Fork a checkpoint into N new sandboxes (with its live processes, for a process checkpoint); prints their
+    /// ids, one a line.
     Fork {
         checkpoint: String,
         #[arg(short = 'n', long, default_value_t = 1)]

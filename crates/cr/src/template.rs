@@ -161,12 +161,11 @@ impl Template {
         let mut t = Tracee::adopt(&self.held, self.timeout);
         let mut result = Ok(());
         for &fd in fds {
-            match t.syscall(libc::SYS_close, &[fd as u64]) {
-                Ok(r) => {
-                    if let Err(e) = check(self.held.tid, "close in template", r) {
-                        result = Err(e);
-                    }
-                }
+            match t.checked_syscall("close in template", libc::SYS_close, &[fd as u64]) {
+                Ok(_) => {}
+                // The call failed: noted, the others are still closed.
+                Err(e @ deltabox_sys::inject::InjectError::Io { .. }) => result = Err(e.into()),
+                // The injection itself failed: stop.
                 Err(e) => {
                     result = Err(e.into());
                     break;
@@ -222,13 +221,9 @@ impl Template {
         // The template stays as it was, whatever happened.
         self.held = t.keep_stopped()?;
         let mut child = forked?;
-        let r = child.syscall(libc::SYS_setsid, &[]);
-        if let Err(e) = r
-            .map_err(Error::from)
-            .and_then(|r| check(child.tgid(), "setsid in restored process", r))
-        {
+        if let Err(e) = child.checked_syscall("setsid in restored process", libc::SYS_setsid, &[]) {
             kill_tracee(child.tgid());
-            return Err(e);
+            return Err(e.into());
         }
         Ok(child)
     }
@@ -294,11 +289,10 @@ impl Template {
         if !self.is_alive() {
             return Err(Error::TemplateGone(self.held.tid.as_raw()));
         }
-        let me = self.held.tid;
         let mut t = Tracee::adopt(&self.held, self.timeout);
         let forked = (|| -> Result<Tracee> {
             let sc = |t: &mut Tracee, what: &'static str, nr: i64, args: &[u64]| -> Result<i64> {
-                check(me, what, t.syscall(nr, args)?)
+                Ok(t.checked_syscall(what, nr, args)?)
             };
             let mut give = vec![ns.pid.as_fd()];
             give.extend(ns.others.iter().map(|(fd, _)| fd.as_fd()));
@@ -371,8 +365,11 @@ impl Template {
             let mut child = child?;
             let joined = (|| {
                 for (i, (_, ty)) in ns.others.iter().enumerate() {
-                    let r = child.syscall(libc::SYS_setns, &[nums[i + 1] as u64, *ty as u64]);
-                    check(child.tgid(), "setns to the branch's namespaces", r?)?;
+                    child.checked_syscall(
+                        "setns to the branch's namespaces",
+                        libc::SYS_setns,
+                        &[nums[i + 1] as u64, *ty as u64],
+                    )?;
                 }
                 Ok(())
             })();
@@ -382,11 +379,7 @@ impl Template {
             }
             let _ = child.syscall(libc::SYS_close, &[own as u64]);
             let sid = joined.and_then(|_| {
-                check(
-                    child.tgid(),
-                    "setsid in branch process",
-                    child.syscall(libc::SYS_setsid, &[])?,
-                )
+                Ok(child.checked_syscall("setsid in branch process", libc::SYS_setsid, &[])?)
             });
             match sid {
                 Ok(_) => Ok(child),

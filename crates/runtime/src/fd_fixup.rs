@@ -435,15 +435,10 @@ fn epoll(t: &mut Tracee, fd: i32, flags: i32, watches: &[(i32, u32, u64)]) -> Re
 fn self_pipe(t: &mut Tracee, read: i32, write: i32, flags: i32) -> Result<(), String> {
     let sc = |t: &mut Tracee, nr: i64, args: &[u64]| t.syscall(nr, args).map_err(|e| e.to_string());
     let what = |s: &str| format!("fd {read}/{write}: {s}");
-    let addr = t.write_scratch(&[0u8; 8]).map_err(|e| e.to_string())?;
-    let pipe_flags = flags & (libc::O_CLOEXEC | libc::O_NONBLOCK);
-    check(
-        &what("pipe2"),
-        sc(t, libc::SYS_pipe2, &[addr, pipe_flags as u64])?,
-    )?;
-    let ends = t.read_mem(addr, 8).map_err(|e| e.to_string())?;
-    let r = i32::from_ne_bytes([ends[0], ends[1], ends[2], ends[3]]);
-    let w = i32::from_ne_bytes([ends[4], ends[5], ends[6], ends[7]]);
+    let pipe_flags = (flags & (libc::O_CLOEXEC | libc::O_NONBLOCK)) as u64;
+    let (r, w) = t
+        .fd_pair("injected pipe2", libc::SYS_pipe2, |a| vec![a, pipe_flags])
+        .map_err(|e| what(&e.to_string()))?;
     let result = (|| {
         let cloexec = (flags & libc::O_CLOEXEC) as u64;
         check(

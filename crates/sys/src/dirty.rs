@@ -125,15 +125,11 @@ impl DirtyTracker {
     pub fn start(t: &mut Tracee) -> Result<DirtyTracker, DirtyError> {
         let pid = t.tgid().as_raw();
         let io = |what: &'static str| move |source| DirtyError::Io { pid, what, source };
-        let r = t.syscall(
+        let r = t.checked_syscall(
+            "injected userfaultfd",
             libc::SYS_userfaultfd,
             &[(libc::O_CLOEXEC as u64) | (libc::O_NONBLOCK as u64) | UFFD_USER_MODE_ONLY],
         )?;
-        if r < 0 {
-            return Err(io("injected userfaultfd")(
-                std::io::Error::from_raw_os_error(-r as i32),
-            ));
-        }
         let uffd = crate::pidfd::getfd(pid, r as i32);
         let _ = t.syscall(libc::SYS_close, &[r as u64]);
         let uffd = uffd.map_err(io("pidfd_getfd"))?;

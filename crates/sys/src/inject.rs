@@ -436,7 +436,8 @@ impl Tracee {
         let need = (len + 4095) & !4095;
         if self.scratch_map.is_none_or(|(_, l)| l < need) {
             self.release_scratch_map()?;
-            let addr = self.syscall(
+            let addr = self.checked_syscall(
+                "map scratch page",
                 libc::SYS_mmap,
                 &[
                     0,
@@ -447,13 +448,6 @@ impl Tracee {
                     0,
                 ],
             )?;
-            if addr < 0 {
-                return Err(InjectError::Io {
-                    what: "map scratch page",
-                    tid: self.tid.as_raw(),
-                    source: std::io::Error::from_raw_os_error(-addr as i32),
-                });
-            }
             self.scratch_map = Some((addr as u64, need));
         }
         let (addr, _) = self.scratch_map.unwrap_or_default();
@@ -484,32 +478,57 @@ impl Tracee {
         }
     }
 
+    /// An injected system call's negative result (`-errno`) as an error naming `what`.
+    fn failed(&self, what: &'static str, r: i64) -> Result<i64> {
+        if r < 0 {
+            return Err(InjectError::Io {
+                what,
+                tid: self.tid.as_raw(),
+                source: std::io::Error::from_raw_os_error(-r as i32),
+            });
+        }
+        Ok(r)
+    }
+
+    /// [`Tracee::syscall`], with a failing call (`-errno`) turned into an error naming `what`.
+    pub fn checked_syscall(&mut self, what: &'static str, nr: i64, args: &[u64]) -> Result<i64> {
+        let r = self.syscall(nr, args)?;
+        self.failed(what, r)
+    }
+
+    /// Injects a call that writes two descriptors to an `int[2]` (`pipe2`, `socketpair`): `args` gets that
+    /// array's address in the tracee. Returns both numbers there.
+    pub fn fd_pair(
+        &mut self,
+        what: &'static str,
+        nr: i64,
+        args: impl FnOnce(u64) -> Vec<u64>,
+    ) -> Result<(i32, i32)> {
+        let addr = self.write_scratch(&[0u8; 8])?;
+        self.checked_syscall(what, nr, &args(addr))?;
+        let b = self.read_mem(addr, 8)?;
+        Ok((
+            i32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+            i32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        ))
+    }
+
     /// Gives the stopped process a fresh pipe in place of its descriptor `fd` and returns the other end, ours: a
     /// copy forked into another sandbox must not share its source's session pipes. With `reads`, the process
     /// keeps the read end (its stdin) and we get the write end; otherwise the reverse. The descriptor number,
     /// and nothing else of the process, changes.
     pub fn replace_with_pipe(&mut self, fd: i32, reads: bool) -> Result<OwnedFd> {
-        let io = |what: &'static str, tid: Pid, r: i64| -> Result<i64> {
-            if r < 0 {
-                return Err(InjectError::Io {
-                    what,
-                    tid: tid.as_raw(),
-                    source: std::io::Error::from_raw_os_error(-r as i32),
-                });
-            }
-            Ok(r)
-        };
         let tid = self.tid;
-        let addr = self.write_scratch(&[0u8; 8])?;
-        let r = self.syscall(libc::SYS_pipe2, &[addr, libc::O_CLOEXEC as u64])?;
-        io("injected pipe2", tid, r)?;
-        let ends = self.read_mem(addr, 8)?;
-        let rfd = i32::from_ne_bytes([ends[0], ends[1], ends[2], ends[3]]);
-        let wfd = i32::from_ne_bytes([ends[4], ends[5], ends[6], ends[7]]);
+        let (rfd, wfd) = self.fd_pair("injected pipe2", libc::SYS_pipe2, |a| {
+            vec![a, libc::O_CLOEXEC as u64]
+        })?;
         let (keep, give) = if reads { (rfd, wfd) } else { (wfd, rfd) };
         let taken = (|| -> Result<OwnedFd> {
-            let r = self.syscall(libc::SYS_dup3, &[keep as u64, fd as u64, 0])?;
-            io("injected dup3", tid, r)?;
+            self.checked_syscall(
+                "injected dup3",
+                libc::SYS_dup3,
+                &[keep as u64, fd as u64, 0],
+            )?;
             crate::pidfd::getfd(self.tgid.as_raw(), give).map_err(|source| InjectError::Io {
                 what: "pidfd_getfd",
                 tid: tid.as_raw(),
@@ -529,16 +548,6 @@ impl Tracee {
     pub fn install_fds(&mut self, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<Vec<i32>> {
         use std::os::fd::AsRawFd;
         let tid = self.tid;
-        let io = |what: &'static str, r: i64| -> Result<i64> {
-            if r < 0 {
-                return Err(InjectError::Io {
-                    what,
-                    tid: tid.as_raw(),
-                    source: std::io::Error::from_raw_os_error(-r as i32),
-                });
-            }
-            Ok(r)
-        };
         let os = |what: &'static str| {
             move |source| InjectError::Io {
                 what,
@@ -546,20 +555,15 @@ impl Tracee {
                 source,
             }
         };
-        let addr = self.write_scratch(&[0u8; 8])?;
-        let r = self.syscall(
-            libc::SYS_socketpair,
-            &[
-                libc::AF_UNIX as u64,
-                (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as u64,
-                0,
-                addr,
-            ],
-        )?;
-        io("injected socketpair", r)?;
-        let sv = self.read_mem(addr, 8)?;
-        let theirs = i32::from_ne_bytes([sv[0], sv[1], sv[2], sv[3]]);
-        let ours_in_tracee = i32::from_ne_bytes([sv[4], sv[5], sv[6], sv[7]]);
+        let (theirs, ours_in_tracee) =
+            self.fd_pair("injected socketpair", libc::SYS_socketpair, |a| {
+                vec![
+                    libc::AF_UNIX as u64,
+                    (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as u64,
+                    0,
+                    a,
+                ]
+            })?;
         let result = (|| -> Result<Vec<i32>> {
             let ours = crate::pidfd::getfd(self.tgid.as_raw(), ours_in_tracee)
                 .map_err(os("pidfd_getfd"))?;
@@ -618,11 +622,11 @@ impl Tracee {
             block.extend_from_slice(&1u64.to_ne_bytes());
             block.resize(block_len, 0);
             self.write_mem(base, &block)?;
-            let r = self.syscall(
+            self.checked_syscall(
+                "injected recvmsg",
                 libc::SYS_recvmsg,
                 &[theirs as u64, base, libc::MSG_CMSG_CLOEXEC as u64],
             )?;
-            io("injected recvmsg", r)?;
             let got = self.read_mem(control_at, cmsg_space)?;
             // struct cmsghdr: len (u64), level (i32), type (i32), then the descriptors.
             let len = u64::from_ne_bytes(got[0..8].try_into().unwrap_or_default()) as usize;
@@ -727,13 +731,7 @@ impl Tracee {
     pub fn finish_fork(&mut self) -> Result<Tracee> {
         let mut child = None;
         let r = self.finish_syscall_noting(&mut child)?;
-        if r < 0 {
-            return Err(InjectError::Io {
-                what: "injected clone3",
-                tid: self.tid.as_raw(),
-                source: std::io::Error::from_raw_os_error(-r as i32),
-            });
-        }
+        self.failed("injected clone3", r)?;
         let child = child.ok_or(InjectError::Ptrace {
             what: "clone3 (no fork event)",
             tid: self.tid.as_raw(),

@@ -567,13 +567,7 @@ fn spawn_same_pid(template: &mut Template) -> deltabox_cr::Result<Tracee> {
 /// Whether process `pid` may choose its children's pids (`clone3` `set_tid`): it needs `CAP_SYS_ADMIN` or
 /// `CAP_CHECKPOINT_RESTORE` in the sandbox's user namespace, which a process that dropped root has not.
 fn may_set_tid(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            let v = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
-            u64::from_str_radix(v.trim(), 16).ok()
-        })
-        .is_some_and(|caps| caps & ((1 << 21) | (1 << 40)) != 0)
+    procfs::effective_caps(pid).is_some_and(|caps| caps & ((1 << 21) | (1 << 40)) != 0)
 }
 
 /// Forks `template` (a process that may not use `set_tid`) at its original pid the old way: the pid
@@ -599,17 +593,15 @@ fn spawn_at_last_pid(template: &mut Template, init_pid: i32) -> deltabox_cr::Res
 /// Sets `ns_last_pid` of the pid namespace of `init_pid` (host pid): the file acts on the writer's own pid
 /// namespace, so a child of ours made there writes it.
 fn set_last_pid(init_pid: i32, last: i32) -> Result<(), String> {
-    use std::os::fd::AsRawFd;
+    use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
+    use std::os::fd::AsFd;
     let own =
         std::fs::File::open("/proc/self/ns/pid").map_err(|e| format!("own pid namespace: {e}"))?;
     let target = std::fs::File::open(format!("/proc/{init_pid}/ns/pid"))
         .map_err(|e| format!("the sandbox's pid namespace: {e}"))?;
     let setns = |f: &std::fs::File| {
-        // SAFETY: setns(2) on a descriptor we own; the keeper is single-threaded.
-        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
-            return Err(format!("setns: {}", std::io::Error::last_os_error()));
-        }
-        Ok(())
+        move_into_link_name_space(f.as_fd(), Some(LinkNameSpaceType::ProcessID))
+            .map_err(|e| format!("setns: {e}"))
     };
     setns(&target)?;
     // SAFETY: the keeper is single-threaded.
@@ -833,11 +825,7 @@ fn fork_branch(
     // The injected setns calls run with each process's own credentials: root of the sandbox's user namespace.
     for c in captured.iter_mut() {
         let pid = c.template.pid().as_raw();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let caps = status
-            .lines()
-            .find_map(|l| l.strip_prefix("CapEff:"))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok());
+        let caps = procfs::effective_caps(pid);
         // CAP_SYS_ADMIN (21) for setns, CAP_SYS_CHROOT (18) for a mount namespace.
         let needed = (1u64 << 21) | (1u64 << 18);
         match caps {

@@ -307,13 +307,12 @@ fn branch_init(
 ) -> std::result::Result<i32, String> {
     let pidfd = deltabox_sys::pidfd::open(source)
         .map_err(|e| format!("the source sandbox's init ({source}) is gone: {e}"))?;
-    // SAFETY: setns(2) on a descriptor we own; the helper is single-threaded (a fresh fork of the zygote).
-    if unsafe { libc::setns(pidfd.as_raw_fd(), libc::CLONE_NEWUSER | libc::CLONE_NEWPID) } != 0 {
-        return Err(format!(
-            "join the source sandbox's namespaces: {}",
-            io::Error::last_os_error()
-        ));
-    }
+    // (The helper is single-threaded, a fresh fork of the zygote: it may change its user namespace.)
+    rustix::thread::move_into_thread_name_spaces(
+        pidfd.as_fd(),
+        rustix::thread::ThreadNameSpaceType::USER | rustix::thread::ThreadNameSpaceType::PROCESS_ID,
+    )
+    .map_err(|e| format!("join the source sandbox's namespaces: {e}"))?;
     drop(pidfd);
     let (made_r, made_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| format!("pipe: {e}"))?;

@@ -40,6 +40,13 @@ pub fn ns_pid(pid: i32) -> Option<i32> {
     )
 }
 
+/// A process's effective capabilities (`CapEff:`, a bit per `CAP_*` number), in its own user namespace.
+pub fn effective_caps(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let v = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(v.trim(), 16).ok()
+}
+
 /// A process's pid in every pid namespace from ours inwards (`NSpid:`).
 pub fn ns_pids(pid: i32) -> Option<Vec<i32>> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -4,12 +4,8 @@
 use std::path::PathBuf;
 
 use crate::common::*;
-
-fn run(d: &TestDaemon, id: &str, s: &str, cmd: &str) -> String {
-    let r = d.json(&["session", "run", id, s, cmd]);
-    assert_eq!(r["exit_code"], 0, "{cmd}: {r}");
-    r["stdout"].as_str().unwrap().to_string()
-}
+// Locals here are named `out` (command outputs): the session helper goes by `run`.
+use crate::common::out as run;
 
 fn upper(d: &TestDaemon, id: &str) -> PathBuf {
     PathBuf::from(d.json(&["info", id])["upper"].as_str().unwrap())

@@ -268,3 +268,17 @@ fn rustix_free_unmount(p: &Path) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Runs `cmd` in session `s` of sandbox `id`, asserting it succeeded; returns its stdout.
+pub fn out(d: &TestDaemon, id: &str, s: &str, cmd: &str) -> String {
+    let r = d.json(&["session", "run", id, s, cmd]);
+    assert_eq!(r["exit_code"], 0, "{cmd} in {id}: {r}");
+    r["stdout"].as_str().unwrap().to_string()
+}
+
+/// Takes a checkpoint of sandbox `id` with its processes, asserting it kept them; returns its id.
+pub fn checkpoint_processes(d: &TestDaemon, id: &str) -> String {
+    let c = d.json(&["checkpoint", id, "--processes", "--json"]);
+    assert!(c["with_processes"].as_bool().unwrap(), "{c}");
+    c["id"].as_str().unwrap().to_string()
+}

@@ -4,23 +4,30 @@
 
 use crate::common::*;
 
-fn out(d: &TestDaemon, id: &str, s: &str, cmd: &str) -> String {
-    let r = d.json(&["session", "run", id, s, cmd]);
-    assert_eq!(r["exit_code"], 0, "{cmd} in {id}: {r}");
-    r["stdout"].as_str().unwrap().to_string()
-}
-
-fn checkpoint(d: &TestDaemon, id: &str) -> String {
-    let c = d.json(&["checkpoint", id, "--processes", "--json"]);
-    assert!(c["with_processes"].as_bool().unwrap(), "{c}");
-    c["id"].as_str().unwrap().to_string()
-}
-
 fn fork(d: &TestDaemon, c: &str, n: usize) -> Vec<serde_json::Value> {
     let v = d.json(&["fork", c, "-n", &n.to_string()]);
     let list = v.as_array().unwrap_or_else(|| panic!("fork: {v}")).clone();
     assert_eq!(list.len(), n, "{v}");
     list
+}
+
+/// The ids of [`fork`]'s branches.
+fn ids_of(branches: &[serde_json::Value]) -> Vec<String> {
+    branches
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Removes `branches` in that order (a branch's own branches first), then stops the daemon, checking that
+/// nothing of them or of `others` is left behind.
+fn remove_and_check(d: TestDaemon, branches: &[String], others: &[String]) {
+    for b in branches {
+        d.ok(&["rm", b]);
+    }
+    let mut all = branches.to_vec();
+    all.extend_from_slice(others);
+    d.stop_and_check(&all);
 }
 
 /// Pids a sandbox's own `/proc` shows (what its processes can see and signal).
@@ -50,7 +57,7 @@ fn branches_get_the_processes_with_their_state_and_pids_and_diverge_on_their_own
         "mkdir -p /work/deep && cd /work/deep && export FOO=bar && greet() { echo hi $1; }; echo v1 > /work/file",
     );
     let sh_pid = out(&d, &id, &sh, "echo $$");
-    let c = checkpoint(&d, &id);
+    let c = checkpoint_processes(&d, &id);
     // The source goes on.
     out(&d, &id, &py, "x = 1000");
     out(
@@ -61,10 +68,7 @@ fn branches_get_the_processes_with_their_state_and_pids_and_diverge_on_their_own
     );
 
     let branches = fork(&d, &c, 3);
-    let ids: Vec<String> = branches
-        .iter()
-        .map(|b| b["id"].as_str().unwrap().to_string())
-        .collect();
+    let ids = ids_of(&branches);
     for (i, (b, info)) in ids.iter().zip(&branches).enumerate() {
         assert_eq!(info["branch_of"], id.as_str(), "{info}");
         let mut forked: Vec<i64> = info["forked_processes"]
@@ -137,13 +141,9 @@ fn branches_get_the_processes_with_their_state_and_pids_and_diverge_on_their_own
         "{err}"
     );
     assert_eq!(out(&d, &id, &py, "x"), "41\n", "nothing happened to it");
-    let mut all = ids.clone();
-    all.push(extra);
-    for b in &all {
-        d.ok(&["rm", b]);
-    }
-    all.push(id);
-    d.stop_and_check(&all);
+    let mut branches = ids.clone();
+    branches.push(extra);
+    remove_and_check(d, &branches, &[id]);
 }
 
 #[test]
@@ -153,11 +153,8 @@ fn branches_cannot_see_or_signal_each_other_or_their_source() {
     let sh = d.session(&id, "bash");
     out(&d, &id, &sh, "sleep 1000 & echo started");
     let sh_pid: i32 = out(&d, &id, &sh, "echo $$").trim().parse().unwrap();
-    let c = checkpoint(&d, &id);
-    let ids: Vec<String> = fork(&d, &c, 2)
-        .iter()
-        .map(|b| b["id"].as_str().unwrap().to_string())
-        .collect();
+    let c = checkpoint_processes(&d, &id);
+    let ids = ids_of(&fork(&d, &c, 2));
     let source_sees = visible_pids(&d, &id);
     for b in &ids {
         let pids = visible_pids(&d, b);
@@ -195,12 +192,7 @@ fn branches_cannot_see_or_signal_each_other_or_their_source() {
         out(&d, &id, &sh, "echo alive; jobs -p | wc -l"),
         "alive\n1\n"
     );
-    for b in &ids {
-        d.ok(&["rm", b]);
-    }
-    let mut all = ids.clone();
-    all.push(id);
-    d.stop_and_check(&all);
+    remove_and_check(d, &ids, &[id]);
 }
 
 #[test]
@@ -209,7 +201,7 @@ fn a_branch_checkpoints_rolls_back_and_forks_on_its_own() {
     let id = d.create(&[]);
     let py = d.session(&id, "python3");
     out(&d, &id, &py, "x = 1");
-    let c = checkpoint(&d, &id);
+    let c = checkpoint_processes(&d, &id);
     // A paused source's templates are frozen with it: refused, saying so.
     d.ok(&["pause", &id]);
     let r = d.cli(&["fork", &c]);
@@ -218,17 +210,13 @@ fn a_branch_checkpoints_rolls_back_and_forks_on_its_own() {
     d.ok(&["resume", &id]);
     let b = fork(&d, &c, 1)[0]["id"].as_str().unwrap().to_string();
     out(&d, &b, &py, "x = 2");
-    let cb = checkpoint(&d, &b);
+    let cb = checkpoint_processes(&d, &b);
     out(&d, &b, &py, "x = 3");
     let r = d.json(&["rollback", &b, &cb, "--json"]);
     assert_eq!(r["processes_restarted"], false, "{r}");
     assert_eq!(out(&d, &b, &py, "x"), "2\n");
     // A branch of the branch: one pid namespace further down.
-    let bb = fork(&d, &cb, 2);
-    let bbs: Vec<String> = bb
-        .iter()
-        .map(|v| v["id"].as_str().unwrap().to_string())
-        .collect();
+    let bbs = ids_of(&fork(&d, &cb, 2));
     for (i, x) in bbs.iter().enumerate() {
         assert_eq!(out(&d, x, &py, "x"), "2\n");
         out(&d, x, &py, &format!("x = {}", 10 + i));
@@ -238,14 +226,9 @@ fn a_branch_checkpoints_rolls_back_and_forks_on_its_own() {
     assert_eq!(out(&d, &id, &py, "x"), "1\n");
     // The branch cannot go while its own branches run; they can.
     assert!(!d.cli(&["rm", &b]).status.success());
-    let mut all = bbs.clone();
-    for x in &bbs {
-        d.ok(&["rm", x]);
-    }
-    d.ok(&["rm", &b]);
-    all.push(b);
-    all.push(id);
-    d.stop_and_check(&all);
+    let mut branches = bbs.clone();
+    branches.push(b);
+    remove_and_check(d, &branches, &[id]);
 }
 
 #[test]
@@ -261,11 +244,8 @@ fn a_background_server_serves_in_each_branch_on_its_own_loopback() {
     );
     let fetch = "timeout 5 python3 -c \"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8000/index.html').read().decode().strip())\"";
     assert_eq!(d.sh(&id, fetch).1, "hello\n");
-    let c = checkpoint(&d, &id);
-    let ids: Vec<String> = fork(&d, &c, 2)
-        .iter()
-        .map(|b| b["id"].as_str().unwrap().to_string())
-        .collect();
+    let c = checkpoint_processes(&d, &id);
+    let ids = ids_of(&fork(&d, &c, 2));
     // Each branch's server answers on the branch's own loopback, with the branch's files.
     d.sh(&ids[1], "echo branch1 > /srv/index.html");
     assert_eq!(d.sh(&ids[0], fetch).1, "hello\n");
@@ -276,12 +256,7 @@ fn a_background_server_serves_in_each_branch_on_its_own_loopback() {
     assert_ne!(d.sh(&ids[1], fetch).0, 0);
     assert_eq!(d.sh(&ids[0], fetch).1, "hello\n");
     assert_eq!(d.sh(&id, fetch).1, "hello\n");
-    for b in &ids {
-        d.ok(&["rm", b]);
-    }
-    let mut all = ids.clone();
-    all.push(id);
-    d.stop_and_check(&all);
+    remove_and_check(d, &ids, &[id]);
 }
 
 #[test]
@@ -290,7 +265,7 @@ fn a_fork_after_the_templates_were_killed_gets_the_files_and_says_why() {
     let id = d.create(&[]);
     let py = d.session(&id, "python3");
     out(&d, &id, &py, "open('/root/kept', 'w').write('v1')");
-    let c = checkpoint(&d, &id);
+    let c = checkpoint_processes(&d, &id);
     // The agent kills everything it can see, templates included.
     let _ = d.sh(&id, "kill -9 -1; true");
     let b = fork(&d, &c, 2);
@@ -303,15 +278,7 @@ fn a_fork_after_the_templates_were_killed_gets_the_files_and_says_why() {
         let bid = info["id"].as_str().unwrap();
         assert_eq!(d.sh(bid, "cat /root/kept").1, "v1");
     }
-    let mut all: Vec<String> = b
-        .iter()
-        .map(|v| v["id"].as_str().unwrap().to_string())
-        .collect();
-    for x in &all {
-        d.ok(&["rm", x]);
-    }
-    all.push(id);
-    d.stop_and_check(&all);
+    remove_and_check(d, &ids_of(&b), &[id]);
 }
 
 #[test]
@@ -398,7 +365,7 @@ asyncio.run(main())\n";
     );
     let fetch = "timeout 5 python3 -c \"import socket; s = socket.create_connection(('127.0.0.1', 8002), timeout=4); s.sendall(b'hi\\n'); print(s.recv(100).decode().strip())\"";
     assert_eq!(d.sh(&id, fetch).1, "one\n");
-    let c = checkpoint(&d, &id);
+    let c = checkpoint_processes(&d, &id);
     d.sh(&id, "pkill -f aserver; sleep 0.2");
     assert_ne!(d.sh(&id, fetch).0, 0, "down");
     let r = d.json(&["rollback", &id, &c, "--json"]);
@@ -412,8 +379,7 @@ asyncio.run(main())\n";
     d.sh(&b, "echo two > /srv/msg");
     assert_eq!(d.sh(&b, fetch).1, "two\n", "the branch's own server");
     assert_eq!(d.sh(&id, fetch).1, "one\n");
-    d.ok(&["rm", &b]);
-    d.stop_and_check(&[b, id]);
+    remove_and_check(d, &[b], &[id]);
 }
 
 /// Branches of branches nest one pid namespace deeper each generation; past the kernel's 32 levels the fork
@@ -427,7 +393,7 @@ fn fork_generations_stop_at_the_pid_namespace_depth_limit_with_a_clear_error() {
     let mut chain = vec![id.clone()];
     let err = loop {
         let cur = chain.last().unwrap().clone();
-        let c = checkpoint(&d, &cur);
+        let c = checkpoint_processes(&d, &cur);
         let r = d.cli(&["--json", "fork", &c]);
         if !r.status.success() {
             break String::from_utf8_lossy(&r.stderr).into_owned();
@@ -448,8 +414,6 @@ fn fork_generations_stop_at_the_pid_namespace_depth_limit_with_a_clear_error() {
     );
     let listed = d.json(&["ls"]).as_array().unwrap().len();
     assert_eq!(listed, chain.len(), "nothing left of the refused fork");
-    for b in chain.iter().rev() {
-        d.ok(&["rm", b]);
-    }
-    d.stop_and_check(&chain);
+    let deepest_first: Vec<String> = chain.iter().rev().cloned().collect();
+    remove_and_check(d, &deepest_first, &[]);
 }

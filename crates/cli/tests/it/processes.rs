@@ -3,22 +3,10 @@
 
 use crate::common::*;
 
-fn out(d: &TestDaemon, id: &str, s: &str, cmd: &str) -> String {
-    let r = d.json(&["session", "run", id, s, cmd]);
-    assert_eq!(r["exit_code"], 0, "{cmd}: {r}");
-    r["stdout"].as_str().unwrap().to_string()
-}
-
 /// Rolls back to process checkpoint `c`, asserting the processes were restored (not restarted).
 fn restore(d: &TestDaemon, id: &str, c: &str) {
     let r = d.json(&["rollback", id, c, "--json"]);
     assert_eq!(r["processes_restarted"], false, "{r}");
-}
-
-fn checkpoint(d: &TestDaemon, id: &str) -> String {
-    let c = d.json(&["checkpoint", id, "--processes", "--json"]);
-    assert!(c["with_processes"].as_bool().unwrap(), "{c}");
-    c["id"].as_str().unwrap().to_string()
 }
 
 #[test]
@@ -39,7 +27,7 @@ fn sessions_come_back_with_their_state_and_pids() {
         "mkdir -p /work/deep/dir && cd /work/deep/dir && export FOO=bar && greet() { echo hi $1; }; alias ll='echo aliased'; echo v1 > /work/file",
     );
     let sh_pid = out(&d, &id, &sh, "echo $$");
-    let c = checkpoint(&d, &id);
+    let c = checkpoint_processes(&d, &id);
     // The agent goes on and breaks things.
     out(&d, &id, &py, "x = 1000\ndel data");
     out(
@@ -99,7 +87,7 @@ fn a_background_server_is_reachable_after_rollback() {
     );
     let fetch = "python3 -c \"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8000/index.html').read().decode().strip())\"";
     assert_eq!(d.sh(&id, fetch).1, "hello\n");
-    let c = checkpoint(&d, &id);
+    let c = checkpoint_processes(&d, &id);
     let (code, _, err) = d.sh(&id, "pkill -f 'http[.]server'; sleep 0.2");
     assert_eq!(code, 0, "{err}");
     // The template does not hold the listening socket: the port is free, and a new server can take it.
@@ -136,7 +124,7 @@ fn a_pipe_reader_sees_end_of_file_when_the_writer_exits_after_a_checkpoint() {
         &sh,
         "mkdir -p /work && printf 'import time\nwhile True:\n    print(1, flush=True)\n    time.sleep(0.05)\n' > /work/w.py && printf 'import sys\nn = sum(1 for _ in sys.stdin)\nopen(\"/work/eof\", \"w\").write(\"eof\")\n' > /work/r.py && (python3 /work/w.py | python3 /work/r.py &) && sleep 0.5",
     );
-    checkpoint(&d, &id);
+    checkpoint_processes(&d, &id);
     // The writer exits: the reader must see end-of-file although the writer's template lives on.
     d.sh(&id, "pkill -f 'w[.]py'");
     eventually("the reader sees end-of-file", || {
@@ -173,7 +161,7 @@ fn killed_templates_and_daemon_restarts_fall_back_to_restarting_processes() {
         .trim()
         .to_string();
     out(&d, &id, &py, "x = 1");
-    let c = checkpoint(&d, &id);
+    let c = checkpoint_processes(&d, &id);
     // The agent kills everything it can see, templates included.
     let _ = d.sh(&id, "kill -9 -1; true");
     let r = d.json(&["rollback", &id, &c, "--json"]);
@@ -185,7 +173,7 @@ fn killed_templates_and_daemon_restarts_fall_back_to_restarting_processes() {
         .trim()
         .to_string();
     out(&d, &id, &py, "x = 2");
-    let c2 = checkpoint(&d, &id);
+    let c2 = checkpoint_processes(&d, &id);
     d.stop();
     d.spawn();
     let r = d.json(&["rollback", &id, &c2, "--json"]);
@@ -217,7 +205,7 @@ fn processes_blocked_in_system_calls_resume_after_rollback() {
          && (python3 -c \"import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', 9000)); s.listen(); c, _ = s.accept(); open('/work/accepted', 'w').write(c.recv(10).decode())\" &) \
          && (sh -c 'sleep 1; echo waited > /work/waited' &) && sleep 0.5",
     );
-    let c = checkpoint(&d, &id);
+    let c = checkpoint_processes(&d, &id);
     // The live branch finishes everything, then the sandbox goes back to before.
     d.sh(&id, "echo live > /work/fifo; python3 -c \"import socket; socket.create_connection(('127.0.0.1', 9000)).send(b'live')\"; sleep 2");
     assert_eq!(
@@ -250,7 +238,7 @@ fn a_thousand_rollbacks_to_one_checkpoint() {
     let py = d.session(&id, "python3");
     out(&d, &id, &py, "import os\nx = 7");
     let pid = out(&d, &id, &py, "os.getpid()");
-    let c = checkpoint(&d, &id);
+    let c = checkpoint_processes(&d, &id);
     for round in 0..1000 {
         restore(&d, &id, &c);
         assert_eq!(
@@ -275,7 +263,7 @@ fn a_fifo_held_open_without_a_writer_does_not_block_checkpoint_or_rollback() {
         "mkdir -p /work/d && cd /work/d && mkfifo f && (python3 -c \"import os, time; fd = os.open('/work/d/f', os.O_RDONLY | os.O_NONBLOCK); os.set_blocking(fd, True); time.sleep(600)\" &) && sleep 0.5",
     );
     d.ok(&["checkpoint", &id]);
-    let c = checkpoint(&d, &id);
+    let c = checkpoint_processes(&d, &id);
     // Live holders (templates, stopped in state t, hold it too).
     let holder =
         "for p in $(pgrep -f 'time[.]sleep.600'); do grep -q '^State:.S' /proc/$p/status && ls -l /proc/$p/fd | grep -c '/work/d/f'; done";
@@ -297,13 +285,13 @@ fn the_template_pool_reports_costs_and_evicts_the_least_recently_used() {
     let py = d.session(&id, "python3");
     let _sh = d.session(&id, "bash");
     out(&d, &id, &py, "data = b'x' * (8 << 20); n = 1");
-    let c1 = checkpoint(&d, &id);
+    let c1 = checkpoint_processes(&d, &id);
     out(&d, &id, &py, "n = 2");
-    let c2 = checkpoint(&d, &id);
+    let c2 = checkpoint_processes(&d, &id);
     // Rolling back to c1 makes it the most recently used; c2 is the one to go when c3 needs room.
     d.ok(&["rollback", &id, &c1]);
     out(&d, &id, &py, "n = 3");
-    let c3 = checkpoint(&d, &id);
+    let c3 = checkpoint_processes(&d, &id);
     let held = |d: &TestDaemon| -> Vec<(String, u64)> {
         d.json(&["checkpoints", &id, "--json"])
             .as_array()
@@ -342,7 +330,7 @@ fn a_restored_background_job_keeps_running_and_kill_percent_one_kills_it() {
     let id = d.create(&[]);
     let sh = d.session(&id, "bash");
     let job = out(&d, &id, &sh, "sleep 1000 & echo $!").trim().to_string();
-    let c = checkpoint(&d, &id);
+    let c = checkpoint_processes(&d, &id);
     out(&d, &id, &sh, "kill %1; wait");
     for round in 0..3 {
         restore(&d, &id, &c);
@@ -391,7 +379,7 @@ fn a_sandbox_that_keeps_forking_is_checkpointed_and_rolled_back() {
     );
     for round in 0..10 {
         out(&d, &id, &sh, &format!("export ROUND={round}"));
-        let c = checkpoint(&d, &id);
+        let c = checkpoint_processes(&d, &id);
         out(&d, &id, &sh, "export ROUND=broken");
         restore(&d, &id, &c);
         assert_eq!(out(&d, &id, &sh, "echo $ROUND"), format!("{round}\n"));
@@ -423,7 +411,7 @@ fn a_restored_reader_resumes_at_the_checkpoint_offset() {
         // Unbuffered: every readline moves the kernel's file offset.
         "import os; os.makedirs('/work', exist_ok=True)\nopen('/work/lines', 'w').write(''.join(f'line {i}\\n' for i in range(100)))\nf = open('/work/lines', 'rb', buffering=0)\nf.readline(); f.readline()",
     );
-    let c = checkpoint(&d, &id);
+    let c = checkpoint_processes(&d, &id);
     out(&d, &id, &py, "[f.readline() for _ in range(10)]");
     for round in 0..3 {
         d.ok(&["rollback", &id, &c]);
@@ -491,7 +479,7 @@ fn a_stopped_job_comes_back_stopped() {
             .to_string()
     };
     eventually("the job stops", || state(&d) == "T");
-    let c = checkpoint(&d, &id);
+    let c = checkpoint_processes(&d, &id);
     assert_eq!(state(&d), "T", "still stopped after the checkpoint");
     out(&d, &id, &sh, &format!("kill -CONT {job}"));
     d.ok(&["rollback", &id, &c]);
@@ -521,7 +509,7 @@ fn the_freezer_path_captures_the_same_state() {
         out(&d, &id, &py, "os.getpid()"),
         out(&d, &id, &sh, "echo $$"),
     );
-    let c = checkpoint(&d, &id);
+    let c = checkpoint_processes(&d, &id);
     for round in 0..5 {
         out(&d, &id, &py, "x = 0; del data");
         out(&d, &id, &sh, "cd /; unset FOO; echo v2 > /work/d/f");

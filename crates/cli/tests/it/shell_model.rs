@@ -39,16 +39,10 @@ const VARS: usize = 4;
 const FILES: usize = 5;
 const DIRS: [&str; 3] = ["/work", "/work/a", "/work/a/b"];
 
-fn run(d: &TestDaemon, id: &str, s: &str, cmd: &str) -> String {
-    let r = d.json(&["session", "run", id, s, cmd]);
-    assert_eq!(r["exit_code"], 0, "{cmd}: {r}");
-    r["stdout"].as_str().unwrap().to_string()
-}
-
 /// What the sandbox shows: variables and cwd from the session, files and live jobs from outside it.
 fn observe(d: &TestDaemon, id: &str, s: &str) -> (String, String, String) {
     let vars: Vec<String> = (0..VARS).map(|i| format!("${{V{i}-unset}}")).collect();
-    let shell = run(d, id, s, &format!("echo \"{}|$PWD\"", vars.join("|")));
+    let shell = out(d, id, s, &format!("echo \"{}|$PWD\"", vars.join("|")));
     let (_, files, _) = d.sh(
         id,
         "cd /work/files 2>/dev/null && for f in $(ls | sort -n); do echo \"$f=$(cat $f)\"; done; true",
@@ -86,7 +80,7 @@ fn random_session_commands_checkpoints_rollbacks_and_forks_match_the_model() {
     let d = TestDaemon::start_with(&[("DELTABOX_MAX_TEMPLATES", "12")]);
     let id = d.create(&[]);
     let mut s = d.session(&id, "bash");
-    run(&d, &id, &s, "mkdir -p /work/a/b /work/files");
+    out(&d, &id, &s, "mkdir -p /work/a/b /work/files");
     let mut rng = Rng(seed);
     let mut m = Model::fresh();
     // (checkpoint, model, the session then)
@@ -97,44 +91,44 @@ fn random_session_commands_checkpoints_rollbacks_and_forks_match_the_model() {
         let what = match rng.below(100) {
             0..=14 => {
                 let (i, v) = (rng.below(VARS), rng.below(1000));
-                run(&d, &id, &s, &format!("export V{i}=v{v}"));
+                out(&d, &id, &s, &format!("export V{i}=v{v}"));
                 m.vars.insert(i, format!("v{v}"));
                 format!("set V{i}")
             }
             15..=21 => {
                 let i = rng.below(VARS);
-                run(&d, &id, &s, &format!("unset V{i}"));
+                out(&d, &id, &s, &format!("unset V{i}"));
                 m.vars.remove(&i);
                 format!("unset V{i}")
             }
             22..=31 => {
                 let dir = DIRS[rng.below(DIRS.len())];
-                run(&d, &id, &s, &format!("cd {dir}"));
+                out(&d, &id, &s, &format!("cd {dir}"));
                 m.cwd = dir.into();
                 format!("cd {dir}")
             }
             32..=46 => {
                 let (f, v) = (rng.below(FILES), rng.below(1000));
-                run(&d, &id, &s, &format!("echo c{v} > /work/files/{f}"));
+                out(&d, &id, &s, &format!("echo c{v} > /work/files/{f}"));
                 m.files.insert(f, format!("c{v}"));
                 format!("write {f}")
             }
             47..=52 => {
                 let f = rng.below(FILES);
-                run(&d, &id, &s, &format!("rm -f /work/files/{f}"));
+                out(&d, &id, &s, &format!("rm -f /work/files/{f}"));
                 m.files.remove(&f);
                 format!("rm {f}")
             }
             53..=60 if m.jobs.len() < 3 => {
                 next_job += 1;
-                run(&d, &id, &s, &format!("sleep {next_job} &"));
+                out(&d, &id, &s, &format!("sleep {next_job} &"));
                 m.jobs.push(next_job);
                 format!("start job {next_job}")
             }
             61..=66 if !m.jobs.is_empty() => {
                 let j = m.jobs.remove(rng.below(m.jobs.len()));
                 // By pid (not %n): after a rollback the job is no longer the shell's child.
-                run(&d, &id, &s, &format!("pkill -x -f 'sleep {j}'; true"));
+                out(&d, &id, &s, &format!("pkill -x -f 'sleep {j}'; true"));
                 format!("stop job {j}")
             }
             67..=78 => {
@@ -187,7 +181,7 @@ fn random_session_commands_checkpoints_rollbacks_and_forks_match_the_model() {
                     "step {step}: fork of {c} (seed {seed})"
                 );
                 // What the branch does stays in the branch (checked on the source below).
-                run(&d, &f, &fs, "export V0=forked; cd /; rm -rf /work/files");
+                out(&d, &f, &fs, "export V0=forked; cd /; rm -rf /work/files");
                 d.ok(&["rm", &f]);
                 forks += 1;
                 format!("fork {c}")

@@ -169,6 +169,20 @@ pub struct RestoreReport {
 }
 
 impl Captured {
+    /// The template's effective capabilities (read once).
+    fn caps(&mut self) -> u64 {
+        let pid = self.template.pid().as_raw();
+        *self
+            .caps
+            .get_or_insert_with(|| procfs::effective_caps(pid).unwrap_or(0))
+    }
+
+    /// Whether its copies may get their pid with `clone3(set_tid)`: it needs `CAP_SYS_ADMIN` or
+    /// `CAP_CHECKPOINT_RESTORE` in the sandbox's user namespace, which a process that dropped root has not.
+    fn may_set_tid(&mut self) -> bool {
+        self.caps() & ((1 << 21) | (1 << 40)) != 0
+    }
+
     /// Descriptors of process `pid` (the template or a fresh copy of it) on the checkpoint's generations.
     fn files_to_reopen(&self, pid: i32) -> Result<Vec<procfs::OpenFile>, String> {
         Ok(procfs::open_files(pid)
@@ -195,6 +209,9 @@ struct Captured {
     source: i32,
     /// It was stopped by a signal (SIGSTOP, ^Z) at the checkpoint: its copies come back stopped.
     stopped: bool,
+    /// The template's effective capabilities (fixed: a template never runs), read after the checkpoint was
+    /// answered; see [`Captured::caps`].
+    caps: Option<u64>,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -326,6 +343,7 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
         for id in learn_files {
             for c in kept.get_mut(&id).into_iter().flatten() {
                 c.reopen = c.files_to_reopen(c.template.pid().as_raw()).ok();
+                c.caps();
             }
         }
         if !collapse_next.is_empty() {
@@ -422,6 +440,7 @@ impl generation::CaptureHook for Capturer<'_> {
             fixups,
             source: pid,
             stopped,
+            caps: None,
         });
         Ok(())
     }
@@ -562,12 +581,6 @@ fn spawn_same_pid(template: &mut Template) -> deltabox_cr::Result<Tracee> {
             other => return other,
         }
     }
-}
-
-/// Whether process `pid` may choose its children's pids (`clone3` `set_tid`): it needs `CAP_SYS_ADMIN` or
-/// `CAP_CHECKPOINT_RESTORE` in the sandbox's user namespace, which a process that dropped root has not.
-fn may_set_tid(pid: i32) -> bool {
-    procfs::effective_caps(pid).is_some_and(|caps| caps & ((1 << 21) | (1 << 40)) != 0)
 }
 
 /// Forks `template` (a process that may not use `set_tid`) at its original pid the old way: the pid
@@ -717,7 +730,7 @@ fn rollback(
     // made after the others, at a pid set up through `ns_last_pid`.
     let spawning: Vec<_> = captured
         .iter_mut()
-        .map(|c| may_set_tid(c.template.pid().as_raw()).then(|| c.template.start_spawn(true)))
+        .map(|c| c.may_set_tid().then(|| c.template.start_spawn(true)))
         .collect();
     let mut forked = Vec::new();
     for (c, s) in captured.iter_mut().zip(spawning) {
@@ -825,10 +838,9 @@ fn fork_branch(
     // The injected setns calls run with each process's own credentials: root of the sandbox's user namespace.
     for c in captured.iter_mut() {
         let pid = c.template.pid().as_raw();
-        let caps = procfs::effective_caps(pid);
         // CAP_SYS_ADMIN (21) for setns, CAP_SYS_CHROOT (18) for a mount namespace.
         let needed = (1u64 << 21) | (1u64 << 18);
-        match caps {
+        match c.caps() {
             _ if !c.template.is_alive() => {
                 return Err(format!(
                     "the template of process {} is gone (killed from inside the sandbox?): this checkpoint's \
@@ -836,7 +848,7 @@ fn fork_branch(
                     c.template.identity().ns_pid
                 ))
             }
-            Some(caps) if caps & needed == needed => {}
+            caps if caps & needed == needed => {}
             _ => {
                 let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
                 return Err(format!(

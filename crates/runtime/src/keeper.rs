@@ -353,17 +353,6 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Parent (host pid) of process `pid`.
-pub(crate) fn parent_of(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// A capture in flight.
 struct Pending {
     pid: i32,
@@ -403,7 +392,7 @@ impl generation::CaptureHook for Capturer<'_> {
         let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
             .map_err(|e| format!("cwd of {pid}: {e}"))?;
         // A child of init is captured as init's child; any other as a child of its process, invisible to `wait`.
-        let pending = Template::start_capture(t, parent_of(pid) == Some(self.init_pid))
+        let pending = Template::start_capture(t, procfs::parent_of(pid) == Some(self.init_pid))
             .map_err(|e| e.to_string())?;
         self.pending.push(Pending {
             pid,

@@ -228,7 +228,7 @@ fn create(spec: &SandboxSpec) -> std::result::Result<(i32, OwnedFd), String> {
             // The helper that forked it exits: the init becomes our child (we are a subreaper) before it runs.
             let me = std::process::id() as i32;
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-            while crate::keeper::parent_of(pid) != Some(me) {
+            while deltabox_sys::procfs::parent_of(pid) != Some(me) {
                 if std::time::Instant::now() > deadline {
                     // SAFETY: kill(2) with plain integers.
                     unsafe { libc::kill(pid, libc::SIGKILL) };

@@ -40,6 +40,17 @@ pub fn ns_pid(pid: i32) -> Option<i32> {
     )
 }
 
+/// A process's parent (its pid as we see it), from `/proc/<pid>/stat`.
+pub fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// A process's effective capabilities (`CapEff:`, a bit per `CAP_*` number), in its own user namespace.
 pub fn effective_caps(pid: i32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -1443,7 +1443,7 @@ impl Daemon {
     /// restarted: sessions come back fresh.
     pub async fn rollback(self: &Arc<Self>, id: &str, cid: &str) -> Result<RollbackInfo, ApiError> {
         let start = std::time::Instant::now();
-        let info = self.get(id).await?;
+        let info = self.record(id)?;
         let ck = if valid_id(cid) {
             self.store.checkpoint(cid)?
         } else {
@@ -1878,14 +1878,18 @@ impl Daemon {
 
     /// One sandbox.
     pub async fn get(&self, id: &str) -> Result<SandboxInfo, ApiError> {
+        let info = self.record(id)?;
+        Ok(self.decorate(info).await)
+    }
+
+    /// One sandbox as the store has it (without what [`Daemon::get`] adds from its live state).
+    fn record(&self, id: &str) -> Result<SandboxInfo, ApiError> {
         if !valid_id(id) {
             return Err(ApiError::not_found(format!("no sandbox {id:?}")));
         }
-        let info = self
-            .store
+        self.store
             .get(id)?
-            .ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))?;
-        Ok(self.decorate(info).await)
+            .ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))
     }
 
     /// Stops and deletes a sandbox: processes, cgroup, files, record.

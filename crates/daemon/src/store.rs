@@ -145,10 +145,8 @@ impl Store {
 
     /// Records a new sandbox.
     pub fn insert(&self, s: &SandboxInfo) -> Result<(), StoreError> {
-        self.conn().execute(
-            "INSERT INTO sandboxes (id, status, reason, image, image_digest, created_at, memory_bytes, pids, cpus, network)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            params![
+        self.conn().prepare_cached("INSERT INTO sandboxes (id, status, reason, image, image_digest, created_at, memory_bytes, pids, cpus, network)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)")?.execute(params![
                 s.id,
                 s.status,
                 s.reason,
@@ -159,8 +157,7 @@ impl Store {
                 s.pids.map(|v| v as i64),
                 s.cpus,
                 s.network
-            ],
-        )?;
+            ])?;
         Ok(())
     }
 
@@ -171,10 +168,9 @@ impl Store {
         status: &str,
         reason: Option<&str>,
     ) -> Result<(), StoreError> {
-        self.conn().execute(
-            "UPDATE sandboxes SET status = ?2, reason = ?3 WHERE id = ?1",
-            params![id, status, reason],
-        )?;
+        self.conn()
+            .prepare_cached("UPDATE sandboxes SET status = ?2, reason = ?3 WHERE id = ?1")?
+            .execute(params![id, status, reason])?;
         Ok(())
     }
 
@@ -212,9 +208,8 @@ impl Store {
     pub fn get(&self, id: &str) -> Result<Option<SandboxInfo>, StoreError> {
         Ok(self
             .conn()
-            .query_row(
-                "SELECT id, status, reason, image, image_digest, created_at, memory_bytes, pids, cpus, network FROM sandboxes WHERE id = ?1",
-                params![id],
+            .prepare_cached("SELECT id, status, reason, image, image_digest, created_at, memory_bytes, pids, cpus, network FROM sandboxes WHERE id = ?1")?
+            .query_row(params![id],
                 Self::row,
             )
             .optional()?)
@@ -277,27 +272,31 @@ impl Store {
     pub fn fs_state(&self, id: &str) -> Result<Option<FsState>, StoreError> {
         Ok(self
             .conn()
-            .query_row(
-                "SELECT upper, chain, base, head FROM sandboxes WHERE id = ?1",
-                params![id],
-                |r| {
-                    Ok(FsState {
-                        upper: r.get(0)?,
-                        chain: from_json(r.get(1)?),
-                        base: from_json(r.get(2)?),
-                        head: r.get(3)?,
-                    })
-                },
-            )
+            .prepare_cached("SELECT upper, chain, base, head FROM sandboxes WHERE id = ?1")?
+            .query_row(params![id], |r| {
+                Ok(FsState {
+                    upper: r.get(0)?,
+                    chain: from_json(r.get(1)?),
+                    base: from_json(r.get(2)?),
+                    head: r.get(3)?,
+                })
+            })
             .optional()?)
     }
 
     /// Records a sandbox's layers.
     pub fn set_fs_state(&self, id: &str, fs: &FsState) -> Result<(), StoreError> {
-        self.conn().execute(
-            "UPDATE sandboxes SET upper = ?2, chain = ?3, base = ?4, head = ?5 WHERE id = ?1",
-            params![id, fs.upper, json(&fs.chain), json(&fs.base), fs.head],
-        )?;
+        self.conn()
+            .prepare_cached(
+                "UPDATE sandboxes SET upper = ?2, chain = ?3, base = ?4, head = ?5 WHERE id = ?1",
+            )?
+            .execute(params![
+                id,
+                fs.upper,
+                json(&fs.chain),
+                json(&fs.base),
+                fs.head
+            ])?;
         Ok(())
     }
 
@@ -340,11 +339,8 @@ impl Store {
     pub fn checkpoint_has_processes(&self, id: &str) -> Result<bool, StoreError> {
         Ok(self
             .conn()
-            .query_row(
-                "SELECT processes FROM checkpoints WHERE id = ?1",
-                params![id],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT processes FROM checkpoints WHERE id = ?1")?
+            .query_row(params![id], |r| r.get(0))
             .optional()?
             .unwrap_or(false))
     }
@@ -353,9 +349,8 @@ impl Store {
     pub fn checkpoint(&self, id: &str) -> Result<Option<CheckpointRow>, StoreError> {
         Ok(self
             .conn()
-            .query_row(
-                "SELECT id, sandbox_id, parent, chain, base, created_at, processes FROM checkpoints WHERE id = ?1",
-                params![id],
+            .prepare_cached("SELECT id, sandbox_id, parent, chain, base, created_at, processes FROM checkpoints WHERE id = ?1")?
+            .query_row(params![id],
                 Self::checkpoint_row,
             )
             .optional()?)

@@ -15,6 +15,9 @@ pub enum Error {
     /// The template is gone (killed from inside the sandbox, or evicted).
     #[error("template {0} is gone")]
     TemplateGone(i32),
+    /// Writing, reading or restoring a process image failed.
+    #[error("{0}")]
+    Image(String),
     /// The branch sandbox to fork into cannot be reached.
     #[error("{0}")]
     Branch(String),

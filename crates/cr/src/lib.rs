@@ -11,6 +11,8 @@
 //! until re-pointed.
 
 pub mod error;
+pub mod image;
+pub mod restore;
 pub mod template;
 
 pub use error::{Error, Result};

@@ -8,7 +8,7 @@ use nix::unistd::Pid;
 use crate::{Error, Result};
 
 /// Identity of a process that a restored copy must get back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Identity {
     /// Its pid in its own (innermost) pid namespace.
     pub ns_pid: i32,
@@ -394,6 +394,54 @@ impl Template {
         // The template stays as it was, whatever happened.
         self.held = t.keep_stopped()?;
         forked
+    }
+}
+
+impl Template {
+    /// Writes the template's durable image into directory `dir` (which must not exist; it appears complete or
+    /// not at all). The template is untouched: it never runs, so the image can be taken at any time after the
+    /// checkpoint.
+    pub fn write_image(&mut self, dir: &std::path::Path) -> Result<crate::image::ProcessImage> {
+        if !self.is_alive() {
+            return Err(Error::TemplateGone(self.held.tid.as_raw()));
+        }
+        let mut t = Tracee::adopt(&self.held, self.timeout);
+        let identity = self.identity;
+        let written = crate::image::ImageDir::write(&mut t, dir, Some(identity));
+        self.held = t.keep_stopped()?;
+        written
+    }
+
+    /// Rebuilds a template from the image in `dir` inside `host` (a stopped blank process: see
+    /// [`crate::restore::restore`]), which then *is* the template: stopped for good, its copies forked on
+    /// rollback as from the original one.
+    pub fn from_image(
+        mut host: Tracee,
+        dir: &std::path::Path,
+        open: &mut crate::restore::Opener<'_>,
+        given: &[(i32, std::os::fd::BorrowedFd<'_>)],
+    ) -> Result<Template> {
+        let pid = host.tgid();
+        let (img, pages) = crate::image::ImageDir::read(dir)?;
+        let identity = img.identity.ok_or_else(|| {
+            Error::Image(format!(
+                "{}: not the image of a template (no identity)",
+                dir.display()
+            ))
+        })?;
+        if let Err(e) = crate::restore::restore(&mut host, &img, &pages, open, given) {
+            // Half-rebuilt: it must never run.
+            host.forget();
+            kill_tracee(pid);
+            return Err(e);
+        }
+        let held = host.keep_stopped()?;
+        Ok(Template {
+            held,
+            identity,
+            timeout: Duration::from_secs(5),
+            alive: true,
+        })
     }
 }
 

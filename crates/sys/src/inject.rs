@@ -361,6 +361,105 @@ impl Tracee {
         &self.saved
     }
 
+    /// The `syscall` instruction injected calls go through.
+    pub fn syscall_insn(&self) -> u64 {
+        self.syscall_insn
+    }
+
+    /// Forgets the scratch page [`Tracee::write_scratch`] may have mapped, without unmapping it: for a caller that
+    /// replaced the whole address space (the page is gone, and its range may hold something else now).
+    pub fn forget_scratch_map(&mut self) {
+        self.scratch_map = None;
+    }
+
+    /// Copies `data` into the tracee's memory at `addr` (which the caller knows to be writable and unused).
+    pub fn write_scratch_at(&self, addr: u64, data: &[u8]) -> Result<()> {
+        self.write_mem(addr, data)
+    }
+
+    /// Replaces the registers the thread resumes with: a process rebuilt from an image resumes with the image's.
+    pub fn set_saved_regs(&mut self, regs: libc::user_regs_struct) {
+        self.saved = regs;
+    }
+
+    /// The thread's extended processor state (`NT_X86_XSTATE`: x87, SSE, AVX … registers), as the kernel lays
+    /// it out. Only meaningful on a CPU with the same features.
+    pub fn xstate(&self) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; XSTATE_MAX];
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: PTRACE_GETREGSET writes at most iov_len bytes into buf and shrinks iov_len to what it wrote.
+        let r = unsafe {
+            libc::ptrace(
+                libc::PTRACE_GETREGSET,
+                self.tid.as_raw(),
+                NT_X86_XSTATE,
+                &mut iov as *mut libc::iovec,
+            )
+        };
+        if r < 0 {
+            return Err(pt("getregset", self.tid)(Errno::last()));
+        }
+        buf.truncate(iov.iov_len);
+        Ok(buf)
+    }
+
+    /// Sets the thread's extended processor state (see [`Tracee::xstate`]).
+    pub fn set_xstate(&self, state: &[u8]) -> Result<()> {
+        let mut buf = state.to_vec();
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: PTRACE_SETREGSET reads iov_len bytes from buf.
+        let r = unsafe {
+            libc::ptrace(
+                libc::PTRACE_SETREGSET,
+                self.tid.as_raw(),
+                NT_X86_XSTATE,
+                &mut iov as *mut libc::iovec,
+            )
+        };
+        if r < 0 {
+            return Err(pt("setregset", self.tid)(Errno::last()));
+        }
+        Ok(())
+    }
+
+    /// The thread's restartable-sequences registration (glibc registers one per thread): its area, size and
+    /// signature; `None` if it has none.
+    pub fn rseq(&self) -> Result<Option<Rseq>> {
+        #[repr(C)]
+        #[derive(Default)]
+        struct Conf {
+            ptr: u64,
+            size: u32,
+            signature: u32,
+            flags: u32,
+            pad: u32,
+        }
+        let mut c = Conf::default();
+        // SAFETY: PTRACE_GET_RSEQ_CONFIGURATION writes at most `addr` (the size we pass) bytes into c.
+        let r = unsafe {
+            libc::ptrace(
+                PTRACE_GET_RSEQ_CONFIGURATION,
+                self.tid.as_raw(),
+                std::mem::size_of::<Conf>(),
+                &mut c as *mut Conf,
+            )
+        };
+        if r < 0 {
+            return Err(pt("get rseq configuration", self.tid)(Errno::last()));
+        }
+        Ok((c.ptr != 0).then_some(Rseq {
+            area: c.ptr,
+            size: c.size,
+            signature: c.signature,
+        }))
+    }
+
     /// Makes the thread execute system call `nr` with up to six arguments; returns the raw result (`-errno` on
     /// failure, as the kernel returns it).
     pub fn syscall(&mut self, nr: i64, args: &[u64]) -> Result<i64> {
@@ -843,6 +942,24 @@ impl Drop for Tracee {
         let _ = self.finish();
     }
 }
+
+/// A thread's `rseq(2)` registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rseq {
+    /// Address of its `struct rseq`.
+    pub area: u64,
+    /// Its registered size.
+    pub size: u32,
+    /// The signature abort handlers carry.
+    pub signature: u32,
+}
+
+/// `NT_X86_XSTATE` regset.
+const NT_X86_XSTATE: usize = 0x202;
+/// Largest xstate buffer we accept (AVX-512 needs ~2.7 KiB; AMX more).
+const XSTATE_MAX: usize = 16 << 10;
+/// `PTRACE_GET_RSEQ_CONFIGURATION` (Linux 5.13).
+const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
 
 /// A single-threaded process kept in a ptrace stop by [`Tracee::keep_stopped`], with the registers it resumes with.
 #[derive(Debug, Clone)]

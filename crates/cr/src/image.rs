@@ -1,0 +1,677 @@
+//! Durable process images: what a template is, written down so that it can be rebuilt after the template is
+//! gone (evicted, killed, or lost with the daemon).
+//!
+//! An image is taken from a template — a process that never runs — so it needs no freezing and can be written
+//! in the background. It records the address space (every mapping, and the content of the pages that are not
+//! simply a file's: anonymous memory and copy-on-write copies of file pages), the registers and extended
+//! processor state, and the per-process state a `fork` would have copied: signal dispositions, mask and
+//! alternate stack, `rseq`, robust futex list, `clear_child_tid`, working directory, umask, resource limits,
+//! name, and the descriptors. [`crate::restore`] rebuilds it inside another process by injected system calls.
+//!
+//! Refused (an error naming the process and why), rather than imaged wrongly: several threads, shared
+//! anonymous or System V memory, memfd mappings, mappings of deleted files.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use deltabox_sys::inject::Tracee;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Page size the images are written in.
+pub const PAGE: u64 = 4096;
+
+/// Format version, bumped on any incompatible change.
+pub const VERSION: u32 = 1;
+
+/// One process, as [`dump`] found it. Its memory content lives in a separate pages file; each
+/// [`PageRun`] says where.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessImage {
+    /// [`VERSION`].
+    pub version: u32,
+    /// Kernel release and CPU features it was taken on: registers and the vdso are only valid on the same.
+    pub host: HostKind,
+    /// Its name (`comm`).
+    pub comm: String,
+    /// General registers it resumes with.
+    pub regs: Regs,
+    /// Extended processor state (`NT_X86_XSTATE`), hex.
+    pub xstate: String,
+    /// Every mapping, in address order.
+    pub vmas: Vec<Vma>,
+    /// Where the kernel's view of the address space lies (`prctl(PR_SET_MM_MAP)`).
+    pub mm: MmLayout,
+    /// Auxiliary vector.
+    pub auxv: Vec<u64>,
+    /// Its executable (a path in its root).
+    pub exe: PathBuf,
+    /// Signals with a disposition other than the default.
+    pub sigactions: Vec<SigAction>,
+    /// Blocked signals.
+    pub sigmask: u64,
+    /// Alternate signal stack, if enabled: (sp, flags, size).
+    pub sigaltstack: Option<(u64, i32, u64)>,
+    /// `rseq` registration: (area, size, signature).
+    pub rseq: Option<(u64, u32, u32)>,
+    /// Robust futex list: (head, length).
+    pub robust_list: (u64, u64),
+    /// `clear_child_tid` (`set_tid_address`).
+    pub tid_address: u64,
+    /// Working directory (a path in its root).
+    pub cwd: PathBuf,
+    /// File mode creation mask.
+    pub umask: u32,
+    /// Real, effective, saved uid and gid: a restore refuses to change credentials.
+    pub uids: [u32; 3],
+    pub gids: [u32; 3],
+    /// Resource limits: (resource, soft, hard).
+    pub rlimits: Vec<(u32, u64, u64)>,
+    /// Descriptors.
+    pub fds: Vec<FdImage>,
+    /// Bytes of memory content in the pages file.
+    pub page_bytes: u64,
+    /// For a template's image: who its copies must be.
+    pub identity: Option<crate::template::Identity>,
+}
+
+/// The host an image can be restored on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostKind {
+    /// `uname -r`.
+    pub kernel: String,
+    /// The CPU's feature flags (`/proc/cpuinfo`), which decide the extended state's layout.
+    pub cpu_flags: String,
+}
+
+impl HostKind {
+    /// This machine.
+    pub fn current() -> HostKind {
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let flags = cpu
+            .lines()
+            .find_map(|l| l.strip_prefix("flags"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, f)| f.trim().to_string())
+            .unwrap_or_default();
+        HostKind {
+            kernel: kernel.trim().to_string(),
+            cpu_flags: flags,
+        }
+    }
+}
+
+/// `user_regs_struct`, as its 27 words.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Regs(pub Vec<u64>);
+
+const REG_WORDS: usize = std::mem::size_of::<libc::user_regs_struct>() / 8;
+
+impl Regs {
+    fn from_raw(r: &libc::user_regs_struct) -> Regs {
+        // SAFETY: user_regs_struct is REG_WORDS plain u64s (repr(C)); reading it as such is sound.
+        let words = unsafe {
+            std::slice::from_raw_parts(
+                (r as *const libc::user_regs_struct).cast::<u64>(),
+                REG_WORDS,
+            )
+        };
+        Regs(words.to_vec())
+    }
+
+    /// The registers as the kernel takes them.
+    pub fn to_raw(&self) -> Result<libc::user_regs_struct> {
+        if self.0.len() != REG_WORDS {
+            return Err(Error::Image(format!(
+                "registers: {} words, expected {REG_WORDS}",
+                self.0.len()
+            )));
+        }
+        // SAFETY: all-zero is a valid user_regs_struct (plain integers).
+        let mut r: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+        // SAFETY: as in from_raw: REG_WORDS u64s, now written.
+        let words = unsafe {
+            std::slice::from_raw_parts_mut(
+                (&mut r as *mut libc::user_regs_struct).cast::<u64>(),
+                REG_WORDS,
+            )
+        };
+        words.copy_from_slice(&self.0);
+        Ok(r)
+    }
+}
+
+/// One mapping.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    /// `PROT_*` bits.
+    pub prot: u32,
+    /// `MAP_SHARED` (else private).
+    pub shared: bool,
+    pub kind: VmaKind,
+    /// Memory content, for anonymous pages (and copied-on-write pages of private file mappings).
+    pub pages: Vec<PageRun>,
+}
+
+/// What backs a mapping.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmaKind {
+    /// Private anonymous memory (also `[heap]`, and anonymous mappings a process named).
+    Anon,
+    /// The main thread's stack (grows down).
+    Stack,
+    /// A file, from `offset`, with the size and modification time it had (a restore refuses a changed file).
+    File {
+        path: PathBuf,
+        offset: u64,
+        size: u64,
+        mtime_ns: i128,
+    },
+    /// A kernel-provided mapping (`[vdso]`, `[vvar]` …), moved into place on restore.
+    Special(String),
+}
+
+/// Consecutive pages of a mapping stored in the pages file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PageRun {
+    /// First page's address.
+    pub addr: u64,
+    /// Number of pages.
+    pub pages: u64,
+    /// Where they start in the pages file.
+    pub offset: u64,
+}
+
+/// Fields of `struct prctl_mm_map`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MmLayout {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+}
+
+/// A signal's disposition (`struct kernel_sigaction`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SigAction {
+    pub sig: u32,
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+/// A descriptor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum FdImage {
+    /// A file or directory reopened by path, with its `open` flags and offset.
+    Path {
+        fd: i32,
+        path: PathBuf,
+        flags: u32,
+        pos: u64,
+    },
+    /// Anything else (pipe, socket, event descriptors …): the restorer must be given a replacement.
+    Other { fd: i32, what: String },
+}
+
+impl FdImage {
+    /// Its number.
+    pub fn fd(&self) -> i32 {
+        match self {
+            FdImage::Path { fd, .. } | FdImage::Other { fd, .. } => *fd,
+        }
+    }
+}
+
+/// A line of `/proc/PID/maps`.
+struct MapsLine {
+    start: u64,
+    end: u64,
+    perms: String,
+    offset: u64,
+    inode: u64,
+    path: String,
+}
+
+fn parse_maps(text: &str) -> Vec<MapsLine> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut f = line.splitn(6, ' ');
+        let (Some(range), Some(perms), Some(off), Some(_dev), Some(inode)) =
+            (f.next(), f.next(), f.next(), f.next(), f.next())
+        else {
+            continue;
+        };
+        let path = f.next().unwrap_or("").trim_start().to_string();
+        let Some((s, e)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end), Ok(offset), Ok(inode)) = (
+            u64::from_str_radix(s, 16),
+            u64::from_str_radix(e, 16),
+            u64::from_str_radix(off, 16),
+            inode.parse::<u64>(),
+        ) else {
+            continue;
+        };
+        out.push(MapsLine {
+            start,
+            end,
+            perms: perms.to_string(),
+            offset,
+            inode,
+            path,
+        });
+    }
+    out
+}
+
+/// Special (kernel-provided) mappings of a process: name → (start, end).
+pub(crate) fn specials(pid: i32) -> std::io::Result<Vec<(String, u64, u64)>> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    Ok(parse_maps(&maps)
+        .into_iter()
+        .filter(|m| m.path.starts_with('[') && is_special(&m.path))
+        .map(|m| (m.path, m.start, m.end))
+        .collect())
+}
+
+fn is_special(name: &str) -> bool {
+    name == "[vdso]" || name.starts_with("[vvar")
+}
+
+/// Content of one line of `/proc/PID/status`.
+fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(str::trim)
+}
+
+fn ids(status: &str, key: &str) -> [u32; 3] {
+    let v: Vec<u32> = status_field(status, key)
+        .unwrap_or("")
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    [
+        v.first().copied().unwrap_or(0),
+        v.get(1).copied().unwrap_or(0),
+        v.get(2).copied().unwrap_or(0),
+    ]
+}
+
+/// Pagemap bits.
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+const PM_FILE: u64 = 1 << 61;
+
+/// Writes an image of the stopped single-threaded process `t` (a template, which never runs): its metadata is
+/// returned, its memory appended to `pages` (from offset 0: the file should be empty).
+pub fn dump(t: &mut Tracee, pages: &mut std::fs::File) -> Result<ProcessImage> {
+    let pid = t.tgid().as_raw();
+    let unsupported = |reason: String| Error::Unsupported { pid, reason };
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |e: std::io::Error| Error::Image(format!("process {pid}: {what}: {e}"))
+    };
+    let threads = deltabox_sys::procfs::threads(pid).map_err(io("threads"))?;
+    if threads.len() != 1 {
+        return Err(unsupported(format!("{} threads", threads.len())));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(io("status"))?;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(io("maps"))?;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).map_err(io("open mem"))?;
+    let pagemap =
+        std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(io("open pagemap"))?;
+
+    let mut vmas = Vec::new();
+    let mut written = 0u64;
+    let mut buf = Vec::new();
+    for m in parse_maps(&maps) {
+        let prot = prot_of(&m.perms);
+        let shared = m.perms.as_bytes().get(3) == Some(&b's');
+        let kind = if m.path == "[vsyscall]" {
+            continue;
+        } else if is_special(&m.path) {
+            VmaKind::Special(m.path.clone())
+        } else if m.path == "[stack]" {
+            VmaKind::Stack
+        } else if m.path.is_empty() || m.path == "[heap]" || m.path.starts_with("[anon:") {
+            if shared {
+                return Err(unsupported("shared anonymous memory".into()));
+            }
+            VmaKind::Anon
+        } else if m.path.starts_with('/') && m.inode != 0 {
+            if m.path.ends_with(" (deleted)") {
+                return Err(unsupported(format!("maps a deleted file ({})", m.path)));
+            }
+            if m.path.starts_with("/memfd:") || m.path.starts_with("/SYSV") {
+                return Err(unsupported(format!("maps {}", m.path)));
+            }
+            let meta =
+                std::fs::metadata(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
+                    .map_err(io(&format!("mapped file {}", m.path)))?;
+            use std::os::unix::fs::MetadataExt;
+            VmaKind::File {
+                path: PathBuf::from(&m.path),
+                offset: m.offset,
+                size: meta.size(),
+                mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+            }
+        } else {
+            return Err(unsupported(format!("a mapping of kind {:?}", m.path)));
+        };
+        // Which pages hold content of their own.
+        let mut runs = Vec::new();
+        let wants_pages = !shared && !matches!(kind, VmaKind::Special(_));
+        if wants_pages && prot != 0 {
+            let n = ((m.end - m.start) / PAGE) as usize;
+            let mut entries = vec![0u8; n * 8];
+            pagemap
+                .read_exact_at(&mut entries, m.start / PAGE * 8)
+                .map_err(io("read pagemap"))?;
+            let file_backed = matches!(kind, VmaKind::File { .. });
+            let own = |i: usize| {
+                let e =
+                    u64::from_ne_bytes(entries[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+                if e & PM_SWAPPED != 0 {
+                    return true;
+                }
+                e & PM_PRESENT != 0 && !(file_backed && e & PM_FILE != 0)
+            };
+            let mut i = 0;
+            while i < n {
+                if !own(i) {
+                    i += 1;
+                    continue;
+                }
+                let first = i;
+                while i < n && own(i) {
+                    i += 1;
+                }
+                let addr = m.start + first as u64 * PAGE;
+                let len = (i - first) as u64 * PAGE;
+                buf.resize(len as usize, 0);
+                mem.read_exact_at(&mut buf, addr)
+                    .map_err(io(&format!("read memory at {addr:#x}")))?;
+                pages.write_all(&buf).map_err(io("write pages"))?;
+                runs.push(PageRun {
+                    addr,
+                    pages: len / PAGE,
+                    offset: written,
+                });
+                written += len;
+            }
+        }
+        vmas.push(Vma {
+            start: m.start,
+            end: m.end,
+            prot,
+            shared,
+            kind,
+            pages: runs,
+        });
+    }
+
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(io("stat"))?;
+    // Fields after the command name, numbered from 3 (state) as in proc(5).
+    let f: Vec<u64> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .map(|x| x.parse().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default();
+    let field = |n: usize| f.get(n - 3).copied().unwrap_or(0);
+    let brk = t.syscall(libc::SYS_brk, &[0])? as u64;
+    let mm = MmLayout {
+        start_code: field(26),
+        end_code: field(27),
+        start_stack: field(28),
+        start_data: field(45),
+        end_data: field(46),
+        start_brk: field(47),
+        brk,
+        arg_start: field(48),
+        arg_end: field(49),
+        env_start: field(50),
+        env_end: field(51),
+    };
+    let auxv_raw = std::fs::read(format!("/proc/{pid}/auxv")).map_err(io("auxv"))?;
+    let auxv = auxv_raw
+        .chunks_exact(8)
+        .map(|c| u64::from_ne_bytes(c.try_into().unwrap_or_default()))
+        .collect();
+
+    // Signal dispositions: those caught or ignored.
+    let mask_of = |key: &str| {
+        status_field(&status, key)
+            .and_then(|v| u64::from_str_radix(v, 16).ok())
+            .unwrap_or(0)
+    };
+    let interesting = mask_of("SigCgt:") | mask_of("SigIgn:");
+    let mut sigactions = Vec::new();
+    for sig in 1..=64u32 {
+        if interesting & (1 << (sig - 1)) == 0 {
+            continue;
+        }
+        let a = t.write_scratch(&[0u8; 32])?;
+        t.checked_syscall(
+            "rt_sigaction (read)",
+            libc::SYS_rt_sigaction,
+            &[sig as u64, 0, a, 8],
+        )?;
+        let b = t.read_mem(a, 32)?;
+        let w = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+        sigactions.push(SigAction {
+            sig,
+            handler: w(0),
+            flags: w(1),
+            restorer: w(2),
+            mask: w(3),
+        });
+    }
+    let a = t.write_scratch(&[0u8; 24])?;
+    t.checked_syscall("sigaltstack (read)", libc::SYS_sigaltstack, &[0, a])?;
+    let b = t.read_mem(a, 24)?;
+    let ss_sp = u64::from_ne_bytes(b[0..8].try_into().unwrap_or_default());
+    let ss_flags = i32::from_ne_bytes(b[8..12].try_into().unwrap_or_default());
+    let ss_size = u64::from_ne_bytes(b[16..24].try_into().unwrap_or_default());
+    let a = t.write_scratch(&[0u8; 8])?;
+    t.checked_syscall("prctl(PR_GET_TID_ADDRESS)", libc::SYS_prctl, &[40, a])?;
+    let tid_address = u64::from_ne_bytes(t.read_mem(a, 8)?[..8].try_into().unwrap_or_default());
+    let robust_list = robust_list_of(pid).map_err(io("get_robust_list"))?;
+
+    let mut rlimits = Vec::new();
+    for res in 0..16u32 {
+        let mut old = libc::rlimit64 {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: prlimit64 with a null new limit writes the old one into `old`.
+        let r = unsafe { libc::prlimit64(pid, res as _, std::ptr::null(), &mut old) };
+        if r == 0 {
+            rlimits.push((res, old.rlim_cur, old.rlim_max));
+        }
+    }
+
+    let mut fds = Vec::new();
+    for f in deltabox_sys::procfs::open_files(pid).map_err(io("descriptors"))? {
+        let path_like = f.target.is_absolute() && !f.deleted;
+        fds.push(if path_like {
+            FdImage::Path {
+                fd: f.fd,
+                path: f.target,
+                flags: f.flags,
+                pos: f.pos,
+            }
+        } else {
+            FdImage::Other {
+                fd: f.fd,
+                what: f.target.display().to_string(),
+            }
+        });
+    }
+
+    Ok(ProcessImage {
+        version: VERSION,
+        host: HostKind::current(),
+        comm: std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map_err(io("comm"))?
+            .trim_end()
+            .to_string(),
+        regs: Regs::from_raw(t.saved_regs()),
+        xstate: hex::encode(t.xstate()?),
+        vmas,
+        mm,
+        auxv,
+        exe: std::fs::read_link(format!("/proc/{pid}/exe")).map_err(io("exe"))?,
+        sigactions,
+        sigmask: mask_of("SigBlk:"),
+        sigaltstack: (ss_flags & libc::SS_DISABLE == 0).then_some((ss_sp, ss_flags, ss_size)),
+        rseq: t.rseq()?.map(|r| (r.area, r.size, r.signature)),
+        robust_list,
+        tid_address,
+        cwd: std::fs::read_link(format!("/proc/{pid}/cwd")).map_err(io("cwd"))?,
+        umask: status_field(&status, "Umask:")
+            .and_then(|v| u32::from_str_radix(v, 8).ok())
+            .unwrap_or(0o022),
+        uids: ids(&status, "Uid:"),
+        gids: ids(&status, "Gid:"),
+        rlimits,
+        fds,
+        page_bytes: written,
+        identity: None,
+    })
+}
+
+fn prot_of(perms: &str) -> u32 {
+    let b = perms.as_bytes();
+    let mut p = 0;
+    if b.first() == Some(&b'r') {
+        p |= libc::PROT_READ as u32;
+    }
+    if b.get(1) == Some(&b'w') {
+        p |= libc::PROT_WRITE as u32;
+    }
+    if b.get(2) == Some(&b'x') {
+        p |= libc::PROT_EXEC as u32;
+    }
+    p
+}
+
+/// A process's robust futex list head and length (`get_robust_list`, from outside).
+fn robust_list_of(pid: i32) -> std::io::Result<(u64, u64)> {
+    let mut head: u64 = 0;
+    let mut len: usize = 0;
+    // SAFETY: get_robust_list writes a pointer and a length into the two locations we own.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            pid,
+            &mut head as *mut u64,
+            &mut len as *mut usize,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((head, len as u64))
+}
+
+/// Where an image's files live: `meta.json` and `pages.bin` in one directory, written under a temporary name and
+/// renamed into place (with everything synced first), so a directory that exists is complete.
+pub struct ImageDir;
+
+impl ImageDir {
+    /// Dumps `t` into directory `dir` (which must not exist yet), recording `identity` for a template.
+    pub fn write(
+        t: &mut Tracee,
+        dir: &std::path::Path,
+        identity: Option<crate::template::Identity>,
+    ) -> Result<ProcessImage> {
+        let io = |what: &'static str| move |e: std::io::Error| Error::Image(format!("{what}: {e}"));
+        let tmp = dir.with_extension("partial");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io("create image directory"))?;
+        let result = (|| {
+            let mut pages =
+                std::fs::File::create(tmp.join("pages.bin")).map_err(io("create pages"))?;
+            let mut img = dump(t, &mut pages)?;
+            img.identity = identity;
+            pages.sync_all().map_err(io("sync pages"))?;
+            let meta =
+                serde_json::to_vec(&img).map_err(|e| Error::Image(format!("encode: {e}")))?;
+            let mut f = std::fs::File::create(tmp.join("meta.json")).map_err(io("create meta"))?;
+            f.write_all(&meta).map_err(io("write meta"))?;
+            f.sync_all().map_err(io("sync meta"))?;
+            std::fs::rename(&tmp, dir).map_err(io("rename image into place"))?;
+            if let Some(parent) = dir.parent() {
+                if let Ok(d) = std::fs::File::open(parent) {
+                    let _ = d.sync_all();
+                }
+            }
+            Ok(img)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        result
+    }
+
+    /// Reads an image's metadata and opens its pages, checking that the two agree.
+    pub fn read(dir: &std::path::Path) -> Result<(ProcessImage, std::fs::File)> {
+        let io = |what: &'static str| {
+            move |e: std::io::Error| Error::Image(format!("{}: {what}: {e}", dir.display()))
+        };
+        let meta = std::fs::read(dir.join("meta.json")).map_err(io("read meta"))?;
+        let img: ProcessImage = serde_json::from_slice(&meta)
+            .map_err(|e| Error::Image(format!("{}: corrupt metadata: {e}", dir.display())))?;
+        if img.version != VERSION {
+            return Err(Error::Image(format!(
+                "{}: image version {}, this build reads {VERSION}",
+                dir.display(),
+                img.version
+            )));
+        }
+        let pages = std::fs::File::open(dir.join("pages.bin")).map_err(io("open pages"))?;
+        let len = pages.metadata().map_err(io("stat pages"))?.len();
+        if len != img.page_bytes {
+            return Err(Error::Image(format!(
+                "{}: truncated or corrupt image: {len} bytes of pages, expected {}",
+                dir.display(),
+                img.page_bytes
+            )));
+        }
+        Ok((img, pages))
+    }
+}
+
+/// Memory of an image by mapping kind, for reports: (anonymous bytes stored, file-backed bytes stored).
+pub fn stored_bytes(img: &ProcessImage) -> BTreeMap<&'static str, u64> {
+    let mut out = BTreeMap::new();
+    for v in &img.vmas {
+        let k = match v.kind {
+            VmaKind::File { .. } => "file copy-on-write",
+            _ => "anonymous",
+        };
+        *out.entry(k).or_insert(0) += v.pages.iter().map(|r| r.pages * PAGE).sum::<u64>();
+    }
+    out
+}

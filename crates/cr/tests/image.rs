@@ -1,0 +1,176 @@
+//! Durable images of templates (as root; one process per test with cargo-nextest): a template written to disk,
+//! killed, and rebuilt inside a blank process forks copies that carry on exactly like copies of the original.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use deltabox_cr::Template;
+use deltabox_sys::inject::{find_syscall_insn, thread_state, Tracee};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::unistd::Pid;
+
+const T: Duration = Duration::from_secs(5);
+
+struct Proc {
+    child: Child,
+    pid: Pid,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+fn spawn(script: &str) -> Proc {
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let mut child = Command::new("python3")
+        .args(["-u", "-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = Pid::from_raw(child.id() as i32);
+    let stdin = child.stdin.take().unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    Proc {
+        child,
+        pid,
+        stdin,
+        stdout,
+    }
+}
+
+impl Proc {
+    fn say(&mut self, s: &str) -> String {
+        writeln!(self.stdin, "{s}").unwrap();
+        let mut l = String::new();
+        self.stdout.read_line(&mut l).unwrap();
+        l.trim().to_string()
+    }
+}
+
+fn wait_state(pid: Pid, want: char) {
+    let deadline = Instant::now() + T;
+    while thread_state(pid) != Some(want) {
+        assert!(
+            Instant::now() < deadline,
+            "{pid} never reached state {want}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn checkpoint(pid: Pid) -> Template {
+    wait_state(pid, 'S');
+    let mut t = Tracee::seize(pid, pid, find_syscall_insn(pid).unwrap(), T).unwrap();
+    let tpl = Template::capture(&mut t, false).unwrap();
+    t.detach().unwrap();
+    tpl
+}
+
+fn kill_and_reap(pid: Pid) {
+    kill(pid, Signal::SIGKILL).unwrap();
+    waitpid(pid, Some(WaitPidFlag::__WALL)).unwrap();
+}
+
+/// A blank process to rebuild an image in: a child of ours sleeping in `pause()`, seized.
+fn blank() -> Tracee {
+    // SAFETY: the child only calls pause(), which is async-signal-safe, until it is rebuilt or killed.
+    let pid = match unsafe { libc::fork() } {
+        0 => loop {
+            // SAFETY: pause(2) has no arguments.
+            unsafe { libc::pause() };
+        },
+        p if p > 0 => Pid::from_raw(p),
+        _ => panic!("fork: {}", std::io::Error::last_os_error()),
+    };
+    wait_state(pid, 'S');
+    Tracee::seize(pid, pid, find_syscall_insn(pid).unwrap(), T).unwrap()
+}
+
+fn open_on_host(path: &std::path::Path, flags: i32) -> std::io::Result<OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let acc = flags & libc::O_ACCMODE;
+    std::fs::OpenOptions::new()
+        .read(acc == libc::O_RDONLY || acc == libc::O_RDWR)
+        .write(acc == libc::O_WRONLY || acc == libc::O_RDWR)
+        .custom_flags(flags & !libc::O_ACCMODE)
+        .open(path)
+        .map(OwnedFd::from)
+}
+
+const REPL: &str = "import sys, hashlib, os\ndata = bytearray(os.urandom(1 << 20)) * 24\nx = 0\nfor line in sys.stdin:\n    exec(line)\n";
+
+#[test]
+fn a_template_rebuilt_from_its_image_forks_copies_that_carry_on() {
+    let mut p = spawn(REPL);
+    assert_eq!(p.say("x += 5; print(x)"), "5");
+    let digest = p.say("print(hashlib.sha256(data).hexdigest())");
+    let mut tpl = checkpoint(p.pid);
+    // The live process goes on after the checkpoint and changes everything.
+    assert_eq!(
+        p.say("x += 100; data[:] = b''; print(x, len(data))"),
+        "105 0"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let img_dir = dir.path().join("img");
+    let t0 = Instant::now();
+    let img = tpl.write_image(&img_dir).unwrap();
+    eprintln!(
+        "image of {} MiB written in {:?}",
+        img.page_bytes >> 20,
+        t0.elapsed()
+    );
+    assert!(img.page_bytes >= 24 << 20, "the heap is in the image");
+    // The pipes to us cannot be reopened by path: take them from the live process to hand to the copy.
+    let given: Vec<(i32, OwnedFd)> = img
+        .fds
+        .iter()
+        .filter(|f| matches!(f, deltabox_cr::image::FdImage::Other { .. }))
+        .map(|f| {
+            (
+                f.fd(),
+                deltabox_sys::pidfd::getfd(p.pid.as_raw(), f.fd()).unwrap(),
+            )
+        })
+        .collect();
+    assert!(given.len() >= 2, "stdin and stdout are pipes");
+    // The template and the live process are gone: only the image is left.
+    drop(tpl);
+    let pid = p.pid;
+    kill_and_reap(pid);
+    let _ = p.child.try_wait();
+
+    let host = blank();
+    let host_pid = host.tgid();
+    let borrowed: Vec<_> = given.iter().map(|(n, f)| (*n, f.as_fd())).collect();
+    let t0 = Instant::now();
+    let mut rebuilt = Template::from_image(host, &img_dir, &mut open_on_host, &borrowed).unwrap();
+    eprintln!("template rebuilt in {:?}", t0.elapsed());
+    assert_eq!(rebuilt.pid(), host_pid);
+    assert_eq!(rebuilt.identity().ns_pid, pid.as_raw());
+    for round in 0..3 {
+        let copy = rebuilt.spawn(true).unwrap();
+        assert_eq!(copy.tgid(), pid, "same pid as the original");
+        copy.detach().unwrap();
+        assert_eq!(
+            p.say("print(x)"),
+            "5",
+            "round {round}: state at the checkpoint"
+        );
+        assert_eq!(
+            p.say("print(hashlib.sha256(data).hexdigest())"),
+            digest,
+            "round {round}: memory"
+        );
+        assert_eq!(
+            p.say("x += 1; print(x, len(data))"),
+            format!("6 {}", 24 << 20)
+        );
+        kill_and_reap(pid);
+    }
+    assert!(rebuilt.is_alive());
+}

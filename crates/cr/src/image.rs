@@ -324,7 +324,11 @@ const PM_FILE: u64 = 1 << 61;
 /// returned, its memory appended to `pages` (from offset 0: the file should be empty).
 pub fn dump(t: &mut Tracee, pages: &mut std::fs::File) -> Result<ProcessImage> {
     let pid = t.tgid().as_raw();
-    let unsupported = |reason: String| Error::Unsupported { pid, reason };
+    let unsupported = |reason: String| {
+        Error::Image(format!(
+            "process {pid} cannot be written to a durable image: {reason}"
+        ))
+    };
     let io = |what: &str| {
         let what = what.to_string();
         move |e: std::io::Error| Error::Image(format!("process {pid}: {what}: {e}"))
@@ -351,10 +355,17 @@ pub fn dump(t: &mut Tracee, pages: &mut std::fs::File) -> Result<ProcessImage> {
             VmaKind::Special(m.path.clone())
         } else if m.path == "[stack]" {
             VmaKind::Stack
+        } else if shared
+            && (m.path.is_empty()
+                || m.path.starts_with("/dev/zero")
+                || m.path.starts_with("/SYSV")
+                || m.path.starts_with("[anon"))
+        {
+            return Err(unsupported(format!(
+                "shared anonymous memory at {:#x} (not supported by durable images yet)",
+                m.start
+            )));
         } else if m.path.is_empty() || m.path == "[heap]" || m.path.starts_with("[anon:") {
-            if shared {
-                return Err(unsupported("shared anonymous memory".into()));
-            }
             VmaKind::Anon
         } else if m.path.starts_with('/') && m.inode != 0 {
             if m.path.ends_with(" (deleted)") {

@@ -422,19 +422,25 @@ impl Template {
         given: &[(i32, std::os::fd::BorrowedFd<'_>)],
     ) -> Result<Template> {
         let pid = host.tgid();
-        let (img, pages) = crate::image::ImageDir::read(dir)?;
-        let identity = img.identity.ok_or_else(|| {
-            Error::Image(format!(
-                "{}: not the image of a template (no identity)",
-                dir.display()
-            ))
-        })?;
-        if let Err(e) = crate::restore::restore(&mut host, &img, &pages, open, given) {
-            // Half-rebuilt: it must never run.
-            host.forget();
-            kill_tracee(pid);
-            return Err(e);
-        }
+        let rebuilt = crate::image::ImageDir::read(dir).and_then(|(img, pages)| {
+            let identity = img.identity.ok_or_else(|| {
+                Error::Image(format!(
+                    "{}: not the image of a template (no identity)",
+                    dir.display()
+                ))
+            })?;
+            crate::restore::restore(&mut host, &img, &pages, open, given)?;
+            Ok(identity)
+        });
+        let identity = match rebuilt {
+            Ok(i) => i,
+            Err(e) => {
+                // Possibly half-rebuilt: it must never run.
+                host.forget();
+                kill_tracee(pid);
+                return Err(e);
+            }
+        };
         let held = host.keep_stopped()?;
         Ok(Template {
             held,

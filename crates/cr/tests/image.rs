@@ -23,10 +23,14 @@ struct Proc {
 }
 
 fn spawn(script: &str) -> Proc {
+    spawn_cmd("python3", &["-u", "-c", script])
+}
+
+fn spawn_cmd(prog: &str, args: &[&str]) -> Proc {
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let mut child = Command::new("python3")
-        .args(["-u", "-c", script])
+    let mut child = Command::new(prog)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -173,4 +177,132 @@ fn a_template_rebuilt_from_its_image_forks_copies_that_carry_on() {
         kill_and_reap(pid);
     }
     assert!(rebuilt.is_alive());
+}
+
+/// Checkpoints `p`, lets `after` change the live process, writes the template's image, kills template and
+/// process, and rebuilds the template from the image in a blank process (its pipes to us handed over).
+fn through_image(p: &mut Proc, after: &str) -> Template {
+    let mut tpl = checkpoint(p.pid);
+    if !after.is_empty() {
+        p.say(after);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img_dir = dir.path().join("img");
+    let img = tpl.write_image(&img_dir).unwrap();
+    let given: Vec<(i32, OwnedFd)> = img
+        .fds
+        .iter()
+        .filter(|f| matches!(f, deltabox_cr::image::FdImage::Other { .. }))
+        .map(|f| {
+            (
+                f.fd(),
+                deltabox_sys::pidfd::getfd(p.pid.as_raw(), f.fd()).unwrap(),
+            )
+        })
+        .collect();
+    drop(tpl);
+    kill_and_reap(p.pid);
+    let _ = p.child.try_wait();
+    let borrowed: Vec<_> = given.iter().map(|(n, f)| (*n, f.as_fd())).collect();
+    Template::from_image(blank(), &img_dir, &mut open_on_host, &borrowed).unwrap()
+}
+
+#[test]
+fn bash_comes_back_with_its_variables_functions_traps_and_cwd() {
+    let mut p = spawn_cmd("bash", &["--norc", "--noprofile"]);
+    assert_eq!(
+        p.say("cd /tmp; X=42; f() { echo \"f$1\"; }; trap 'echo usr1' USR1; alias ll='echo aliased'; shopt -s expand_aliases; echo ready"),
+        "ready"
+    );
+    let mut tpl = through_image(&mut p, "cd /; X=0; unset -f f; echo changed");
+    let copy = tpl.spawn(true).unwrap();
+    assert_eq!(copy.tgid(), p.pid);
+    copy.detach().unwrap();
+    assert_eq!(p.say("echo $X $(pwd) $(f 7)"), "42 /tmp f7");
+    assert_eq!(p.say("ll"), "aliased");
+    // The trap's handler is bash's own; the disposition came back with the image.
+    assert_eq!(p.say("kill -USR1 $$; echo after"), "usr1");
+    kill_and_reap(p.pid);
+}
+
+#[test]
+fn an_open_file_keeps_its_offset_and_a_sleeping_process_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data.txt");
+    std::fs::write(&path, "0123456789abcdefghij").unwrap();
+    let script = format!(
+        "import sys, select, time\nf = open({:?})\nprint(f.read(4))\nn = 0\nwhile True:\n    r, _, _ = select.select([sys.stdin], [], [], 0.05)\n    if r:\n        exec(sys.stdin.readline())\n    time.sleep(0.01)\n",
+        path.display().to_string()
+    );
+    let mut p = spawn(&script);
+    let mut first = String::new();
+    p.stdout.read_line(&mut first).unwrap();
+    assert_eq!(first.trim(), "0123");
+    assert_eq!(p.say("n += 1; print(n)"), "1");
+    let mut tpl = through_image(&mut p, "print(f.read(6))");
+    for _ in 0..3 {
+        let copy = tpl.spawn(true).unwrap();
+        copy.detach().unwrap();
+        assert_eq!(p.say("print(f.tell(), n)"), "4 1");
+        assert_eq!(p.say("print(f.read(3))"), "456");
+        kill_and_reap(p.pid);
+    }
+}
+
+#[test]
+fn shared_anonymous_memory_is_refused_by_name() {
+    let mut p = spawn(
+        "import sys, mmap\nm = mmap.mmap(-1, 4096)\nfor line in sys.stdin:\n    exec(line)\n",
+    );
+    assert_eq!(p.say("print('up')"), "up");
+    let mut tpl = checkpoint(p.pid);
+    let dir = tempfile::tempdir().unwrap();
+    let err = tpl
+        .write_image(&dir.path().join("img"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("shared anonymous memory"), "{err}");
+    assert!(
+        !dir.path().join("img").exists(),
+        "nothing half-written is left"
+    );
+    assert!(tpl.is_alive(), "the template is untouched");
+    assert_eq!(p.say("print('still')"), "still");
+    kill_and_reap(p.pid);
+}
+
+#[test]
+fn a_truncated_or_corrupt_image_is_refused_and_the_blank_process_killed() {
+    let mut p = spawn(REPL);
+    assert_eq!(p.say("print(x)"), "0");
+    let mut tpl = checkpoint(p.pid);
+    let dir = tempfile::tempdir().unwrap();
+    let img_dir = dir.path().join("img");
+    tpl.write_image(&img_dir).unwrap();
+    let pages = img_dir.join("pages.bin");
+    let len = std::fs::metadata(&pages).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&pages)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let host = blank();
+    let host_pid = host.tgid();
+    let err = Template::from_image(host, &img_dir, &mut open_on_host, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("truncated"), "{err}");
+    // Refused before touching the blank process: it is killed all the same (it was handed over).
+    assert!(
+        !std::path::Path::new(&format!("/proc/{host_pid}")).exists(),
+        "killed and reaped"
+    );
+    std::fs::write(img_dir.join("meta.json"), b"{\"version\": 1, \"comm\": ").unwrap();
+    let err = Template::from_image(blank(), &img_dir, &mut open_on_host, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("corrupt metadata"), "{err}");
+    assert!(tpl.is_alive());
+    kill_and_reap(p.pid);
 }

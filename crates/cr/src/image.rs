@@ -68,6 +68,8 @@ pub struct ProcessImage {
     /// Real, effective, saved uid and gid: a restore refuses to change credentials.
     pub uids: [u32; 3],
     pub gids: [u32; 3],
+    /// Capability sets: inheritable, permitted, effective, bounding, ambient.
+    pub caps: [u64; 5],
     /// Resource limits: (resource, soft, hard).
     pub rlimits: Vec<(u32, u64, u64)>,
     /// Descriptors.
@@ -315,14 +317,74 @@ fn ids(status: &str, key: &str) -> [u32; 3] {
     ]
 }
 
+/// Capability sets from `/proc/PID/status`: inheritable, permitted, effective, bounding, ambient.
+pub(crate) fn cap_sets(status: &str) -> [u64; 5] {
+    let get = |k: &str| {
+        status_field(status, k)
+            .and_then(|v| u64::from_str_radix(v, 16).ok())
+            .unwrap_or(0)
+    };
+    [
+        get("CapInh:"),
+        get("CapPrm:"),
+        get("CapEff:"),
+        get("CapBnd:"),
+        get("CapAmb:"),
+    ]
+}
+
 /// Pagemap bits.
 const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
 
 /// Writes an image of the stopped single-threaded process `t` (a template, which never runs): its metadata is
-/// returned, its memory appended to `pages` (from offset 0: the file should be empty).
+/// returned, its memory written to `pages` (from offset 0: the file should be empty).
 pub fn dump(t: &mut Tracee, pages: &mut std::fs::File) -> Result<ProcessImage> {
+    let img = describe(t)?;
+    let mem = open_mem(t.tgid().as_raw())?;
+    write_pages(&img, &mem, pages)?;
+    Ok(img)
+}
+
+/// The process's memory, for [`write_pages`]: the file stays bound to this process (a reused pid is another
+/// process, which it does not reach), and reads fail once the process is gone.
+pub fn open_mem(pid: i32) -> Result<std::fs::File> {
+    std::fs::File::open(format!("/proc/{pid}/mem"))
+        .map_err(|e| Error::Image(format!("process {pid}: open mem: {e}")))
+}
+
+/// Copies the pages `img` plans (see [`describe`]) from `mem` (see [`open_mem`]) into `pages`. Needs no
+/// ptrace: a template's memory does not change, so another thread or process can do this off the tracer.
+pub fn write_pages(img: &ProcessImage, mem: &std::fs::File, pages: &mut std::fs::File) -> Result<()> {
+    let mut buf = Vec::new();
+    let mut at = 0u64;
+    for run in img.vmas.iter().flat_map(|v| &v.pages) {
+        if run.offset != at {
+            return Err(Error::Image(format!("page runs out of order at {:#x}", run.addr)));
+        }
+        // At most 64 MiB at a time.
+        let total = run.pages * PAGE;
+        let mut done = 0;
+        while done < total {
+            let len = (total - done).min(64 << 20);
+            buf.resize(len as usize, 0);
+            mem.read_exact_at(&mut buf, run.addr + done).map_err(|e| {
+                Error::Image(format!("read memory at {:#x}: {e}", run.addr + done))
+            })?;
+            pages
+                .write_all(&buf)
+                .map_err(|e| Error::Image(format!("write pages: {e}")))?;
+            done += len;
+        }
+        at += total;
+    }
+    Ok(())
+}
+
+/// Everything of an image but the memory content: the mappings with the page runs planned (offsets in the
+/// pages file), registers and per-process state, read from the stopped process `t` (a few injected calls).
+pub fn describe(t: &mut Tracee) -> Result<ProcessImage> {
     let pid = t.tgid().as_raw();
     let unsupported = |reason: String| {
         Error::Image(format!(
@@ -339,13 +401,11 @@ pub fn dump(t: &mut Tracee, pages: &mut std::fs::File) -> Result<ProcessImage> {
     }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(io("status"))?;
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(io("maps"))?;
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).map_err(io("open mem"))?;
     let pagemap =
         std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(io("open pagemap"))?;
 
     let mut vmas = Vec::new();
     let mut written = 0u64;
-    let mut buf = Vec::new();
     for m in parse_maps(&maps) {
         let prot = prot_of(&m.perms);
         let shared = m.perms.as_bytes().get(3) == Some(&b's');
@@ -417,10 +477,6 @@ pub fn dump(t: &mut Tracee, pages: &mut std::fs::File) -> Result<ProcessImage> {
                 }
                 let addr = m.start + first as u64 * PAGE;
                 let len = (i - first) as u64 * PAGE;
-                buf.resize(len as usize, 0);
-                mem.read_exact_at(&mut buf, addr)
-                    .map_err(io(&format!("read memory at {addr:#x}")))?;
-                pages.write_all(&buf).map_err(io("write pages"))?;
                 runs.push(PageRun {
                     addr,
                     pages: len / PAGE,
@@ -565,6 +621,7 @@ pub fn dump(t: &mut Tracee, pages: &mut std::fs::File) -> Result<ProcessImage> {
             .unwrap_or(0o022),
         uids: ids(&status, "Uid:"),
         gids: ids(&status, "Gid:"),
+        caps: cap_sets(&status),
         rlimits,
         fds,
         page_bytes: written,
@@ -617,6 +674,16 @@ impl ImageDir {
         dir: &std::path::Path,
         identity: Option<crate::template::Identity>,
     ) -> Result<ProcessImage> {
+        let mut img = describe(t)?;
+        img.identity = identity;
+        let mem = open_mem(t.tgid().as_raw())?;
+        Self::store(&img, &mem, dir)?;
+        Ok(img)
+    }
+
+    /// Writes the image [`describe`] gave, its pages copied from `mem` ([`open_mem`]), into directory `dir`
+    /// (which must not exist yet): under a temporary name, synced, then renamed into place.
+    pub fn store(img: &ProcessImage, mem: &std::fs::File, dir: &std::path::Path) -> Result<()> {
         let io = |what: &'static str| move |e: std::io::Error| Error::Image(format!("{what}: {e}"));
         let tmp = dir.with_extension("partial");
         let _ = std::fs::remove_dir_all(&tmp);
@@ -624,11 +691,10 @@ impl ImageDir {
         let result = (|| {
             let mut pages =
                 std::fs::File::create(tmp.join("pages.bin")).map_err(io("create pages"))?;
-            let mut img = dump(t, &mut pages)?;
-            img.identity = identity;
+            write_pages(img, mem, &mut pages)?;
             pages.sync_all().map_err(io("sync pages"))?;
             let meta =
-                serde_json::to_vec(&img).map_err(|e| Error::Image(format!("encode: {e}")))?;
+                serde_json::to_vec(img).map_err(|e| Error::Image(format!("encode: {e}")))?;
             let mut f = std::fs::File::create(tmp.join("meta.json")).map_err(io("create meta"))?;
             f.write_all(&meta).map_err(io("write meta"))?;
             f.sync_all().map_err(io("sync meta"))?;
@@ -638,12 +704,20 @@ impl ImageDir {
                     let _ = d.sync_all();
                 }
             }
-            Ok(img)
+            Ok(())
         })();
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&tmp);
         }
         result
+    }
+
+    /// Reads an image's metadata only.
+    pub fn meta(dir: &std::path::Path) -> Result<ProcessImage> {
+        let meta = std::fs::read(dir.join("meta.json"))
+            .map_err(|e| Error::Image(format!("{}: read meta: {e}", dir.display())))?;
+        serde_json::from_slice(&meta)
+            .map_err(|e| Error::Image(format!("{}: corrupt metadata: {e}", dir.display())))
     }
 
     /// Reads an image's metadata and opens its pages, checking that the two agree.

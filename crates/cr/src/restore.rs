@@ -80,6 +80,14 @@ pub fn restore(
         ));
     }
 
+    let have = crate::image::cap_sets(&status);
+    if img.caps.iter().zip(have).any(|(want, h)| want & !h != 0) {
+        return Err(fail(format!(
+            "the image holds capabilities this process lacks (image {:x?}, here {have:x?})",
+            img.caps
+        )));
+    }
+
     // Limits first: the descriptor numbers below must fit.
     for &(res, cur, max) in &img.rlimits {
         let l = libc::rlimit64 {
@@ -427,8 +435,46 @@ pub fn restore(
     if let Some((area, size, sig)) = img.rseq {
         t.checked_syscall("rseq", libc::SYS_rseq, &[area, size as u64, 0, sig as u64])?;
     }
+    lower_caps(t, &have, &img.caps)?;
     let xstate = hex::decode(&img.xstate).map_err(|e| fail(format!("extended state: {e}")))?;
     t.set_xstate(&xstate)?;
+    Ok(())
+}
+
+/// Lowers the process's capabilities from `have` to `want` (a subset): bounding set, ambient set, then
+/// inheritable, permitted and effective (`capset`), last because the others need `CAP_SETPCAP`.
+fn lower_caps(t: &mut Tracee, have: &[u64; 5], want: &[u64; 5]) -> Result<()> {
+    if have == want {
+        return Ok(());
+    }
+    for cap in 0..64u64 {
+        if have[3] & !want[3] & (1 << cap) != 0 {
+            // PR_CAPBSET_DROP
+            t.checked_syscall("prctl(PR_CAPBSET_DROP)", libc::SYS_prctl, &[24, cap])?;
+        }
+    }
+    if have[4] != want[4] {
+        // PR_CAP_AMBIENT (47): CLEAR_ALL (4), then RAISE (2) each.
+        t.checked_syscall("prctl(PR_CAP_AMBIENT_CLEAR_ALL)", libc::SYS_prctl, &[47, 4, 0, 0, 0])?;
+        for cap in 0..64u64 {
+            if want[4] & (1 << cap) != 0 {
+                t.checked_syscall("prctl(PR_CAP_AMBIENT_RAISE)", libc::SYS_prctl, &[47, 2, cap, 0, 0])?;
+            }
+        }
+    }
+    if have[..3] != want[..3] {
+        // _LINUX_CAPABILITY_VERSION_3 header, then two {effective, permitted, inheritable} u32 triples.
+        let mut b = Vec::with_capacity(32);
+        b.extend_from_slice(&0x2008_0522u32.to_ne_bytes());
+        b.extend_from_slice(&0i32.to_ne_bytes());
+        for half in 0..2 {
+            for set in [want[2], want[1], want[0]] {
+                b.extend_from_slice(&((set >> (32 * half)) as u32).to_ne_bytes());
+            }
+        }
+        let p = t.write_scratch(&b)?;
+        t.checked_syscall("capset", libc::SYS_capset, &[p, p + 8])?;
+    }
     Ok(())
 }
 

@@ -412,6 +412,57 @@ impl Template {
         written
     }
 
+    /// Gives the template new pipes in place of descriptors `fds` (number, whether it reads from it) and returns
+    /// the other ends: a template rebuilt from an image holds placeholders where its session pipes were, and
+    /// its copies inherit these instead.
+    pub fn replace_with_pipes(&mut self, fds: &[(i32, bool)]) -> Result<Vec<std::os::fd::OwnedFd>> {
+        let mut t = Tracee::adopt(&self.held, self.timeout);
+        let mut out = Vec::new();
+        let mut result = Ok(());
+        for &(fd, reads) in fds {
+            match t.replace_with_pipe(fd, reads) {
+                Ok(f) => out.push(f),
+                Err(e) => {
+                    result = Err(e.into());
+                    break;
+                }
+            }
+        }
+        self.held = t.keep_stopped()?;
+        result.map(|()| out)
+    }
+
+    /// Describes the template for a durable image ([`crate::image::describe`], a few injected calls) and opens
+    /// its memory: the pages can then be written by anyone, off the tracer ([`crate::image::ImageDir::store`]).
+    pub fn describe_image(&mut self) -> Result<(crate::image::ProcessImage, std::fs::File)> {
+        if !self.is_alive() {
+            return Err(Error::TemplateGone(self.held.tid.as_raw()));
+        }
+        let mut t = Tracee::adopt(&self.held, self.timeout);
+        let described = crate::image::describe(&mut t);
+        self.held = t.keep_stopped()?;
+        let mut img = described?;
+        img.identity = Some(self.identity);
+        let mem = crate::image::open_mem(self.held.tid.as_raw())?;
+        Ok((img, mem))
+    }
+
+    /// Makes descriptor `to` a duplicate of `from` in the template, for each pair (`dup2`).
+    pub fn dup_fds(&mut self, pairs: &[(i32, i32)]) -> Result<()> {
+        let mut t = Tracee::adopt(&self.held, self.timeout);
+        let mut result = Ok(());
+        for &(from, to) in pairs {
+            if let Err(e) =
+                t.checked_syscall("dup3 in template", libc::SYS_dup3, &[from as u64, to as u64, 0])
+            {
+                result = Err(e.into());
+                break;
+            }
+        }
+        self.held = t.keep_stopped()?;
+        result
+    }
+
     /// Rebuilds a template from the image in `dir` inside `host` (a stopped blank process: see
     /// [`crate::restore::restore`]), which then *is* the template: stopped for good, its copies forked on
     /// rollback as from the original one.

@@ -108,6 +108,13 @@ pub struct CheckpointInfo {
     /// What its templates cost now, while they are held (listings only).
     #[serde(default)]
     pub templates: Option<deltabox_runtime::keeper::TemplateCost>,
+    /// Its processes' durable images are written (a process checkpoint is warm-ready when taken, durable-ready
+    /// once this is true: rollback then works even after its templates are gone). Listings only.
+    #[serde(default)]
+    pub durable: bool,
+    /// Why its durable images could not be written, if they could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durable_error: Option<String>,
 }
 
 /// `POST /v1/sandboxes/{id}/checkpoints` (the body is optional).

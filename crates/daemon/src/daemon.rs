@@ -78,6 +78,10 @@ pub struct Daemon {
     budget_due: std::sync::atomic::AtomicBool,
     /// Process checkpoints whose templates were evicted (rollback says so).
     evicted: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// One checkpoint's durable images written at a time.
+    durable_lock: tokio::sync::Mutex<()>,
+    /// Why a checkpoint's durable images could not be written.
+    durable_errors: std::sync::Mutex<HashMap<String, String>>,
 }
 
 fn now() -> i64 {
@@ -111,6 +115,17 @@ async fn blocking_here<T: Send + 'static>(
         tokio::runtime::RuntimeFlavor::MultiThread => Ok(tokio::task::block_in_place(f)),
         _ => blocking(f).await,
     }
+}
+
+/// Where a rollback's processes come from.
+#[derive(Clone, Copy)]
+enum RollbackVia<'a> {
+    /// The templates the keeper holds.
+    Templates,
+    /// Nowhere: files only (the note says why), processes killed.
+    Files(&'a str),
+    /// The checkpoint's durable images in this directory (templates rebuilt first).
+    Images(&'a std::path::Path),
 }
 
 /// Whether checkpoint `cid` was taken with its processes (recorded so that a rollback after a restart can say why
@@ -182,6 +197,8 @@ impl Daemon {
             budget_lock: Default::default(),
             budget_due: Default::default(),
             evicted: Default::default(),
+            durable_lock: Default::default(),
+            durable_errors: Default::default(),
         });
         d.recover();
         // Unreachable layers are deleted in the background, off every request's critical path; requests only
@@ -227,6 +244,14 @@ impl Daemon {
         // leftovers too.
         for dir in self.unused_layers(None).unwrap_or_default() {
             let _ = std::fs::remove_dir_all(dir);
+        }
+        // Images whose writing was interrupted are never trusted.
+        if let Ok(dir) = std::fs::read_dir(self.config.store_dir().join("process-images")) {
+            for e in dir.flatten() {
+                if e.path().extension().is_some_and(|x| x == "partial") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
         }
         // Nothing runs yet, so every cgroup under our parent is a leftover.
         for name in self.cgroups.list() {
@@ -893,6 +918,9 @@ impl Daemon {
             processes,
         };
         self.store.record_checkpoint(&row, &next)?;
+        if processes {
+            self.write_images_later(sb.clone(), cid.clone());
+        }
         // Layers its mounted chain had that the compacted one replaced.
         let replaced: Vec<String> = cur
             .chain
@@ -918,6 +946,8 @@ impl Daemon {
             with_processes: processes,
             processes: pids,
             templates: None,
+            durable: false,
+            durable_error: None,
         })
     }
 
@@ -974,6 +1004,17 @@ impl Daemon {
             let Some(keeper) = sb.keeper.lock().await.clone() else {
                 continue;
             };
+            // Its durable images first (if the background writer has not got to them yet): an evicted
+            // checkpoint stays restorable. If they cannot be written it is evicted all the same (the budget
+            // wins) and rollback says why its processes were restarted.
+            {
+                let _w = self.durable_lock.lock().await;
+                if let Err(e) = self.write_images(&sb, &cid).await {
+                    if let Ok(mut errs) = self.durable_errors.lock() {
+                        errs.insert(cid.clone(), e);
+                    }
+                }
+            }
             // Not while a rollback or fork uses the sandbox's templates; and no longer listed as kept before the
             // keeper forgets them, so that nothing asks the keeper for them afterwards.
             let _g = sb.lifecycle.lock().await;
@@ -991,6 +1032,90 @@ impl Daemon {
             total = total.saturating_sub(pss);
             per_sandbox.insert(sb.id.clone(), count.saturating_sub(n));
         }
+    }
+
+    /// Where a process checkpoint's durable images live (see `deltabox_runtime::durable`).
+    fn images_dir(&self, cid: &str) -> PathBuf {
+        self.config.store_dir().join("process-images").join(cid)
+    }
+
+    /// Writes a process checkpoint's durable images in the background, one checkpoint at a time daemon-wide: the
+    /// keeper only describes the templates (a few injected calls each); the pages are copied here, off it.
+    /// Until this finishes the checkpoint is warm-only; if it fails it stays so (the error is kept for `info`).
+    fn write_images_later(self: &Arc<Self>, sb: Arc<Sandbox>, cid: String) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _one = me.durable_lock.lock().await;
+            if let Err(e) = me.write_images(&sb, &cid).await {
+                tracing::warn!("durable images of checkpoint {cid}: {e}");
+                if let Ok(mut errs) = me.durable_errors.lock() {
+                    errs.insert(cid, e);
+                }
+            }
+        });
+    }
+
+    /// Deletes the durable images of these (deleted) checkpoints, in the background.
+    fn remove_images(&self, cids: Vec<String>) {
+        let dirs: Vec<PathBuf> = cids.iter().map(|c| self.images_dir(c)).collect();
+        if let Ok(mut e) = self.durable_errors.lock() {
+            for c in &cids {
+                e.remove(c);
+            }
+        }
+        tokio::task::spawn_blocking(move || {
+            for d in dirs {
+                let _ = std::fs::remove_dir_all(&d);
+                let _ = std::fs::remove_dir_all(d.with_extension("partial"));
+            }
+        });
+    }
+
+    /// Writes checkpoint `cid`'s images now (see [`Daemon::write_images_later`]).
+    async fn write_images(&self, sb: &Arc<Sandbox>, cid: &str) -> Result<(), String> {
+        let dir = self.images_dir(cid);
+        if deltabox_runtime::durable::complete(&dir) {
+            return Ok(());
+        }
+        let sessions = match sb.kept.lock().ok().and_then(|k| k.get(cid).map(|k| k.sessions.clone())) {
+            Some(s) => s,
+            None => return Err("its templates were gone before they could be written".into()),
+        };
+        let keeper = sb
+            .keeper
+            .lock()
+            .await
+            .clone()
+            .ok_or("no keeper")?;
+        let req = KeeperRequest::DescribeImages {
+            id: cid.to_string(),
+            sessions,
+        };
+        let (described, mems) = match blocking(move || keeper.request_with_fds(&req))
+            .await
+            .map_err(|e| e.message.clone())?
+        {
+            Ok((KeeperReply::ImagesDescribed(d), fds)) => (d, fds),
+            Ok((KeeperReply::Failed { error }, _)) => return Err(error),
+            Ok((other, _)) => return Err(format!("unexpected keeper reply {other:?}")),
+            Err(e) => return Err(e.to_string()),
+        };
+        let t = std::time::Instant::now();
+        let meta = blocking(move || deltabox_runtime::durable::store(&dir, &described, mems))
+            .await
+            .map_err(|e| e.message.clone())??;
+        // Deleted meanwhile: nothing may keep its images.
+        if !matches!(self.store.checkpoint(cid), Ok(Some(_))) {
+            self.remove_images(vec![cid.to_string()]);
+            return Ok(());
+        }
+        tracing::info!(
+            "durable images of checkpoint {cid}: {} processes, {} bytes of memory, written in {:?}",
+            meta.processes.len(),
+            meta.bytes,
+            t.elapsed()
+        );
+        Ok(())
     }
 
     /// The keeper of a sandbox's process checkpoints, started on first use.
@@ -1325,6 +1450,7 @@ impl Daemon {
         }
         let orphans = self.store.delete_checkpoint(cid)?;
         self.gc_later(orphans);
+        self.remove_images(vec![cid.to_string()]);
         // Its templates, if its sandbox's keeper holds them.
         if let Some(sb) = self.live.read().await.get(&ck.sandbox_id).cloned() {
             let had = sb
@@ -1427,6 +1553,12 @@ impl Daemon {
                 with_processes: c.processes,
                 processes: Vec::new(),
                 templates: costs.get(&c.id).cloned(),
+                durable: c.processes && deltabox_runtime::durable::complete(&self.images_dir(&c.id)),
+                durable_error: self
+                    .durable_errors
+                    .lock()
+                    .ok()
+                    .and_then(|e| e.get(&c.id).cloned()),
                 depth: self.depth(&c.chain),
                 layers: c.chain.len(),
                 id: c.id,
@@ -1466,7 +1598,7 @@ impl Daemon {
             .clone()
             .filter(|sb| sb.kept.lock().is_ok_and(|k| k.contains_key(cid)))
         {
-            match self.rollback_processes(&sb, id, cid, start, None).await? {
+            match self.rollback_processes(&sb, id, cid, start, RollbackVia::Templates).await? {
                 Ok(info) => return Ok(info),
                 Err(why) => {
                     // The templates are gone (killed from inside): nothing changed; restart instead.
@@ -1474,6 +1606,20 @@ impl Daemon {
                         k.remove(cid);
                     }
                     gone = Some(why);
+                }
+            }
+        }
+        // Templates gone but the checkpoint is durable: rebuild them from its images.
+        let images = self.images_dir(cid);
+        let durable = ck.processes && deltabox_runtime::durable::complete(&images);
+        if durable {
+            if let Some(sb) = live.clone().filter(|sb| sb.handle.is_alive()) {
+                match self
+                    .rollback_processes(&sb, id, cid, start, RollbackVia::Images(&images))
+                    .await?
+                {
+                    Ok(info) => return Ok(info),
+                    Err(why) => gone = Some(why),
                 }
             }
         }
@@ -1500,7 +1646,7 @@ impl Daemon {
         if let Some(sb) = live.filter(|sb| sb.handle.is_alive()) {
             if sb.keeper.lock().await.is_some() {
                 if let Ok(info) = self
-                    .rollback_processes(&sb, id, cid, start, Some(restart_note))
+                    .rollback_processes(&sb, id, cid, start, RollbackVia::Files(restart_note))
                     .await?
                 {
                     return Ok(info);
@@ -1597,6 +1743,17 @@ impl Daemon {
         if let Some(left) = left {
             self.gc_later(self.held_by(&left));
         }
+        // A lost sandbox is back on the checkpoint's files; a durable checkpoint brings its processes back too.
+        if durable && old.is_none() {
+            if let Some(sb) = self.live.read().await.get(id).cloned() {
+                if let Ok(info) = self
+                    .rollback_processes(&sb, id, cid, start, RollbackVia::Images(&images))
+                    .await?
+                {
+                    return Ok(info);
+                }
+            }
+        }
         Ok(RollbackInfo {
             sandbox_id: id.to_string(),
             checkpoint: cid.to_string(),
@@ -1618,34 +1775,47 @@ impl Daemon {
         id: &str,
         cid: &str,
         start: std::time::Instant,
-        files_only: Option<&str>,
+        via: RollbackVia<'_>,
     ) -> Result<Result<RollbackInfo, String>, ApiError> {
         let _g = sb.lifecycle.lock().await;
-        // Which sessions it had; it is now the most recently used.
-        let snapshot: Vec<(String, i32, deltabox_runtime::SessionKind)> = {
-            let mut kept = sb.kept.lock().map_err(|_| ApiError::internal("poisoned"))?;
-            match kept.get_mut(cid) {
-                Some(k) => {
-                    k.last_used = std::time::Instant::now();
-                    k.sessions.clone()
-                }
-                // Evicted while this rollback waited for the sandbox: nothing changed; restart instead.
-                None if files_only.is_none() => {
-                    return Ok(Err(
-                        "this checkpoint's process templates were evicted to keep within the template memory \
-                         budget"
-                            .into(),
-                    ))
-                }
-                None => Vec::new(),
-            }
+        let files_only = match via {
+            RollbackVia::Files(note) => Some(note),
+            _ => None,
         };
-        let keeper = sb
-            .keeper
-            .lock()
-            .await
-            .clone()
-            .ok_or_else(|| ApiError::internal("process checkpoint without a keeper"))?;
+        // Which sessions it had; it is now the most recently used.
+        let snapshot: Vec<(String, i32, deltabox_runtime::SessionKind)> = match via {
+            RollbackVia::Templates => {
+                let mut kept = sb.kept.lock().map_err(|_| ApiError::internal("poisoned"))?;
+                match kept.get_mut(cid) {
+                    Some(k) => {
+                        k.last_used = std::time::Instant::now();
+                        k.sessions.clone()
+                    }
+                    // Evicted while this rollback waited for the sandbox: nothing changed; fall back.
+                    None => {
+                        return Ok(Err(
+                            "this checkpoint's process templates were evicted to keep within the template \
+                             memory budget"
+                                .into(),
+                        ))
+                    }
+                }
+            }
+            RollbackVia::Files(_) => Vec::new(),
+            RollbackVia::Images(dir) => match deltabox_runtime::durable::ImagesMeta::read(dir) {
+                Ok(m) => m.sessions,
+                Err(e) => return Ok(Err(e)),
+            },
+        };
+        let keeper = match via {
+            RollbackVia::Images(_) => self.keeper_of(sb).await?,
+            _ => sb
+                .keeper
+                .lock()
+                .await
+                .clone()
+                .ok_or_else(|| ApiError::internal("process checkpoint without a keeper"))?,
+        };
         // Hold every session still (after the command it may be running) while its process is replaced.
         let sessions: Vec<(String, Arc<Session>)> = sb
             .sessions
@@ -1695,18 +1865,30 @@ impl Daemon {
             keeper_pid: Some(keeper.pid()),
             templates: None,
         };
-        let req = match files_only {
-            Some(_) => KeeperRequest::RollbackFiles { switch },
-            None => KeeperRequest::Rollback {
+        let req = match via {
+            RollbackVia::Files(_) => KeeperRequest::RollbackFiles { switch },
+            RollbackVia::Templates => KeeperRequest::Rollback {
                 id: cid.to_string(),
                 switch,
             },
+            RollbackVia::Images(dir) => KeeperRequest::RollbackImages {
+                id: cid.to_string(),
+                dir: dir.to_path_buf(),
+                switch,
+                sessions: snapshot.iter().map(|(_, pid, kind)| (*pid, *kind)).collect(),
+            },
         };
         let k = keeper.clone();
-        let (report, error) = match blocking_here(move || k.request(&req)).await? {
-            Ok(KeeperReply::RolledBack(r)) => (Some(r), None),
-            Ok(KeeperReply::RollbackFailed { error, switched }) => (None, Some((error, switched))),
-            Ok(other) => (
+        let mut pipes = Vec::new();
+        let (report, error) = match blocking_here(move || k.request_with_fds(&req)).await? {
+            Ok((KeeperReply::RolledBack(r), fds)) => {
+                pipes = fds;
+                (Some(r), None)
+            }
+            Ok((KeeperReply::RollbackFailed { error, switched }, _)) => {
+                (None, Some((error, switched)))
+            }
+            Ok((other, _)) => (
                 None,
                 Some((format!("unexpected keeper reply {other:?}"), false)),
             ),
@@ -1731,8 +1913,51 @@ impl Daemon {
         drop(layers_guard);
         self.gc_later(self.held_by(&left));
         let restored: Vec<i32> = report.as_ref().map(|r| r.pids.clone()).unwrap_or_default();
+        // Rebuilt from images: the interpreters have new pipes; their sessions start over on them, same ids.
+        let mut adopted: Vec<(String, Arc<Session>)> = Vec::new();
+        if let (RollbackVia::Images(_), Some(r)) = (via, report.as_ref()) {
+            let mut fds = std::mem::take(&mut pipes).into_iter();
+            for pid in &r.sessions {
+                let (Some(cmd), Some(out), Some(err), Some(status)) =
+                    (fds.next(), fds.next(), fds.next(), fds.next())
+                else {
+                    break;
+                };
+                let Some((sid, _, kind)) = snapshot.iter().find(|(_, p, _)| p == pid) else {
+                    continue;
+                };
+                let exit = sb.handle.track(*pid).await?;
+                let pipes = deltabox_runtime::session::SessionPipes {
+                    cmd,
+                    out,
+                    err,
+                    status,
+                };
+                let session = Session::adopt(&sb.handle, *kind, *pid, pipes, exit)?;
+                adopted.push((sid.clone(), Arc::new(session)));
+            }
+            if let Ok(mut kept) = sb.kept.lock() {
+                kept.insert(
+                    cid.to_string(),
+                    crate::sandbox::KeptCheckpoint {
+                        sessions: snapshot.clone(),
+                        processes: restored.len(),
+                        last_used: std::time::Instant::now(),
+                    },
+                );
+            }
+            if let Ok(mut e) = self.evicted.lock() {
+                e.remove(cid);
+            }
+        }
         let mut sessions = sb.sessions.lock().await;
         let mut dormant = sb.dormant.lock().await;
+        for (sid, s) in adopted {
+            // The old session (held still above) ends with its old pipes.
+            held.retain(|(h, _, _)| *h != sid);
+            dormant.remove(&sid);
+            sessions.insert(sid, s);
+        }
         // Sessions whose interpreter is back: live ones resume, dormant ones wake up.
         let mut back = Vec::new();
         for (sid, pid, _) in &snapshot {
@@ -1788,9 +2013,14 @@ impl Daemon {
                 Some(note) => note.to_string(),
                 None => {
                     let mut note = format!(
-                        "files and processes rolled back ({} process{} restored with their pids)",
+                        "files and processes rolled back ({} process{} restored with their pids{})",
                         restored.len(),
-                        if restored.len() == 1 { "" } else { "es" }
+                        if restored.len() == 1 { "" } else { "es" },
+                        if matches!(via, RollbackVia::Images(_)) {
+                            ", rebuilt from the checkpoint's durable images"
+                        } else {
+                            ""
+                        }
                     );
                     for n in report.iter().flat_map(|r| &r.notes) {
                         note.push_str("; ");
@@ -1927,7 +2157,9 @@ impl Daemon {
             let _ = tokio::time::timeout(Duration::from_secs(5), sb.handle.closed()).await;
         }
         let left = self.store.fs_state(id)?;
+        let gone: Vec<String> = self.store.checkpoints_of(id)?.into_iter().map(|c| c.id).collect();
         let orphans = self.store.delete_checkpoints_of(id)?;
+        self.remove_images(gone);
         self.store.delete(id)?;
         // Its writable layer and the layers only it and its checkpoints used.
         self.gc_later(orphans);

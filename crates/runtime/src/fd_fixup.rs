@@ -21,7 +21,7 @@ use deltabox_sys::inject::Tracee;
 use crate::generation::check;
 
 /// What to do with one descriptor of a restored process.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Fixup {
     /// Re-create a socket bound to `addr` (a `sockaddr`), listening if it is a stream socket.
     Bound {

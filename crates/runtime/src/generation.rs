@@ -673,31 +673,39 @@ pub(crate) fn chdir(t: &mut Tracee, path: &Path, rep: &mut SwitchReport) -> Resu
 /// Opens `target` (a path inside `t`'s root) with our own credentials, through `/proc/<pid>/root`, and gives
 /// `t` the descriptor: for a file the process may no longer open itself (it dropped root after opening it).
 fn open_for(t: &mut Tracee, target: &Path, flags: i32) -> Result<i64, String> {
-    use rustix::fs::{Mode, OFlags, ResolveFlags};
-    let root = rustix::fs::open(
-        format!("/proc/{}/root", t.tgid()).as_str(),
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| format!("its root: {e}"))?;
-    let rel = target
-        .strip_prefix("/")
-        .map_err(|_| format!("{}: not an absolute path", target.display()))?;
-    // Resolved inside its root, as the process would: the sandbox's symlinks never lead out of it.
-    let file = rustix::fs::openat2(
-        &root,
-        rel,
-        OFlags::from_bits_retain(flags as u32 & !(libc::O_CLOEXEC as u32)) | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-    )
-    .map_err(|e| format!("open {} for it: {e}", target.display()))?;
+    let file = open_in_root(t.tgid().as_raw(), target, flags)
+        .map_err(|e| format!("open {} for it: {e}", target.display()))?;
     let fds = t
         .install_fds(&[std::os::fd::AsFd::as_fd(&file)])
         .map_err(|e| e.to_string())?;
     fds.first()
         .map(|&fd| i64::from(fd))
         .ok_or_else(|| "no descriptor installed".to_string())
+}
+
+/// Opens `target`, a path inside the root of process `pid` (host pid), with our own credentials: resolved in that
+/// root as the process would (`RESOLVE_IN_ROOT`: the sandbox's symlinks never lead out of it). Close-on-exec.
+pub(crate) fn open_in_root(pid: i32, target: &Path, flags: i32) -> std::io::Result<OwnedFd> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let root = rustix::fs::open(
+        format!("/proc/{pid}/root").as_str(),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let rel = target.strip_prefix("/").map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{}: not an absolute path", target.display()),
+        )
+    })?;
+    let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+    Ok(rustix::fs::openat2(
+        &root,
+        rel,
+        OFlags::from_bits_retain(flags as u32 & !(libc::O_CLOEXEC as u32)) | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )?)
 }
 
 /// Re-opens descriptor `f` in `t` by path (same flags, offset and close-on-exec), over the same number: from then

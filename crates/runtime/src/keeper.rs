@@ -42,6 +42,23 @@ pub enum KeeperRequest {
     /// Fork checkpoint `id`'s processes into a branch sandbox (see [`fork_branch`]). The reply carries the
     /// daemon's ends of the branch's session pipes.
     Fork { id: String, branch: BranchTarget },
+    /// Describe the durable images of checkpoint `id`'s templates (see [`crate::durable::describe`]), with the
+    /// daemon's record of its sessions. The reply carries each template's memory, for the daemon to write the
+    /// pages off the keeper ([`crate::durable::store`]).
+    DescribeImages {
+        id: String,
+        sessions: Vec<(String, i32, crate::SessionKind)>,
+    },
+    /// Roll back to a checkpoint whose templates are gone, from its images in `dir`: the files first (as
+    /// `RollbackFiles`), then its templates rebuilt from the images (kept as checkpoint `id` again), then its
+    /// processes forked from them as by `Rollback`. Session interpreters (`sessions`) get new pipes: the
+    /// reply carries the daemon's ends, four per session in [`RestoreReport::sessions`] order.
+    RollbackImages {
+        id: String,
+        dir: PathBuf,
+        switch: SwitchSpec,
+        sessions: Vec<(i32, crate::SessionKind)>,
+    },
     /// Drop the templates of these checkpoints.
     Forget { ids: Vec<String> },
     /// What the templates of each kept checkpoint cost.
@@ -144,6 +161,8 @@ pub enum KeeperReply {
     Done,
     /// Per checkpoint id.
     Stats(HashMap<String, KeptTemplates>),
+    /// Images described; one descriptor per process attached (its memory).
+    ImagesDescribed(crate::durable::Described),
     /// The request failed; nothing changed unless the message says otherwise.
     Failed { error: String },
 }
@@ -166,6 +185,12 @@ pub struct RestoreReport {
     /// What could only be restored approximately (see [`SwitchReport::notes`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// Rebuilding the templates from their images (slow path only).
+    #[serde(default)]
+    pub image_us: u64,
+    /// Session interpreters that got new pipes (slow path only; see `KeeperRequest::RollbackImages`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sessions: Vec<i32>,
 }
 
 impl Captured {
@@ -184,7 +209,7 @@ impl Captured {
     }
 
     /// Descriptors of process `pid` (the template or a fresh copy of it) on the checkpoint's generations.
-    fn files_to_reopen(&self, pid: i32) -> Result<Vec<procfs::OpenFile>, String> {
+    pub(crate) fn files_to_reopen(&self, pid: i32) -> Result<Vec<procfs::OpenFile>, String> {
         Ok(procfs::open_files(pid)
             .map_err(|e| e.to_string())?
             .into_iter()
@@ -194,27 +219,27 @@ impl Captured {
 }
 
 /// A captured process.
-struct Captured {
-    template: Template,
+pub(crate) struct Captured {
+    pub(crate) template: Template,
     /// Its working directory (a path on the checkpoint's generation).
-    cwd: PathBuf,
+    pub(crate) cwd: PathBuf,
     /// Mount ids of the generation(s) its descriptors may point into.
-    generations: Vec<u64>,
+    pub(crate) generations: Vec<u64>,
     /// The template's descriptors on those generations, to re-open in a restored process: read once, after the
     /// checkpoint was answered (a template never runs, so they and their offsets stay as captured).
-    reopen: Option<Vec<procfs::OpenFile>>,
+    pub(crate) reopen: Option<Vec<procfs::OpenFile>>,
     /// Descriptors the template dropped, to re-create in a restored process.
-    fixups: Vec<crate::fd_fixup::Fixup>,
+    pub(crate) fixups: Vec<crate::fd_fixup::Fixup>,
     /// The live process it was taken from (host pid; it may be gone).
-    source: i32,
+    pub(crate) source: i32,
     /// It was stopped by a signal (SIGSTOP, ^Z) at the checkpoint: its copies come back stopped.
-    stopped: bool,
+    pub(crate) stopped: bool,
     /// The template's effective capabilities (fixed: a template never runs), read after the checkpoint was
     /// answered; see [`Captured::caps`].
-    caps: Option<u64>,
+    pub(crate) caps: Option<u64>,
 }
 
-const TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(5);
 
 fn us(t: Instant) -> u64 {
     t.elapsed().as_micros() as u64
@@ -281,6 +306,7 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
                             restored_from: &mut restored_from,
                         },
                         &switch,
+                        true,
                         captured,
                     )),
                     None => KeeperReply::Failed {
@@ -297,6 +323,7 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
                     restored_from: &mut restored_from,
                 },
                 &switch,
+                true,
                 &mut [],
             )),
             KeeperRequest::Fork { id, branch } => match kept.get_mut(&id) {
@@ -311,6 +338,80 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
                     error: format!("no process checkpoint {id} is kept"),
                 },
             },
+            KeeperRequest::DescribeImages { id, sessions } => match kept.get_mut(&id) {
+                Some(captured) => match crate::durable::describe(captured, sessions) {
+                    Ok((described, mems)) => {
+                        fds = mems;
+                        KeeperReply::ImagesDescribed(described)
+                    }
+                    Err(error) => KeeperReply::Failed { error },
+                },
+                None => KeeperReply::Failed {
+                    error: format!("no process checkpoint {id} is kept"),
+                },
+            },
+            KeeperRequest::RollbackImages {
+                id,
+                dir,
+                switch,
+                sessions,
+            } => {
+                let start = Instant::now();
+                let files = rollback(
+                    RollbackCtx {
+                        init_pid,
+                        templates: &template_pids(&kept),
+                        teardown: &mut teardown,
+                        collapser: &mut collapser,
+                        restored_from: &mut restored_from,
+                    },
+                    &switch,
+                    true,
+                    &mut [],
+                );
+                let t = Instant::now();
+                let rebuilt = files.map_err(|e| e.0).and_then(|_| {
+                    crate::durable::rebuild(init_pid, &dir, &sessions)
+                });
+                let image_us = us(t);
+                match rebuilt {
+                    Err(error) => KeeperReply::RollbackFailed {
+                        error: format!("{error} (the files were rolled back; no process was restored)"),
+                        switched: true,
+                    },
+                    Ok(mut r) => {
+                        let mut templates = template_pids(&kept);
+                        templates.extend(r.captured.iter().map(|c| c.template.pid().as_raw()));
+                        let done = rollback(
+                            RollbackCtx {
+                                init_pid,
+                                templates: &templates,
+                                teardown: &mut teardown,
+                                collapser: &mut collapser,
+                                restored_from: &mut restored_from,
+                            },
+                            &switch,
+                            false,
+                            &mut r.captured,
+                        );
+                        match done {
+                            Ok(mut report) => {
+                                report.image_us = image_us;
+                                report.sessions = r.sessions;
+                                report.notes.extend(r.notes);
+                                report.total_us = us(start);
+                                fds = r.pipes;
+                                kept.insert(id, r.captured);
+                                KeeperReply::RolledBack(report)
+                            }
+                            Err((error, _)) => KeeperReply::RollbackFailed {
+                                error,
+                                switched: true,
+                            },
+                        }
+                    }
+                }
+            }
             KeeperRequest::Forget { ids } => {
                 for id in ids {
                     if let Some(caps) = kept.remove(&id) {
@@ -651,9 +752,12 @@ struct RollbackCtx<'a> {
     restored_from: &'a mut HashMap<i32, i32>,
 }
 
+/// Rolls back onto `switch.layers` (with `mount`; without, the sandbox already is on the checkpoint's files: a
+/// slow-path rollback did that first) and forks `captured` back.
 fn rollback(
     ctx: RollbackCtx<'_>,
     switch: &SwitchSpec,
+    mount: bool,
     captured: &mut [Captured],
 ) -> Result<RestoreReport, (String, bool)> {
     let RollbackCtx {
@@ -701,9 +805,11 @@ fn rollback(
     r.kill_us = us(t);
     let t = Instant::now();
     // The pivot moves the templates' roots (and so their copies') along with the sandbox's.
-    generation::Prepared::mount(switch)
-        .and_then(|prepared| prepared.pivot())
-        .map_err(|e| (e, false))?;
+    if mount {
+        generation::Prepared::mount(switch)
+            .and_then(|prepared| prepared.pivot())
+            .map_err(|e| (e, false))?;
+    }
     r.mount_us = us(t);
     let t = Instant::now();
     kill_live(init_pid, switch, templates, &mut victims).map_err(|e| (e, true))?;
@@ -798,7 +904,7 @@ fn rollback(
 
 /// Descriptors of a session interpreter that get pipes of their own in a branch, in [`ForkReport::sessions`]
 /// order (command, stdout, stderr, status), with whether the interpreter reads from it.
-fn session_fds(kind: crate::SessionKind) -> [(i32, bool); 4] {
+pub(crate) fn session_fds(kind: crate::SessionKind) -> [(i32, bool); 4] {
     let cmd = match kind {
         crate::SessionKind::Bash => 0,
         crate::SessionKind::Python3 => crate::session::PY_CMD_FD,

@@ -15,6 +15,7 @@
 pub mod cgroup;
 pub mod collapser;
 pub mod diff;
+pub mod durable;
 pub mod error;
 pub mod exec;
 pub mod fd_fixup;

@@ -1,0 +1,278 @@
+//! Durable checkpoints: a checkpoint's templates written to disk as process images (`deltabox_cr::image`), and
+//! rebuilt from them when the templates are gone (evicted, killed from inside, lost with the daemon).
+//!
+//! Layout of one checkpoint's images: `<dir>/p<pid>/` per process (its `meta.json` and `pages.bin`), and
+//! `<dir>/checkpoint.json` ([`ImagesMeta`]). Everything is written under `<dir>.partial` and renamed into place
+//! once synced: a directory with that name is complete, anything else is an interrupted write.
+//!
+//! A rebuilt template lives in a *blank* process: a copy of the sandbox's init made by an injected `fork` (so it
+//! has exactly the sandbox's namespaces, cgroup, credentials, seccomp filter and limits, and never runs as init),
+//! whose address space and state are then replaced by the image's. Descriptors an image cannot carry (pipes,
+//! sockets) become `/dev/null`, as in a fork's branch; a session interpreter's pipes are replaced by new ones that
+//! the daemon adopts.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use deltabox_cr::image::{FdImage, ImageDir};
+use deltabox_cr::Template;
+use deltabox_sys::inject::{find_syscall_insn, ForkSpec, Tracee};
+use deltabox_sys::procfs;
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use crate::keeper::{session_fds, Captured};
+
+/// Name of the file that completes a checkpoint's images.
+pub const IMAGES_META: &str = "checkpoint.json";
+
+/// What a checkpoint's images hold besides the processes themselves.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ImagesMeta {
+    /// One per process, in capture order.
+    pub processes: Vec<ImagedProcess>,
+    /// The sessions there were (session id, sandbox pid, kind), as the daemon knew them.
+    pub sessions: Vec<(String, i32, crate::SessionKind)>,
+    /// Bytes of memory content written.
+    pub bytes: u64,
+}
+
+/// One imaged process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImagedProcess {
+    /// Its pid in the sandbox.
+    pub ns_pid: i32,
+    /// It was stopped by a signal at the checkpoint.
+    pub stopped: bool,
+    /// Descriptors its copies re-create (see `fd_fixup`).
+    pub fixups: Vec<crate::fd_fixup::Fixup>,
+}
+
+impl ImagesMeta {
+    /// Reads the metadata of the complete images in `dir`.
+    pub fn read(dir: &Path) -> Result<ImagesMeta, String> {
+        let text = std::fs::read(dir.join(IMAGES_META))
+            .map_err(|e| format!("{}: no complete images ({e})", dir.display()))?;
+        serde_json::from_slice(&text)
+            .map_err(|e| format!("{}: corrupt image metadata: {e}", dir.display()))
+    }
+}
+
+/// Whether `dir` holds a checkpoint's complete images.
+pub fn complete(dir: &Path) -> bool {
+    dir.join(IMAGES_META).is_file()
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// A checkpoint's images, described by the keeper (a few injected calls per template), to be written off it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Described {
+    /// What goes into `checkpoint.json`.
+    pub meta: ImagesMeta,
+    /// One per process, in `meta.processes` order.
+    pub images: Vec<deltabox_cr::image::ProcessImage>,
+}
+
+/// Describes the images of a checkpoint's templates; returns with them each template's memory
+/// ([`deltabox_cr::image::open_mem`]), in the same order, for [`store`].
+pub(crate) fn describe(
+    captured: &mut [Captured],
+    sessions: Vec<(String, i32, crate::SessionKind)>,
+) -> Result<(Described, Vec<OwnedFd>), String> {
+    let mut d = Described {
+        meta: ImagesMeta {
+            sessions,
+            ..Default::default()
+        },
+        images: Vec::new(),
+    };
+    let mut mems = Vec::new();
+    for c in captured.iter_mut() {
+        let ns_pid = c.template.identity().ns_pid;
+        let (img, mem) = c
+            .template
+            .describe_image()
+            .map_err(|e| format!("process {ns_pid}: {e}"))?;
+        d.meta.bytes += img.page_bytes;
+        d.meta.processes.push(ImagedProcess {
+            ns_pid,
+            stopped: c.stopped,
+            fixups: c.fixups.clone(),
+        });
+        d.images.push(img);
+        mems.push(OwnedFd::from(mem));
+    }
+    Ok((d, mems))
+}
+
+/// Writes described images into `dir`, copying the pages from `mems` (nothing is done if they are already
+/// there). All or nothing: an interrupted or failed write leaves no `dir` (only a `.partial` one, removed here on
+/// failure and by the daemon at start).
+pub fn store(dir: &Path, d: &Described, mems: Vec<OwnedFd>) -> Result<ImagesMeta, String> {
+    if complete(dir) {
+        return ImagesMeta::read(dir);
+    }
+    if mems.len() != d.images.len() {
+        return Err(format!("{} memory descriptors for {} images", mems.len(), d.images.len()));
+    }
+    let partial = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial)
+        .map_err(|e| format!("create {}: {e}", partial.display()))?;
+    let result = (|| {
+        for ((img, p), mem) in d.images.iter().zip(&d.meta.processes).zip(mems) {
+            let mem = std::fs::File::from(mem);
+            ImageDir::store(img, &mem, &partial.join(format!("p{}", p.ns_pid)))
+                .map_err(|e| format!("process {}: {e}", p.ns_pid))?;
+        }
+        let text = serde_json::to_vec(&d.meta).map_err(|e| e.to_string())?;
+        let path = partial.join(IMAGES_META);
+        std::fs::write(&path, text)
+            .and_then(|()| std::fs::File::open(&path)?.sync_all())
+            .map_err(|e| format!("write {}: {e}", path.display()))?;
+        sync_dir(&partial);
+        std::fs::rename(&partial, dir).map_err(|e| format!("rename images into place: {e}"))?;
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent);
+        }
+        Ok(d.meta.clone())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    result
+}
+
+/// A blank process in the sandbox: a copy of its init, forked by injection and held in its first stop.
+fn blank(init_pid: i32) -> Result<Tracee, String> {
+    let pid = Pid::from_raw(init_pid);
+    let insn = find_syscall_insn(pid).map_err(|e| format!("init: {e}"))?;
+    let mut init = Tracee::seize(pid, pid, insn, crate::keeper::TIMEOUT)
+        .map_err(|e| format!("seize init: {e}"))?;
+    let copy = init.fork(&ForkSpec {
+        flags: 0,
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: Vec::new(),
+    });
+    init.detach().map_err(|e| format!("let init go: {e}"))?;
+    copy.map_err(|e| format!("fork a blank process from init: {e}"))
+}
+
+/// Templates rebuilt from a checkpoint's images, with the daemon's ends of the new session pipes.
+pub(crate) struct Rebuilt {
+    pub(crate) captured: Vec<Captured>,
+    /// Four per session (command, stdout, stderr, status), in `sessions` order.
+    pub(crate) pipes: Vec<OwnedFd>,
+    /// Session interpreters (sandbox pids) that got new pipes.
+    pub(crate) sessions: Vec<i32>,
+    /// What could not be carried over.
+    pub(crate) notes: Vec<String>,
+}
+
+/// Rebuilds every template of the images in `dir` in the sandbox of `init_pid`, whose root must already be on
+/// the checkpoint's files (paths in the images are opened there). Session interpreters (`sessions`) get new pipes.
+/// All or nothing: on failure the templates rebuilt so far are killed.
+pub(crate) fn rebuild(
+    init_pid: i32,
+    dir: &Path,
+    sessions: &[(i32, crate::SessionKind)],
+) -> Result<Rebuilt, String> {
+    let meta = ImagesMeta::read(dir)?;
+    let generation = procfs::mnt_id(Path::new(&format!("/proc/{init_pid}/root")))
+        .map_err(|e| format!("sandbox root: {e}"))?;
+    let devnull = crate::generation::open_in_root(init_pid, Path::new("/dev/null"), libc::O_RDWR)
+        .map_err(|e| format!("/dev/null: {e}"))?;
+    let mut out = Rebuilt {
+        captured: Vec::new(),
+        pipes: Vec::new(),
+        sessions: Vec::new(),
+        notes: Vec::new(),
+    };
+    for p in &meta.processes {
+        let pdir = dir.join(format!("p{}", p.ns_pid));
+        let what = |e: String| format!("process {} from its image: {e}", p.ns_pid);
+        let img = ImageDir::meta(&pdir).map_err(|e| what(e.to_string()))?;
+        let given: Vec<(i32, std::os::fd::BorrowedFd<'_>)> = img
+            .fds
+            .iter()
+            .filter_map(|f| match f {
+                FdImage::Other { fd, .. } => Some((*fd, devnull.as_fd())),
+                FdImage::Path { .. } => None,
+            })
+            .collect();
+        let kind = sessions
+            .iter()
+            .find(|(pid, _)| *pid == p.ns_pid)
+            .map(|(_, k)| *k);
+        let session_fd_list: Vec<i32> = kind
+            .map(|k| session_fds(k).iter().map(|(n, _)| *n).collect())
+            .unwrap_or_default();
+        let what_of = |n: i32| {
+            img.fds.iter().find_map(|f| match f {
+                FdImage::Other { fd, what } if *fd == n => Some(what.clone()),
+                _ => None,
+            })
+        };
+        // Other numbers for a session pipe (bash keeps its input on 255 too) get the new pipe as well.
+        let mut aliases = Vec::new();
+        for f in &img.fds {
+            if let FdImage::Other { fd, what } = f {
+                if let Some(s) = session_fd_list
+                    .iter()
+                    .find(|s| **s != *fd && what_of(**s).as_deref() == Some(what.as_str()))
+                {
+                    aliases.push((*s, *fd));
+                }
+            }
+        }
+        for f in &img.fds {
+            if let FdImage::Other { fd, what } = f {
+                let fixed = p.fixups.iter().any(|x| x.fd() == *fd);
+                let session =
+                    session_fd_list.contains(fd) || aliases.iter().any(|(_, to)| to == fd);
+                if !fixed && !session && !what.contains("eventpoll") {
+                    out.notes.push(format!(
+                        "process {}: descriptor {fd} ({what}) could not be kept in its image: it reads as /dev/null",
+                        p.ns_pid
+                    ));
+                }
+            }
+        }
+        let host = blank(init_pid).map_err(what)?;
+        let mut open = |path: &Path, flags: i32| {
+            crate::generation::open_in_root(init_pid, path, flags)
+        };
+        let mut template =
+            Template::from_image(host, &pdir, &mut open, &given).map_err(|e| what(e.to_string()))?;
+        if let Some(kind) = kind {
+            out.pipes.extend(
+                template
+                    .replace_with_pipes(&session_fds(kind))
+                    .map_err(|e| what(format!("session pipes: {e}")))?,
+            );
+            template
+                .dup_fds(&aliases)
+                .map_err(|e| what(format!("session pipe duplicates: {e}")))?;
+            out.sessions.push(p.ns_pid);
+        }
+        let tpid = template.pid().as_raw();
+        let mut c = Captured {
+            template,
+            cwd: PathBuf::from(&img.cwd),
+            generations: vec![generation],
+            reopen: None,
+            fixups: p.fixups.clone(),
+            source: 0,
+            stopped: p.stopped,
+            caps: None,
+        };
+        c.reopen = Some(c.files_to_reopen(tpid).map_err(what)?);
+        out.captured.push(c);
+    }
+    Ok(out)
+}

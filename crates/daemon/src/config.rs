@@ -27,6 +27,9 @@ pub struct Config {
     pub template_budget: u64,
     /// Templates one sandbox may hold (they count against its pids limit).
     pub max_templates: usize,
+    /// Write durable images of process checkpoints in the background (`DELTABOX_DURABLE=0` turns it off:
+    /// checkpoints are then warm-only, and a rollback whose templates are gone restarts the processes).
+    pub durable: bool,
 }
 
 /// Default [`Config::compact_at`]: well under overlayfs's 500 lower layers, and short enough that lookups stay
@@ -44,7 +47,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 
 impl Config {
     /// Defaults, overridden by `DELTABOX_STATE_DIR`, `DELTABOX_SOCKET`, `DELTABOX_COMPACT_AT`,
-    /// `DELTABOX_COMPACT_FANOUT`, `DELTABOX_TEMPLATE_BUDGET_MB` and `DELTABOX_MAX_TEMPLATES`.
+    /// `DELTABOX_COMPACT_FANOUT`, `DELTABOX_TEMPLATE_BUDGET_MB`, `DELTABOX_MAX_TEMPLATES` and `DELTABOX_DURABLE`.
     pub fn from_env() -> Config {
         Config {
             state_dir: std::env::var_os("DELTABOX_STATE_DIR")
@@ -60,6 +63,7 @@ impl Config {
                 .clamp(2, 64),
             template_budget: env_usize("DELTABOX_TEMPLATE_BUDGET_MB", 4096) as u64 * (1 << 20),
             max_templates: env_usize("DELTABOX_MAX_TEMPLATES", 128).max(1),
+            durable: std::env::var("DELTABOX_DURABLE").map_or(true, |v| v != "0"),
         }
     }
 

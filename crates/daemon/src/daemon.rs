@@ -918,7 +918,7 @@ impl Daemon {
             processes,
         };
         self.store.record_checkpoint(&row, &next)?;
-        if processes {
+        if processes && self.config.durable {
             self.write_images_later(sb.clone(), cid.clone());
         }
         // Layers its mounted chain had that the compacted one replaced.
@@ -1007,7 +1007,7 @@ impl Daemon {
             // Its durable images first (if the background writer has not got to them yet): an evicted
             // checkpoint stays restorable. If they cannot be written it is evicted all the same (the budget
             // wins) and rollback says why its processes were restarted.
-            {
+            if self.config.durable {
                 let _w = self.durable_lock.lock().await;
                 if let Err(e) = self.write_images(&sb, &cid).await {
                     if let Ok(mut errs) = self.durable_errors.lock() {
@@ -1865,22 +1865,52 @@ impl Daemon {
             keeper_pid: Some(keeper.pid()),
             templates: None,
         };
+        let mut send_fds: Vec<std::os::fd::OwnedFd> = Vec::new();
         let req = match via {
             RollbackVia::Files(_) => KeeperRequest::RollbackFiles { switch },
             RollbackVia::Templates => KeeperRequest::Rollback {
                 id: cid.to_string(),
                 switch,
             },
-            RollbackVia::Images(dir) => KeeperRequest::RollbackImages {
-                id: cid.to_string(),
-                dir: dir.to_path_buf(),
-                switch,
-                sessions: snapshot.iter().map(|(_, pid, kind)| (*pid, *kind)).collect(),
-            },
+            RollbackVia::Images(dir) => {
+                // Sessions the daemon still has keep their pipes (every other copy of the interpreter speaks
+                // over them); the others (gone with a daemon restart) get new ones.
+                let (mut reuse, mut fresh) = (Vec::new(), Vec::new());
+                let live_sessions = sb.sessions.lock().await;
+                let dormant = sb.dormant.lock().await;
+                for (sid, pid, kind) in &snapshot {
+                    let known = held
+                        .iter()
+                        .find(|(h, _, _)| h == sid)
+                        .map(|(_, s, _)| s.clone())
+                        .or_else(|| live_sessions.get(sid).cloned())
+                        .or_else(|| dormant.get(sid).map(|(s, _)| s.clone()))
+                        .filter(|s| s.pid() == *pid && s.kind() == *kind);
+                    match known.map(|s| s.interpreter_ends()) {
+                        Some(Ok(ends)) => {
+                            reuse.push((*pid, *kind));
+                            send_fds.extend(ends);
+                        }
+                        _ => fresh.push((*pid, *kind)),
+                    }
+                }
+                KeeperRequest::RollbackImages {
+                    id: cid.to_string(),
+                    dir: dir.to_path_buf(),
+                    switch,
+                    sessions: fresh,
+                    reuse,
+                }
+            }
         };
         let k = keeper.clone();
         let mut pipes = Vec::new();
-        let (report, error) = match blocking_here(move || k.request_with_fds(&req)).await? {
+        let (report, error) = match blocking_here(move || {
+            let borrowed: Vec<_> = send_fds.iter().map(std::os::fd::AsFd::as_fd).collect();
+            k.request_sending(&req, &borrowed)
+        })
+        .await?
+        {
             Ok((KeeperReply::RolledBack(r), fds)) => {
                 pipes = fds;
                 (Some(r), None)

@@ -181,7 +181,16 @@ pub(crate) fn rebuild(
     init_pid: i32,
     dir: &Path,
     sessions: &[(i32, crate::SessionKind)],
+    reuse: &[(i32, crate::SessionKind)],
+    reuse_fds: Vec<OwnedFd>,
 ) -> Result<Rebuilt, String> {
+    if reuse_fds.len() != reuse.len() * 4 {
+        return Err(format!(
+            "{} session pipe ends for {} sessions",
+            reuse_fds.len(),
+            reuse.len()
+        ));
+    }
     let meta = ImagesMeta::read(dir)?;
     let generation = procfs::mnt_id(Path::new(&format!("/proc/{init_pid}/root")))
         .map_err(|e| format!("sandbox root: {e}"))?;
@@ -193,23 +202,32 @@ pub(crate) fn rebuild(
         sessions: Vec::new(),
         notes: Vec::new(),
     };
+    // The session pipes the daemon still has, by the object each was in the images ("pipe:[ino]"): every
+    // process holding one (the interpreter, its background jobs, bash's copy on 255) gets the session's end.
+    let mut objects: std::collections::HashMap<String, usize> = Default::default();
+    for (i, (pid, kind)) in reuse.iter().enumerate() {
+        let img = ImageDir::meta(&dir.join(format!("p{pid}"))).map_err(|e| e.to_string())?;
+        for (slot, (n, _)) in session_fds(*kind).iter().enumerate() {
+            for f in &img.fds {
+                if let FdImage::Other { fd, what } = f {
+                    if fd == n {
+                        objects.insert(what.clone(), i * 4 + slot);
+                    }
+                }
+            }
+        }
+    }
     for p in &meta.processes {
         let pdir = dir.join(format!("p{}", p.ns_pid));
         let what = |e: String| format!("process {} from its image: {e}", p.ns_pid);
         let img = ImageDir::meta(&pdir).map_err(|e| what(e.to_string()))?;
-        let given: Vec<(i32, std::os::fd::BorrowedFd<'_>)> = img
-            .fds
-            .iter()
-            .filter_map(|f| match f {
-                FdImage::Other { fd, .. } => Some((*fd, devnull.as_fd())),
-                FdImage::Path { .. } => None,
-            })
-            .collect();
-        let kind = sessions
+
+        // A session interpreter whose session the daemon no longer has gets new pipes (made below).
+        let fresh = sessions
             .iter()
             .find(|(pid, _)| *pid == p.ns_pid)
             .map(|(_, k)| *k);
-        let session_fd_list: Vec<i32> = kind
+        let fresh_fds: Vec<i32> = fresh
             .map(|k| session_fds(k).iter().map(|(n, _)| *n).collect())
             .unwrap_or_default();
         let what_of = |n: i32| {
@@ -218,30 +236,30 @@ pub(crate) fn rebuild(
                 _ => None,
             })
         };
-        // Other numbers for a session pipe (bash keeps its input on 255 too) get the new pipe as well.
+        // Other numbers for one of those pipes (bash keeps its input on 255 too) get the new pipe as well.
         let mut aliases = Vec::new();
+        let mut given: Vec<(i32, std::os::fd::BorrowedFd<'_>)> = Vec::new();
         for f in &img.fds {
-            if let FdImage::Other { fd, what } = f {
-                if let Some(s) = session_fd_list
-                    .iter()
-                    .find(|s| **s != *fd && what_of(**s).as_deref() == Some(what.as_str()))
-                {
-                    aliases.push((*s, *fd));
-                }
+            let FdImage::Other { fd, what } = f else { continue };
+            if let Some(s) = fresh_fds
+                .iter()
+                .find(|s| **s != *fd && what_of(**s).as_deref() == Some(what.as_str()))
+            {
+                aliases.push((*s, *fd));
             }
-        }
-        for f in &img.fds {
-            if let FdImage::Other { fd, what } = f {
-                let fixed = p.fixups.iter().any(|x| x.fd() == *fd);
-                let session =
-                    session_fd_list.contains(fd) || aliases.iter().any(|(_, to)| to == fd);
-                if !fixed && !session && !what.contains("eventpoll") {
-                    out.notes.push(format!(
-                        "process {}: descriptor {fd} ({what}) could not be kept in its image: it reads as /dev/null",
-                        p.ns_pid
-                    ));
-                }
+            let end = objects.get(what).map(|i| reuse_fds[*i].as_fd());
+            let kept = end.is_some()
+                || fresh_fds.contains(fd)
+                || aliases.iter().any(|(_, to)| to == fd)
+                || p.fixups.iter().any(|x| x.fd() == *fd)
+                || what.contains("eventpoll");
+            if !kept {
+                out.notes.push(format!(
+                    "process {}: descriptor {fd} ({what}) could not be kept in its image: it reads as /dev/null",
+                    p.ns_pid
+                ));
             }
+            given.push((*fd, end.unwrap_or(devnull.as_fd())));
         }
         let host = blank(init_pid).map_err(what)?;
         let mut open = |path: &Path, flags: i32| {
@@ -249,7 +267,7 @@ pub(crate) fn rebuild(
         };
         let mut template =
             Template::from_image(host, &pdir, &mut open, &given).map_err(|e| what(e.to_string()))?;
-        if let Some(kind) = kind {
+        if let Some(kind) = fresh {
             out.pipes.extend(
                 template
                     .replace_with_pipes(&session_fds(kind))

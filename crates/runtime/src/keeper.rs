@@ -58,6 +58,9 @@ pub enum KeeperRequest {
         dir: PathBuf,
         switch: SwitchSpec,
         sessions: Vec<(i32, crate::SessionKind)>,
+        /// Session interpreters whose existing pipes the request carries (their ends, four each in this order:
+        /// command, stdout, stderr, status): they keep speaking over them, as their other copies do.
+        reuse: Vec<(i32, crate::SessionKind)>,
     },
     /// Drop the templates of these checkpoints.
     Forget { ids: Vec<String> },
@@ -261,7 +264,7 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
     let mut collapser = Collapser::default();
     let mut teardown = Teardown::default();
     let mut restored_from: HashMap<i32, i32> = HashMap::new();
-    while let Some((payload, _)) = deltabox_sys::fdpass::recv_frame(&sock)? {
+    while let Some((payload, received)) = deltabox_sys::fdpass::recv_frame(&sock)? {
         let req: KeeperRequest = serde_json::from_slice(&payload).map_err(std::io::Error::other)?;
         collapser.poll();
         // Collapsed after the reply: (templates, then the live processes they were taken from).
@@ -355,6 +358,7 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
                 dir,
                 switch,
                 sessions,
+                reuse,
             } => {
                 let start = Instant::now();
                 let files = rollback(
@@ -371,7 +375,7 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
                 );
                 let t = Instant::now();
                 let rebuilt = files.map_err(|e| e.0).and_then(|_| {
-                    crate::durable::rebuild(init_pid, &dir, &sessions)
+                    crate::durable::rebuild(init_pid, &dir, &sessions, &reuse, received)
                 });
                 let image_us = us(t);
                 match rebuilt {

@@ -159,6 +159,20 @@ pub struct SessionPipes {
 }
 
 impl SessionPipes {
+    /// Duplicates of our ends, kept for [`Session::interpreter_ends`].
+    fn dups(&self) -> Result<SessionEnds> {
+        let d = |f: &std::os::fd::OwnedFd| {
+            f.try_clone()
+                .map_err(|e| Error::Io("duplicate a session pipe", e))
+        };
+        Ok(SessionEnds([
+            d(&self.cmd)?,
+            d(&self.out)?,
+            d(&self.err)?,
+            d(&self.status)?,
+        ]))
+    }
+
     fn into_io(self, exit: oneshot::Receiver<ExitStatus>) -> Result<(SessionIo, pipe::Sender)> {
         let io = SessionIo {
             out: receiver(self.out)?,
@@ -174,12 +188,18 @@ impl SessionPipes {
     }
 }
 
+/// Duplicates of our ends of a session's pipes (command, stdout, stderr, status), kept so that the
+/// interpreter's ends can be opened again (see [`Session::interpreter_ends`]).
+#[derive(Debug)]
+struct SessionEnds([std::os::fd::OwnedFd; 4]);
+
 /// A running session. Dropping it ends the process.
 #[derive(Debug)]
 pub struct Session {
     kind: SessionKind,
     pid: i32,
     tx: mpsc::Sender<Msg>,
+    ends: SessionEnds,
 }
 
 impl Session {
@@ -222,13 +242,14 @@ impl Session {
             ),
         };
         let p = h.spawn(argv, env, cwd, fds).await?;
-        let (mut io, mut cmd) = SessionPipes {
+        let pipes = SessionPipes {
             cmd: cmd_w,
             out: out_r,
             err: err_r,
             status: st_r,
-        }
-        .into_io(p.exit)?;
+        };
+        let ends = pipes.dups()?;
+        let (mut io, mut cmd) = pipes.into_io(p.exit)?;
         if kind == SessionKind::Bash {
             cmd.write_all(BASH_SETUP.as_bytes())
                 .await
@@ -261,7 +282,7 @@ impl Session {
                 )));
             }
         }
-        Ok(Self::run_task(h, kind, p.pid, io, cmd))
+        Ok(Self::run_task(h, kind, p.pid, io, cmd, ends))
     }
 
     /// Takes over an interpreter that already speaks the session protocol and waits between commands — a
@@ -273,8 +294,9 @@ impl Session {
         pipes: SessionPipes,
         exit: oneshot::Receiver<ExitStatus>,
     ) -> Result<Session> {
+        let ends = pipes.dups()?;
         let (io, cmd) = pipes.into_io(exit)?;
-        Ok(Self::run_task(h, kind, pid, io, cmd))
+        Ok(Self::run_task(h, kind, pid, io, cmd, ends))
     }
 
     fn run_task(
@@ -283,10 +305,42 @@ impl Session {
         pid: i32,
         io: SessionIo,
         cmd: pipe::Sender,
+        ends: SessionEnds,
     ) -> Session {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(session_task(h.clone(), kind, pid, io, cmd, rx));
-        Session { kind, pid, tx }
+        Session {
+            kind,
+            pid,
+            tx,
+            ends,
+        }
+    }
+
+    /// The interpreter's ends of this session's pipes, opened again (through `/proc/self/fd`, which opens a
+    /// pipe like a FIFO): command (read), stdout, stderr, status (write), blocking. A process rebuilt from a
+    /// durable image gets these, so that it speaks over the very pipes the session (and every other
+    /// checkpoint's copy of the interpreter) uses.
+    pub fn interpreter_ends(&self) -> Result<Vec<std::os::fd::OwnedFd>> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut out = Vec::with_capacity(4);
+        for (i, f) in self.ends.0.iter().enumerate() {
+            let path = format!("/proc/self/fd/{}", f.as_raw_fd());
+            // Non-blocking so that opening cannot wait (the other end is ours, open), then blocking again.
+            let file = std::fs::OpenOptions::new()
+                .read(i == 0)
+                .write(i != 0)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(&path)
+                .map_err(|e| Error::Io("reopen a session pipe", e))?;
+            let fd = std::os::fd::OwnedFd::from(file);
+            let flags = rustix::fs::fcntl_getfl(&fd).map_err(|e| Error::Io("fcntl", e.into()))?;
+            rustix::fs::fcntl_setfl(&fd, flags - rustix::fs::OFlags::NONBLOCK)
+                .map_err(|e| Error::Io("fcntl", e.into()))?;
+            out.push(fd);
+        }
+        Ok(out)
     }
 
     /// Which interpreter.

@@ -532,12 +532,22 @@ impl Keeper {
         &self,
         req: &crate::keeper::KeeperRequest,
     ) -> Result<(crate::keeper::KeeperReply, Vec<OwnedFd>)> {
+        self.request_sending(req, &[])
+    }
+
+    /// [`Keeper::request_with_fds`] for requests that carry descriptors too
+    /// ([`crate::keeper::KeeperRequest::RollbackImages`]).
+    pub fn request_sending(
+        &self,
+        req: &crate::keeper::KeeperRequest,
+        send: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(crate::keeper::KeeperReply, Vec<OwnedFd>)> {
         let sock = self
             .sock
             .lock()
             .map_err(|_| Error::Zygote("keeper lock poisoned".into()))?;
         let payload = serde_json::to_vec(req).map_err(|e| Error::Zygote(e.to_string()))?;
-        deltabox_sys::fdpass::send_frame(&*sock, &payload, &[])
+        deltabox_sys::fdpass::send_frame(&*sock, &payload, send)
             .map_err(|e| Error::Zygote(format!("keeper exited? {e}")))?;
         let (payload, fds) = deltabox_sys::fdpass::recv_frame(&*sock)
             .map_err(|e| Error::Zygote(format!("keeper: {e}")))?

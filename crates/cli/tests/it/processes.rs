@@ -315,10 +315,39 @@ fn the_template_pool_reports_costs_and_evicts_the_least_recently_used() {
         now.iter().all(|(_, pss)| *pss > 0),
         "templates report their memory: {now:?}"
     );
+    // Evicted, but durable: its templates are rebuilt from its images, and the processes come back.
     let r = d.json(&["rollback", &id, &c2, "--json"]);
+    assert_eq!(r["processes_restarted"], false, "{r}");
+    assert!(r["note"].as_str().unwrap().contains("durable images"), "{r}");
+    assert_eq!(out(&d, &id, &py, "print(n, len(data))"), format!("2 {}\n", 8 << 20));
+    restore(&d, &id, &c1);
+    assert_eq!(out(&d, &id, &py, "print(n)"), "1\n");
+    d.stop_and_check(&[id]);
+}
+
+#[test]
+fn without_durable_images_an_evicted_checkpoint_restarts_the_processes() {
+    let d = TestDaemon::start_with(&[("DELTABOX_MAX_TEMPLATES", "4"), ("DELTABOX_DURABLE", "0")]);
+    let id = d.create(&[]);
+    let py = d.session(&id, "python3");
+    let _sh = d.session(&id, "bash");
+    out(&d, &id, &py, "n = 1");
+    let c1 = checkpoint_processes(&d, &id);
+    out(&d, &id, &py, "n = 2");
+    let _c2 = checkpoint_processes(&d, &id);
+    out(&d, &id, &py, "n = 3");
+    let _c3 = checkpoint_processes(&d, &id);
+    eventually("the pool evicts the oldest checkpoint", || {
+        d.json(&["checkpoints", &id, "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["id"] == c1.as_str() && c["templates"].is_null())
+    });
+    let r = d.json(&["rollback", &id, &c1, "--json"]);
     assert_eq!(r["processes_restarted"], true, "{r}");
     assert!(r["note"].as_str().unwrap().contains("evicted"), "{r}");
-    restore(&d, &id, &c1);
+    assert!(!d.json(&["checkpoints", &id, "--json"])[0]["durable"].as_bool().unwrap());
     d.stop_and_check(&[id]);
 }
 

@@ -156,7 +156,7 @@ fn random_session_commands_checkpoints_rollbacks_and_forks_match_the_model() {
                     m.cwd = "/root".into();
                     m.jobs.clear();
                 }
-                format!("rollback {c}")
+                format!("rollback {c} ({})", r["note"])
             }
             93..=99 if !cks.is_empty() => {
                 // A fork gets the checkpoint's processes: the session goes on there from the checkpoint's
@@ -188,6 +188,7 @@ fn random_session_commands_checkpoints_rollbacks_and_forks_match_the_model() {
             }
             _ => continue,
         };
+        eprintln!("step {step}: {what}");
         assert_eq!(
             observe(&d, &id, &s),
             expected(&m),

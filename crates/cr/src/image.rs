@@ -356,12 +356,19 @@ pub fn open_mem(pid: i32) -> Result<std::fs::File> {
 
 /// Copies the pages `img` plans (see [`describe`]) from `mem` (see [`open_mem`]) into `pages`. Needs no
 /// ptrace: a template's memory does not change, so another thread or process can do this off the tracer.
-pub fn write_pages(img: &ProcessImage, mem: &std::fs::File, pages: &mut std::fs::File) -> Result<()> {
+pub fn write_pages(
+    img: &ProcessImage,
+    mem: &std::fs::File,
+    pages: &mut std::fs::File,
+) -> Result<()> {
     let mut buf = Vec::new();
     let mut at = 0u64;
     for run in img.vmas.iter().flat_map(|v| &v.pages) {
         if run.offset != at {
-            return Err(Error::Image(format!("page runs out of order at {:#x}", run.addr)));
+            return Err(Error::Image(format!(
+                "page runs out of order at {:#x}",
+                run.addr
+            )));
         }
         // At most 64 MiB at a time.
         let total = run.pages * PAGE;
@@ -369,9 +376,8 @@ pub fn write_pages(img: &ProcessImage, mem: &std::fs::File, pages: &mut std::fs:
         while done < total {
             let len = (total - done).min(64 << 20);
             buf.resize(len as usize, 0);
-            mem.read_exact_at(&mut buf, run.addr + done).map_err(|e| {
-                Error::Image(format!("read memory at {:#x}: {e}", run.addr + done))
-            })?;
+            mem.read_exact_at(&mut buf, run.addr + done)
+                .map_err(|e| Error::Image(format!("read memory at {:#x}: {e}", run.addr + done)))?;
             pages
                 .write_all(&buf)
                 .map_err(|e| Error::Image(format!("write pages: {e}")))?;
@@ -693,8 +699,7 @@ impl ImageDir {
                 std::fs::File::create(tmp.join("pages.bin")).map_err(io("create pages"))?;
             write_pages(img, mem, &mut pages)?;
             pages.sync_all().map_err(io("sync pages"))?;
-            let meta =
-                serde_json::to_vec(img).map_err(|e| Error::Image(format!("encode: {e}")))?;
+            let meta = serde_json::to_vec(img).map_err(|e| Error::Image(format!("encode: {e}")))?;
             let mut f = std::fs::File::create(tmp.join("meta.json")).map_err(io("create meta"))?;
             f.write_all(&meta).map_err(io("write meta"))?;
             f.sync_all().map_err(io("sync meta"))?;

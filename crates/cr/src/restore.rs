@@ -455,10 +455,18 @@ fn lower_caps(t: &mut Tracee, have: &[u64; 5], want: &[u64; 5]) -> Result<()> {
     }
     if have[4] != want[4] {
         // PR_CAP_AMBIENT (47): CLEAR_ALL (4), then RAISE (2) each.
-        t.checked_syscall("prctl(PR_CAP_AMBIENT_CLEAR_ALL)", libc::SYS_prctl, &[47, 4, 0, 0, 0])?;
+        t.checked_syscall(
+            "prctl(PR_CAP_AMBIENT_CLEAR_ALL)",
+            libc::SYS_prctl,
+            &[47, 4, 0, 0, 0],
+        )?;
         for cap in 0..64u64 {
             if want[4] & (1 << cap) != 0 {
-                t.checked_syscall("prctl(PR_CAP_AMBIENT_RAISE)", libc::SYS_prctl, &[47, 2, cap, 0, 0])?;
+                t.checked_syscall(
+                    "prctl(PR_CAP_AMBIENT_RAISE)",
+                    libc::SYS_prctl,
+                    &[47, 2, cap, 0, 0],
+                )?;
             }
         }
     }

@@ -452,9 +452,11 @@ impl Template {
         let mut t = Tracee::adopt(&self.held, self.timeout);
         let mut result = Ok(());
         for &(from, to) in pairs {
-            if let Err(e) =
-                t.checked_syscall("dup3 in template", libc::SYS_dup3, &[from as u64, to as u64, 0])
-            {
+            if let Err(e) = t.checked_syscall(
+                "dup3 in template",
+                libc::SYS_dup3,
+                &[from as u64, to as u64, 0],
+            ) {
                 result = Err(e.into());
                 break;
             }

@@ -1077,16 +1077,16 @@ impl Daemon {
         if deltabox_runtime::durable::complete(&dir) {
             return Ok(());
         }
-        let sessions = match sb.kept.lock().ok().and_then(|k| k.get(cid).map(|k| k.sessions.clone())) {
+        let sessions = match sb
+            .kept
+            .lock()
+            .ok()
+            .and_then(|k| k.get(cid).map(|k| k.sessions.clone()))
+        {
             Some(s) => s,
             None => return Err("its templates were gone before they could be written".into()),
         };
-        let keeper = sb
-            .keeper
-            .lock()
-            .await
-            .clone()
-            .ok_or("no keeper")?;
+        let keeper = sb.keeper.lock().await.clone().ok_or("no keeper")?;
         let req = KeeperRequest::DescribeImages {
             id: cid.to_string(),
             sessions,
@@ -1100,6 +1100,16 @@ impl Daemon {
             Ok((other, _)) => return Err(format!("unexpected keeper reply {other:?}")),
             Err(e) => return Err(e.to_string()),
         };
+        // Fault injection for tests: die in the middle of writing, as a crash or kill -9 would.
+        if self
+            .config
+            .state_dir
+            .join("fault-crash-during-images")
+            .exists()
+        {
+            let _ = std::fs::create_dir_all(dir.with_extension("partial").join("p1"));
+            std::process::abort();
+        }
         let t = std::time::Instant::now();
         let meta = blocking(move || deltabox_runtime::durable::store(&dir, &described, mems))
             .await
@@ -1553,7 +1563,8 @@ impl Daemon {
                 with_processes: c.processes,
                 processes: Vec::new(),
                 templates: costs.get(&c.id).cloned(),
-                durable: c.processes && deltabox_runtime::durable::complete(&self.images_dir(&c.id)),
+                durable: c.processes
+                    && deltabox_runtime::durable::complete(&self.images_dir(&c.id)),
                 durable_error: self
                     .durable_errors
                     .lock()
@@ -1598,7 +1609,10 @@ impl Daemon {
             .clone()
             .filter(|sb| sb.kept.lock().is_ok_and(|k| k.contains_key(cid)))
         {
-            match self.rollback_processes(&sb, id, cid, start, RollbackVia::Templates).await? {
+            match self
+                .rollback_processes(&sb, id, cid, start, RollbackVia::Templates)
+                .await?
+            {
                 Ok(info) => return Ok(info),
                 Err(why) => {
                     // The templates are gone (killed from inside): nothing changed; restart instead.
@@ -1876,14 +1890,14 @@ impl Daemon {
                 // Sessions the daemon still has keep their pipes (every other copy of the interpreter speaks
                 // over them); the others (gone with a daemon restart) get new ones.
                 let (mut reuse, mut fresh) = (Vec::new(), Vec::new());
-                let live_sessions = sb.sessions.lock().await;
                 let dormant = sb.dormant.lock().await;
                 for (sid, pid, kind) in &snapshot {
+                    // Alive (held still above) or dormant: a session that ended with its process (killed
+                    // from inside) is not resumed, and gets new pipes like a lost one.
                     let known = held
                         .iter()
                         .find(|(h, _, _)| h == sid)
                         .map(|(_, s, _)| s.clone())
-                        .or_else(|| live_sessions.get(sid).cloned())
                         .or_else(|| dormant.get(sid).map(|(s, _)| s.clone()))
                         .filter(|s| s.pid() == *pid && s.kind() == *kind);
                     match known.map(|s| s.interpreter_ends()) {
@@ -2187,7 +2201,12 @@ impl Daemon {
             let _ = tokio::time::timeout(Duration::from_secs(5), sb.handle.closed()).await;
         }
         let left = self.store.fs_state(id)?;
-        let gone: Vec<String> = self.store.checkpoints_of(id)?.into_iter().map(|c| c.id).collect();
+        let gone: Vec<String> = self
+            .store
+            .checkpoints_of(id)?
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
         let orphans = self.store.delete_checkpoints_of(id)?;
         self.remove_images(gone);
         self.store.delete(id)?;

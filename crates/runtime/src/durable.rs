@@ -118,12 +118,15 @@ pub fn store(dir: &Path, d: &Described, mems: Vec<OwnedFd>) -> Result<ImagesMeta
         return ImagesMeta::read(dir);
     }
     if mems.len() != d.images.len() {
-        return Err(format!("{} memory descriptors for {} images", mems.len(), d.images.len()));
+        return Err(format!(
+            "{} memory descriptors for {} images",
+            mems.len(),
+            d.images.len()
+        ));
     }
     let partial = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&partial);
-    std::fs::create_dir_all(&partial)
-        .map_err(|e| format!("create {}: {e}", partial.display()))?;
+    std::fs::create_dir_all(&partial).map_err(|e| format!("create {}: {e}", partial.display()))?;
     let result = (|| {
         for ((img, p), mem) in d.images.iter().zip(&d.meta.processes).zip(mems) {
             let mem = std::fs::File::from(mem);
@@ -154,13 +157,31 @@ fn blank(init_pid: i32) -> Result<Tracee, String> {
     let insn = find_syscall_insn(pid).map_err(|e| format!("init: {e}"))?;
     let mut init = Tracee::seize(pid, pid, insn, crate::keeper::TIMEOUT)
         .map_err(|e| format!("seize init: {e}"))?;
-    let copy = init.fork(&ForkSpec {
-        flags: 0,
-        exit_signal: libc::SIGCHLD as u64,
-        set_tid: Vec::new(),
-    });
+    // At a pid near the top of the range: the next free one may be a pid the rebuilt template's copies need
+    // (in a sandbox restarted after the daemon, it is 2).
+    let pid_max: i32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(32768);
+    let mut seed = [0u8; 4];
+    let _ = getrandom::fill(&mut seed);
+    let mut want = pid_max - 1 - (u32::from_ne_bytes(seed) % (pid_max as u32 / 4)) as i32;
+    let mut copy = Err(String::new());
+    for _ in 0..16 {
+        copy = init
+            .fork(&ForkSpec {
+                flags: 0,
+                exit_signal: libc::SIGCHLD as u64,
+                set_tid: vec![want],
+            })
+            .map_err(|e| format!("fork a blank process from init: {e}"));
+        match &copy {
+            Err(e) if e.contains("File exists") => want -= 1,
+            _ => break,
+        }
+    }
     init.detach().map_err(|e| format!("let init go: {e}"))?;
-    copy.map_err(|e| format!("fork a blank process from init: {e}"))
+    copy
 }
 
 /// Templates rebuilt from a checkpoint's images, with the daemon's ends of the new session pipes.
@@ -240,7 +261,9 @@ pub(crate) fn rebuild(
         let mut aliases = Vec::new();
         let mut given: Vec<(i32, std::os::fd::BorrowedFd<'_>)> = Vec::new();
         for f in &img.fds {
-            let FdImage::Other { fd, what } = f else { continue };
+            let FdImage::Other { fd, what } = f else {
+                continue;
+            };
             if let Some(s) = fresh_fds
                 .iter()
                 .find(|s| **s != *fd && what_of(**s).as_deref() == Some(what.as_str()))
@@ -262,11 +285,10 @@ pub(crate) fn rebuild(
             given.push((*fd, end.unwrap_or(devnull.as_fd())));
         }
         let host = blank(init_pid).map_err(what)?;
-        let mut open = |path: &Path, flags: i32| {
-            crate::generation::open_in_root(init_pid, path, flags)
-        };
-        let mut template =
-            Template::from_image(host, &pdir, &mut open, &given).map_err(|e| what(e.to_string()))?;
+        let mut open =
+            |path: &Path, flags: i32| crate::generation::open_in_root(init_pid, path, flags);
+        let mut template = Template::from_image(host, &pdir, &mut open, &given)
+            .map_err(|e| what(e.to_string()))?;
         if let Some(kind) = fresh {
             out.pipes.extend(
                 template

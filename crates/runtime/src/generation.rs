@@ -698,7 +698,11 @@ pub(crate) fn open_in_root(pid: i32, target: &Path, flags: i32) -> std::io::Resu
             format!("{}: not an absolute path", target.display()),
         )
     })?;
-    let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+    let rel = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
     Ok(rustix::fs::openat2(
         &root,
         rel,

@@ -380,7 +380,9 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
                 let image_us = us(t);
                 match rebuilt {
                     Err(error) => KeeperReply::RollbackFailed {
-                        error: format!("{error} (the files were rolled back; no process was restored)"),
+                        error: format!(
+                            "{error} (the files were rolled back; no process was restored)"
+                        ),
                         switched: true,
                     },
                     Ok(mut r) => {

@@ -8,6 +8,7 @@ mod bad_input;
 mod checkpoints;
 mod daemon_lifecycle;
 mod deep_chain;
+mod durable;
 mod fork_live;
 mod images;
 mod isolation;

@@ -154,7 +154,8 @@ fn multi_threaded_processes_refuse_a_process_checkpoint_by_name() {
 
 #[test]
 fn killed_templates_and_daemon_restarts_fall_back_to_restarting_processes() {
-    let mut d = TestDaemon::start();
+    // Warm-only checkpoints (no durable images): see `durable.rs` for the same faults with images.
+    let mut d = TestDaemon::start_with(&[("DELTABOX_DURABLE", "0")]);
     let id = d.create(&[]);
     let py = d
         .ok(&["session", "start", &id, "python3"])
@@ -318,8 +319,14 @@ fn the_template_pool_reports_costs_and_evicts_the_least_recently_used() {
     // Evicted, but durable: its templates are rebuilt from its images, and the processes come back.
     let r = d.json(&["rollback", &id, &c2, "--json"]);
     assert_eq!(r["processes_restarted"], false, "{r}");
-    assert!(r["note"].as_str().unwrap().contains("durable images"), "{r}");
-    assert_eq!(out(&d, &id, &py, "print(n, len(data))"), format!("2 {}\n", 8 << 20));
+    assert!(
+        r["note"].as_str().unwrap().contains("durable images"),
+        "{r}"
+    );
+    assert_eq!(
+        out(&d, &id, &py, "print(n, len(data))"),
+        format!("2 {}\n", 8 << 20)
+    );
     restore(&d, &id, &c1);
     assert_eq!(out(&d, &id, &py, "print(n)"), "1\n");
     d.stop_and_check(&[id]);
@@ -347,7 +354,9 @@ fn without_durable_images_an_evicted_checkpoint_restarts_the_processes() {
     let r = d.json(&["rollback", &id, &c1, "--json"]);
     assert_eq!(r["processes_restarted"], true, "{r}");
     assert!(r["note"].as_str().unwrap().contains("evicted"), "{r}");
-    assert!(!d.json(&["checkpoints", &id, "--json"])[0]["durable"].as_bool().unwrap());
+    assert!(!d.json(&["checkpoints", &id, "--json"])[0]["durable"]
+        .as_bool()
+        .unwrap());
     d.stop_and_check(&[id]);
 }
 

@@ -1,0 +1,185 @@
+//! Durable checkpoints: images written in the background, rollback through them when the templates are gone
+//! (killed, evicted, lost with the daemon), and the faults around them.
+
+use crate::common::*;
+
+/// Waits until checkpoint `c` of sandbox `id` is durable.
+fn wait_durable(d: &TestDaemon, id: &str, c: &str) {
+    eventually("the checkpoint's durable images", || {
+        d.json(&["checkpoints", id, "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["id"] == c && x["durable"] == true)
+    });
+}
+
+fn durable_flag(d: &TestDaemon, id: &str, c: &str) -> serde_json::Value {
+    d.json(&["checkpoints", id, "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == c)
+        .map(|x| x["durable"].clone())
+        .unwrap()
+}
+
+/// Everything the test compares: the REPL's variables and a digest of its heap, bash's environment, directory
+/// and functions, the files, and the pids.
+fn observe(d: &TestDaemon, id: &str, py: &str, sh: &str) -> String {
+    format!(
+        "{}|{}|{}",
+        out(
+            d,
+            id,
+            py,
+            "print(x, hashlib.sha256(data).hexdigest(), os.getpid())"
+        ),
+        out(d, id, sh, "echo $Y $(pwd) $(greet) $$; cat /work/f"),
+        d.sh(id, "ls /work").1
+    )
+}
+
+fn setup(d: &TestDaemon) -> (String, String, String) {
+    let id = d.create(&[]);
+    let py = d.session(&id, "python3");
+    let sh = d.session(&id, "bash");
+    out(
+        d,
+        &id,
+        &py,
+        "import os, hashlib; x = 42; data = bytearray(os.urandom(1 << 20)) * 12",
+    );
+    out(
+        d,
+        &id,
+        &sh,
+        "mkdir -p /work && cd /work && export Y=7 && greet() { echo hello; } && echo one > /work/f",
+    );
+    (id, py, sh)
+}
+
+fn mess_up(d: &TestDaemon, id: &str, py: &str, sh: &str) {
+    out(d, id, py, "x = 0; data = b''");
+    out(
+        d,
+        id,
+        sh,
+        "cd / && unset Y && echo two > /work/f && touch /work/g",
+    );
+}
+
+#[test]
+fn the_slow_path_gives_the_same_processes_and_files_as_the_fast_path() {
+    let d = TestDaemon::start();
+    let (id, py, sh) = setup(&d);
+    let c = checkpoint_processes(&d, &id);
+    let want = observe(&d, &id, &py, &sh);
+    wait_durable(&d, &id, &c);
+    // Fast path first.
+    mess_up(&d, &id, &py, &sh);
+    let r = d.json(&["rollback", &id, &c, "--json"]);
+    assert_eq!(r["processes_restarted"], false, "{r}");
+    assert_eq!(observe(&d, &id, &py, &sh), want, "fast path");
+    // The agent kills everything it can see, templates included: the slow path rebuilds them from the images.
+    mess_up(&d, &id, &py, &sh);
+    let _ = d.sh(&id, "kill -9 -1; true");
+    let r = d.json(&["rollback", &id, &c, "--json"]);
+    assert_eq!(r["processes_restarted"], false, "{r}");
+    assert!(
+        r["note"].as_str().unwrap().contains("durable images"),
+        "{r}"
+    );
+    assert!(r["restore"]["image_us"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(observe(&d, &id, &py, &sh), want, "slow path, same sessions");
+    // The rebuilt templates are the checkpoint's templates now: the next rollback is a fast one again.
+    mess_up(&d, &id, &py, &sh);
+    let r = d.json(&["rollback", &id, &c, "--json"]);
+    assert!(
+        !r["note"].as_str().unwrap().contains("durable images"),
+        "{r}"
+    );
+    assert_eq!(
+        observe(&d, &id, &py, &sh),
+        want,
+        "fast path from rebuilt templates"
+    );
+    d.stop_and_check(&[id]);
+}
+
+#[test]
+fn after_a_daemon_restart_a_durable_checkpoint_brings_its_processes_back() {
+    let mut d = TestDaemon::start();
+    let (id, py, sh) = setup(&d);
+    let c = checkpoint_processes(&d, &id);
+    let want = observe(&d, &id, &py, &sh);
+    wait_durable(&d, &id, &c);
+    mess_up(&d, &id, &py, &sh);
+    d.kill9();
+    d.spawn();
+    assert_eq!(durable_flag(&d, &id, &c), true, "images survive the daemon");
+    let r = d.json(&["rollback", &id, &c, "--json"]);
+    assert_eq!(r["processes_restarted"], false, "{r}");
+    assert!(
+        r["note"].as_str().unwrap().contains("durable images"),
+        "{r}"
+    );
+    // The sessions come back under their ids, on new pipes.
+    let got = observe(&d, &id, &py, &sh);
+    if got != want {
+        eprintln!(
+            "DEBUG {r}\n{}",
+            d.sh(&id, "ls -l /proc/[0-9]*/fd/; ps -ef").1
+        );
+    }
+    assert_eq!(got, want);
+    mess_up(&d, &id, &py, &sh);
+    d.ok(&["rollback", &id, &c]);
+    assert_eq!(observe(&d, &id, &py, &sh), want, "and again, fast");
+    d.stop_and_check(&[id]);
+}
+
+#[test]
+fn a_daemon_killed_while_writing_images_leaves_nothing_trusted() {
+    let mut d = TestDaemon::start();
+    let (id, py, _sh) = setup(&d);
+    std::fs::write(d.dir.join("fault-crash-during-images"), "").unwrap();
+    let c = checkpoint_processes(&d, &id);
+    // The background writer kills the daemon half-way.
+    eventually("the daemon dies writing the images", || {
+        d.cli(&["ls"]).status.code() != Some(0)
+    });
+    std::fs::remove_file(d.dir.join("fault-crash-during-images")).unwrap();
+    d.kill9();
+    d.spawn();
+    let images = d.dir.join("store/process-images");
+    let left: Vec<_> = std::fs::read_dir(&images)
+        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "nothing half-written is left: {left:?}");
+    assert_eq!(durable_flag(&d, &id, &c), false);
+    let r = d.json(&["rollback", &id, &c, "--json"]);
+    assert_eq!(r["processes_restarted"], true, "{r}");
+    let _ = py;
+    d.stop_and_check(&[id]);
+}
+
+#[test]
+fn deleting_a_checkpoint_or_its_sandbox_deletes_its_images() {
+    let d = TestDaemon::start();
+    let (id, _py, _sh) = setup(&d);
+    let c1 = checkpoint_processes(&d, &id);
+    let c2 = checkpoint_processes(&d, &id);
+    wait_durable(&d, &id, &c1);
+    wait_durable(&d, &id, &c2);
+    let images = d.dir.join("store/process-images");
+    assert!(images.join(&c2).is_dir());
+    d.ok(&["rm-checkpoint", &c2]);
+    eventually("c2's images go", || !images.join(&c2).exists());
+    assert!(images.join(&c1).is_dir());
+    d.ok(&["rm", &id]);
+    eventually("every image goes with the sandbox", || {
+        !images.join(&c1).exists()
+    });
+    d.stop_and_check(&[]);
+}

@@ -388,6 +388,142 @@ pub fn write_pages(
     Ok(())
 }
 
+/// What writing an image's pages cost on disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PagesWritten {
+    /// Bytes of memory content in the image.
+    pub bytes: u64,
+    /// Of those, bytes equal to the base image's at the same address, shared with it (reflink): no new space.
+    pub shared: u64,
+}
+
+/// A base image to deduplicate against: its description and its pages.
+pub struct Base<'a> {
+    pub image: &'a ProcessImage,
+    pub pages: &'a std::fs::File,
+}
+
+impl Base<'_> {
+    /// Offset in the base's pages file of the page at `addr`, if the base stored it.
+    fn offset_of(&self, runs: &[&PageRun], addr: u64) -> Option<u64> {
+        let i = runs.partition_point(|r| r.addr + r.pages * PAGE <= addr);
+        let r = runs.get(i)?;
+        (r.addr <= addr).then(|| r.offset + (addr - r.addr))
+    }
+}
+
+/// [`write_pages`], sharing with `base` every page whose content equals the base's page at the same address
+/// (compared byte for byte, not by hash): the file is complete on its own, but only changed pages take new
+/// space. Without reflink support (or a base) everything is written.
+pub fn write_pages_dedup(
+    img: &ProcessImage,
+    mem: &std::fs::File,
+    pages: &std::fs::File,
+    base: Option<Base<'_>>,
+) -> Result<PagesWritten> {
+    let mut runs: Vec<&PageRun> = base
+        .as_ref()
+        .map(|b| b.image.vmas.iter().flat_map(|v| &v.pages).collect())
+        .unwrap_or_default();
+    runs.sort_by_key(|r| r.addr);
+    let mut out = PagesWritten::default();
+    let mut reflink = base.is_some();
+    let mut buf = Vec::new();
+    let mut theirs = vec![0u8; PAGE as usize];
+    let mut at = 0u64;
+    let werr = |e: std::io::Error| Error::Image(format!("write pages: {e}"));
+    for run in img.vmas.iter().flat_map(|v| &v.pages) {
+        if run.offset != at {
+            return Err(Error::Image(format!(
+                "page runs out of order at {:#x}",
+                run.addr
+            )));
+        }
+        let total = run.pages * PAGE;
+        let mut done = 0;
+        while done < total {
+            let len = (total - done).min(64 << 20);
+            buf.resize(len as usize, 0);
+            let addr0 = run.addr + done;
+            mem.read_exact_at(&mut buf, addr0)
+                .map_err(|e| Error::Image(format!("read memory at {addr0:#x}: {e}")))?;
+            // Split into stretches that are shared (same bytes as the base, contiguous there) or new.
+            let mut i = 0u64;
+            while i < len {
+                let addr = addr0 + i;
+                let page = &buf[i as usize..(i + PAGE) as usize];
+                let same = |off: u64, theirs: &mut [u8]| {
+                    base.as_ref()
+                        .is_some_and(|b| b.pages.read_exact_at(theirs, off).is_ok())
+                        && &theirs[..] == page
+                };
+                let src = base.as_ref().and_then(|b| b.offset_of(&runs, addr));
+                let start = i;
+                if let Some(src0) = src.filter(|o| reflink && same(*o, &mut theirs)) {
+                    i += PAGE;
+                    while i < len {
+                        let a = addr0 + i;
+                        let p = &buf[i as usize..(i + PAGE) as usize];
+                        match base.as_ref().and_then(|b| b.offset_of(&runs, a)) {
+                            Some(o) if o == src0 + (i - start) => {
+                                let ok = base
+                                    .as_ref()
+                                    .is_some_and(|b| b.pages.read_exact_at(&mut theirs, o).is_ok())
+                                    && theirs[..] == *p;
+                                if !ok {
+                                    break;
+                                }
+                            }
+                            _ => break,
+                        }
+                        i += PAGE;
+                    }
+                    let n = i - start;
+                    let dest = at + done + start;
+                    let shared = base.as_ref().is_some_and(|b| {
+                        deltabox_sys::reflink::clone_range(pages, dest, b.pages, src0, n).is_ok()
+                    });
+                    if shared {
+                        out.shared += n;
+                    } else {
+                        // No reflinks here after all: from now on everything is written.
+                        reflink = false;
+                        pages
+                            .write_all_at(&buf[start as usize..i as usize], dest)
+                            .map_err(werr)?;
+                    }
+                } else {
+                    i += PAGE;
+                    while i < len {
+                        let a = addr0 + i;
+                        let p = &buf[i as usize..(i + PAGE) as usize];
+                        let again = reflink
+                            && base
+                                .as_ref()
+                                .and_then(|b| b.offset_of(&runs, a))
+                                .is_some_and(|o| {
+                                    base.as_ref().is_some_and(|b| {
+                                        b.pages.read_exact_at(&mut theirs, o).is_ok()
+                                    }) && theirs[..] == *p
+                                });
+                        if again {
+                            break;
+                        }
+                        i += PAGE;
+                    }
+                    pages
+                        .write_all_at(&buf[start as usize..i as usize], at + done + start)
+                        .map_err(werr)?;
+                }
+            }
+            done += len;
+        }
+        at += total;
+        out.bytes += total;
+    }
+    Ok(out)
+}
+
 /// Everything of an image but the memory content: the mappings with the page runs planned (offsets in the
 /// pages file), registers and per-process state, read from the stopped process `t` (a few injected calls).
 pub fn describe(t: &mut Tracee) -> Result<ProcessImage> {
@@ -683,21 +819,32 @@ impl ImageDir {
         let mut img = describe(t)?;
         img.identity = identity;
         let mem = open_mem(t.tgid().as_raw())?;
-        Self::store(&img, &mem, dir)?;
+        Self::store(&img, &mem, dir, None)?;
         Ok(img)
     }
 
-    /// Writes the image [`describe`] gave, its pages copied from `mem` ([`open_mem`]), into directory `dir`
-    /// (which must not exist yet): under a temporary name, synced, then renamed into place.
-    pub fn store(img: &ProcessImage, mem: &std::fs::File, dir: &std::path::Path) -> Result<()> {
+    /// Writes the image [`describe`] gave, its pages copied from `mem` ([`open_mem`]) and shared with the
+    /// image in `base` where equal ([`write_pages_dedup`]), into directory `dir` (which must not exist yet):
+    /// under a temporary name, synced, then renamed into place.
+    pub fn store(
+        img: &ProcessImage,
+        mem: &std::fs::File,
+        dir: &std::path::Path,
+        base: Option<&std::path::Path>,
+    ) -> Result<PagesWritten> {
         let io = |what: &'static str| move |e: std::io::Error| Error::Image(format!("{what}: {e}"));
         let tmp = dir.with_extension("partial");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(io("create image directory"))?;
         let result = (|| {
-            let mut pages =
-                std::fs::File::create(tmp.join("pages.bin")).map_err(io("create pages"))?;
-            write_pages(img, mem, &mut pages)?;
+            let pages = std::fs::File::create(tmp.join("pages.bin")).map_err(io("create pages"))?;
+            let base = base.and_then(|b| Self::read(b).ok());
+            let written = write_pages_dedup(
+                img,
+                mem,
+                &pages,
+                base.as_ref().map(|(image, pages)| Base { image, pages }),
+            )?;
             pages.sync_all().map_err(io("sync pages"))?;
             let meta = serde_json::to_vec(img).map_err(|e| Error::Image(format!("encode: {e}")))?;
             let mut f = std::fs::File::create(tmp.join("meta.json")).map_err(io("create meta"))?;
@@ -709,7 +856,7 @@ impl ImageDir {
                     let _ = d.sync_all();
                 }
             }
-            Ok(())
+            Ok(written)
         })();
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&tmp);

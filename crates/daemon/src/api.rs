@@ -115,6 +115,13 @@ pub struct CheckpointInfo {
     /// Why its durable images could not be written, if they could not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub durable_error: Option<String>,
+    /// Memory content its images hold, bytes (listings only, once durable).
+    #[serde(default)]
+    pub image_bytes: u64,
+    /// Of those, the bytes that took new space: the rest equals the previous durable checkpoint's memory at the
+    /// same addresses and shares its extents. This is the checkpoint's memory delta.
+    #[serde(default)]
+    pub image_new_bytes: u64,
 }
 
 /// `POST /v1/sandboxes/{id}/checkpoints` (the body is optional).

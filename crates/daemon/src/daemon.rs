@@ -948,6 +948,8 @@ impl Daemon {
             templates: None,
             durable: false,
             durable_error: None,
+            image_bytes: 0,
+            image_new_bytes: 0,
         })
     }
 
@@ -1110,19 +1112,47 @@ impl Daemon {
             let _ = std::fs::create_dir_all(dir.with_extension("partial").join("p1"));
             std::process::abort();
         }
+        // Deduplicated against the nearest ancestor checkpoint that has images (pages equal to its pages at the
+        // same address share its extents).
+        let mut base = None;
+        let mut cur = self
+            .store
+            .checkpoint(cid)
+            .ok()
+            .flatten()
+            .and_then(|c| c.parent);
+        for _ in 0..64 {
+            let Some(p) = cur else { break };
+            if deltabox_runtime::durable::complete(&self.images_dir(&p)) {
+                base = Some(p);
+                break;
+            }
+            cur = self
+                .store
+                .checkpoint(&p)
+                .ok()
+                .flatten()
+                .and_then(|c| c.parent);
+        }
+        let base_dir = base.as_ref().map(|b| self.images_dir(b));
         let t = std::time::Instant::now();
-        let meta = blocking(move || deltabox_runtime::durable::store(&dir, &described, mems))
-            .await
-            .map_err(|e| e.message.clone())??;
+        let meta = blocking(move || {
+            let base = base.as_deref().zip(base_dir.as_deref());
+            deltabox_runtime::durable::store(&dir, &described, mems, base)
+        })
+        .await
+        .map_err(|e| e.message.clone())??;
         // Deleted meanwhile: nothing may keep its images.
         if !matches!(self.store.checkpoint(cid), Ok(Some(_))) {
             self.remove_images(vec![cid.to_string()]);
             return Ok(());
         }
         tracing::info!(
-            "durable images of checkpoint {cid}: {} processes, {} bytes of memory, written in {:?}",
+            "durable images of checkpoint {cid}: {} processes, {} bytes of memory ({} shared with {:?}), written in {:?}",
             meta.processes.len(),
             meta.bytes,
+            meta.shared,
+            meta.base,
             t.elapsed()
         );
         Ok(())
@@ -1559,25 +1589,33 @@ impl Daemon {
             .store
             .checkpoints_of(id)?
             .into_iter()
-            .map(|c| CheckpointInfo {
-                with_processes: c.processes,
-                processes: Vec::new(),
-                templates: costs.get(&c.id).cloned(),
-                durable: c.processes
-                    && deltabox_runtime::durable::complete(&self.images_dir(&c.id)),
-                durable_error: self
-                    .durable_errors
-                    .lock()
-                    .ok()
-                    .and_then(|e| e.get(&c.id).cloned()),
-                depth: self.depth(&c.chain),
-                layers: c.chain.len(),
-                id: c.id,
-                sandbox_id: c.sandbox_id,
-                parent: c.parent,
-                created_at: c.created_at,
-                duration_ms: 0.0,
-                switch: None,
+            .map(|c| {
+                let images =
+                    deltabox_runtime::durable::ImagesMeta::read(&self.images_dir(&c.id)).ok();
+                CheckpointInfo {
+                    image_bytes: images.as_ref().map_or(0, |m| m.bytes),
+                    image_new_bytes: images
+                        .as_ref()
+                        .map_or(0, |m| m.bytes - m.shared.min(m.bytes)),
+                    with_processes: c.processes,
+                    processes: Vec::new(),
+                    templates: costs.get(&c.id).cloned(),
+                    durable: c.processes
+                        && deltabox_runtime::durable::complete(&self.images_dir(&c.id)),
+                    durable_error: self
+                        .durable_errors
+                        .lock()
+                        .ok()
+                        .and_then(|e| e.get(&c.id).cloned()),
+                    depth: self.depth(&c.chain),
+                    layers: c.chain.len(),
+                    id: c.id,
+                    sandbox_id: c.sandbox_id,
+                    parent: c.parent,
+                    created_at: c.created_at,
+                    duration_ms: 0.0,
+                    switch: None,
+                }
             })
             .collect())
     }

@@ -33,8 +33,15 @@ pub struct ImagesMeta {
     pub processes: Vec<ImagedProcess>,
     /// The sessions there were (session id, sandbox pid, kind), as the daemon knew them.
     pub sessions: Vec<(String, i32, crate::SessionKind)>,
-    /// Bytes of memory content written.
+    /// Bytes of memory content in the images.
     pub bytes: u64,
+    /// Of those, bytes shared with the base checkpoint's images (equal pages, reflinked): the images took
+    /// `bytes - shared` of new space.
+    #[serde(default)]
+    pub shared: u64,
+    /// The checkpoint whose images these were deduplicated against.
+    #[serde(default)]
+    pub base: Option<String>,
 }
 
 /// One imaged process.
@@ -113,7 +120,12 @@ pub(crate) fn describe(
 /// Writes described images into `dir`, copying the pages from `mems` (nothing is done if they are already
 /// there). All or nothing: an interrupted or failed write leaves no `dir` (only a `.partial` one, removed here on
 /// failure and by the daemon at start).
-pub fn store(dir: &Path, d: &Described, mems: Vec<OwnedFd>) -> Result<ImagesMeta, String> {
+pub fn store(
+    dir: &Path,
+    d: &Described,
+    mems: Vec<OwnedFd>,
+    base: Option<(&str, &Path)>,
+) -> Result<ImagesMeta, String> {
     if complete(dir) {
         return ImagesMeta::read(dir);
     }
@@ -128,12 +140,17 @@ pub fn store(dir: &Path, d: &Described, mems: Vec<OwnedFd>) -> Result<ImagesMeta
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial).map_err(|e| format!("create {}: {e}", partial.display()))?;
     let result = (|| {
+        let mut meta = d.meta.clone();
+        meta.base = base.map(|(id, _)| id.to_string());
         for ((img, p), mem) in d.images.iter().zip(&d.meta.processes).zip(mems) {
             let mem = std::fs::File::from(mem);
-            ImageDir::store(img, &mem, &partial.join(format!("p{}", p.ns_pid)))
+            let name = format!("p{}", p.ns_pid);
+            let theirs = base.map(|(_, b)| b.join(&name)).filter(|b| b.is_dir());
+            let w = ImageDir::store(img, &mem, &partial.join(&name), theirs.as_deref())
                 .map_err(|e| format!("process {}: {e}", p.ns_pid))?;
+            meta.shared += w.shared;
         }
-        let text = serde_json::to_vec(&d.meta).map_err(|e| e.to_string())?;
+        let text = serde_json::to_vec(&meta).map_err(|e| e.to_string())?;
         let path = partial.join(IMAGES_META);
         std::fs::write(&path, text)
             .and_then(|()| std::fs::File::open(&path)?.sync_all())
@@ -143,7 +160,7 @@ pub fn store(dir: &Path, d: &Described, mems: Vec<OwnedFd>) -> Result<ImagesMeta
         if let Some(parent) = dir.parent() {
             sync_dir(parent);
         }
-        Ok(d.meta.clone())
+        Ok(meta)
     })();
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&partial);

@@ -13,6 +13,7 @@ pub mod inject;
 pub mod netdev;
 pub mod pidfd;
 pub mod procfs;
+pub mod reflink;
 pub mod seccomp;
 
 pub use clone::{clone_process, CloneResult};

@@ -20,3 +20,4 @@ target/release/deltabox demo
 target/release/deltabox bench runtime --iterations 10
 target/release/deltabox bench fs --quick
 target/release/deltabox bench cr --quick
+target/release/deltabox bench durable --quick

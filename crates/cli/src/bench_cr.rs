@@ -15,7 +15,7 @@ use deltabox_daemon::api::{
 use deltabox_daemon::Client;
 
 /// Median and p99 of a sample.
-fn stats(mut v: Vec<f64>) -> (f64, f64) {
+pub(crate) fn stats(mut v: Vec<f64>) -> (f64, f64) {
     if v.is_empty() {
         return (f64::NAN, f64::NAN);
     }
@@ -28,7 +28,7 @@ fn med(v: &[f64]) -> f64 {
     stats(v.to_vec()).0
 }
 
-async fn run(c: &Client, id: &str, sid: &str, code: &str) -> Result<String> {
+pub(crate) async fn run(c: &Client, id: &str, sid: &str, code: &str) -> Result<String> {
     let body = RunInSession {
         command: code.into(),
         timeout_ms: Some(300_000),
@@ -168,7 +168,7 @@ async fn measure(c: &Client, w: &Workload<'_>, reps: usize, huge: bool) -> Resul
 }
 
 /// A process tree started with `setsid sh -c CMD` on the host, for CRIU.
-struct HostTree {
+pub(crate) struct HostTree {
     pid: i32,
     /// The original root process, ours to reap (a zombie would keep its pid from CRIU's restore); restored
     /// trees are re-parented away from us by `criu restore -d`.
@@ -176,7 +176,7 @@ struct HostTree {
 }
 
 impl HostTree {
-    fn start(cmd: &str, ready: impl Fn(i32) -> bool) -> Result<HostTree> {
+    pub(crate) fn start(cmd: &str, ready: impl Fn(i32) -> bool) -> Result<HostTree> {
         let child = Command::new("setsid")
             .args(["sh", "-c", cmd])
             .stdin(Stdio::null())
@@ -239,7 +239,7 @@ fn tree_pids(root: i32) -> Vec<i32> {
     out
 }
 
-fn rss_mb(pid: i32) -> u64 {
+pub(crate) fn rss_mb(pid: i32) -> u64 {
     let descendants = |pid: i32| -> Vec<i32> {
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
             .unwrap_or_default()
@@ -263,7 +263,7 @@ fn rss_mb(pid: i32) -> u64 {
 }
 
 /// CRIU dump (`--leave-running`) and restore (after killing the tree) of `tree`, `reps` times; medians in ms.
-fn criu_cycle(tree: &HostTree, reps: usize, scratch: &Path) -> Result<(f64, f64)> {
+pub(crate) fn criu_cycle(tree: &HostTree, reps: usize, scratch: &Path) -> Result<(f64, f64)> {
     let (mut dumps, mut restores) = (Vec::new(), Vec::new());
     for r in 0..reps {
         let dir = scratch.join(format!("img{r}"));
@@ -299,7 +299,7 @@ fn criu_cycle(tree: &HostTree, reps: usize, scratch: &Path) -> Result<(f64, f64)
     Ok((med(&dumps), med(&restores)))
 }
 
-fn scratch_dir() -> Result<PathBuf> {
+pub(crate) fn scratch_dir() -> Result<PathBuf> {
     // Images on a tmpfs: CRIU is measured at its best, not at the disk's speed.
     let d = PathBuf::from(format!("/dev/shm/deltabox-bench-cr-{}", std::process::id()));
     std::fs::create_dir_all(&d)?;

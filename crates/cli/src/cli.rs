@@ -163,6 +163,13 @@ pub enum BenchCmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Durable checkpoints: slow-path rollback against memory (beside CRIU), image space over a trajectory,
+    /// the cost of background image writing.
+    Durable {
+        /// Fewer sizes, steps and repetitions (for CI).
+        #[arg(long)]
+        quick: bool,
+    },
     /// DeltaFS checkpoint/rollback against tree size and chain depth, copy baselines, workload slowdown.
     Fs {
         /// Smaller trees, fewer repetitions (for CI).

@@ -281,6 +281,9 @@ async fn dispatch(
         Command::Resume { id } => lifecycle(client, &id, "resume", json).await,
         Command::Demo => crate::demo::run(client).await,
         Command::Bench(BenchCmd::Cr { quick }) => crate::bench_cr::cr(client, quick).await,
+        Command::Bench(BenchCmd::Durable { quick }) => {
+            crate::bench_durable::durable(client, quick).await
+        }
         Command::Bench(BenchCmd::Fs { quick }) => {
             crate::bench_fs::fs(client, state_dir, quick).await
         }

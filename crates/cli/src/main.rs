@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_cr;
+mod bench_durable;
 mod bench_fs;
 mod cli;
 mod commands;

@@ -514,6 +514,12 @@ async fn session_task(
                         Ok(Resume::Restored(exit)) => {
                             io.exit = Some(exit);
                             io.status_buf.clear();
+                            // The restored process writes to these pipes again, even if they saw end-of-file
+                            // meanwhile (its old copy and every template holding them had died: a process
+                            // rebuilt from an image got its ends reopened).
+                            io.out_open = true;
+                            io.err_open = true;
+                            io.status_open = true;
                         }
                         Ok(Resume::Unchanged) => {}
                         // Not restored: the pid is nobody's now, so signal nothing.

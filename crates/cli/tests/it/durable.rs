@@ -189,30 +189,56 @@ fn images_share_unchanged_pages_with_the_previous_ones_and_stand_alone() {
     let d = TestDaemon::start();
     let id = d.create(&[]);
     let py = d.session(&id, "python3");
-    out(&d, &id, &py, "import os, hashlib; data = bytearray(os.urandom(1 << 20)) * 32");
+    out(
+        &d,
+        &id,
+        &py,
+        "import os, hashlib; data = bytearray(os.urandom(1 << 20)) * 32",
+    );
     let c1 = checkpoint_processes(&d, &id);
     wait_durable(&d, &id, &c1);
     // A small change: 64 pages.
-    out(&d, &id, &py, "data[4096 * 100:4096 * 164] = os.urandom(4096 * 64)");
+    out(
+        &d,
+        &id,
+        &py,
+        "data[4096 * 100:4096 * 164] = os.urandom(4096 * 64)",
+    );
     let want = out(&d, &id, &py, "print(hashlib.sha256(data).hexdigest())");
     let c2 = checkpoint_processes(&d, &id);
     wait_durable(&d, &id, &c2);
     let list = d.json(&["checkpoints", &id, "--json"]);
     let get = |c: &str, k: &str| {
-        list.as_array().unwrap().iter().find(|x| x["id"] == c).unwrap()[k].as_u64().unwrap()
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["id"] == c)
+            .unwrap()[k]
+            .as_u64()
+            .unwrap()
     };
     assert!(get(&c2, "image_bytes") >= 32 << 20);
     assert!(
         get(&c2, "image_new_bytes") < 8 << 20,
         "only the changed pages take new space: {list}"
     );
-    assert_eq!(get(&c1, "image_new_bytes"), get(&c1, "image_bytes"), "the first is whole");
+    assert_eq!(
+        get(&c1, "image_new_bytes"),
+        get(&c1, "image_bytes"),
+        "the first is whole"
+    );
     // The second image stands alone: its base's files may go (shared extents are reference-counted).
     std::fs::remove_dir_all(d.dir.join("store/process-images").join(&c1)).unwrap();
     out(&d, &id, &py, "data = b''");
     let _ = d.sh(&id, "kill -9 -1; true");
     let r = d.json(&["rollback", &id, &c2, "--json"]);
-    assert!(r["note"].as_str().unwrap().contains("durable images"), "{r}");
-    assert_eq!(out(&d, &id, &py, "print(hashlib.sha256(data).hexdigest())"), want);
+    assert!(
+        r["note"].as_str().unwrap().contains("durable images"),
+        "{r}"
+    );
+    assert_eq!(
+        out(&d, &id, &py, "print(hashlib.sha256(data).hexdigest())"),
+        want
+    );
     d.stop_and_check(&[id]);
 }

@@ -1,0 +1,270 @@
+//! `deltabox bench durable`: durable checkpoints. The slow-path rollback (templates gone, rebuilt from their
+//! images) against the process's memory, beside the fast path and CRIU's restore of the same program in the same
+//! run; the space images take over a trajectory against the bytes actually changed; and what writing images in
+//! the background costs an agent's next command. Prints numbers; asserts only that every rollback restored the
+//! state.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use deltabox_daemon::api::{
+    CheckpointBody, CheckpointInfo, CreateSandbox, ExecBody, RollbackInfo, SandboxInfo,
+    SessionInfo, StartSession,
+};
+use deltabox_daemon::Client;
+
+use crate::bench_cr::{criu_cycle, rss_mb, run, scratch_dir, stats, HostTree};
+
+fn start_session(kind: &str) -> StartSession {
+    StartSession {
+        kind: kind.into(),
+        cwd: None,
+        env: Default::default(),
+    }
+}
+
+/// Waits until checkpoint `cid` is durable; returns its listing.
+async fn wait_durable(c: &Client, id: &str, cid: &str) -> Result<CheckpointInfo> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let list = c.list_checkpoints(id).await?;
+        let ck = list
+            .into_iter()
+            .find(|x| x.id == cid)
+            .context("checkpoint gone")?;
+        if ck.durable {
+            return Ok(ck);
+        }
+        if let Some(e) = &ck.durable_error {
+            anyhow::bail!("durable images of {cid} failed: {e}");
+        }
+        ensure!(Instant::now() < deadline, "images of {cid} never written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Kills every process of the sandbox, templates included (as `kill -9 -1` from inside would).
+async fn kill_all(c: &Client, id: &str) -> Result<()> {
+    let body = ExecBody {
+        argv: vec!["sh".into(), "-c".into(), "kill -9 -1; true".into()],
+        ..Default::default()
+    };
+    let _ = c.exec(id, &body).await;
+    Ok(())
+}
+
+fn ms(v: &[f64]) -> String {
+    let (m, p) = stats(v.to_vec());
+    format!("{m:.1} ({p:.1})")
+}
+
+/// Runs the benchmark.
+pub async fn durable(client: &Client, quick: bool) -> Result<i32> {
+    let sizes: &[usize] = if quick {
+        &[10, 100]
+    } else {
+        &[10, 100, 500, 1000]
+    };
+    let reps = if quick { 3 } else { 7 };
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!(
+        "deltabox bench durable: kernel {}, {reps} reps per cell, times in ms, median (p99)",
+        kernel.trim()
+    );
+    println!("\nslow-path rollback: a python3 session holding N MB (its templates killed, rebuilt from the checkpoint's images) beside the fast path and CRIU restoring the same program:");
+    println!(
+        "{:>6} {:>12} {:>16} {:>12} {:>14} {:>12} {:>12}",
+        "MB",
+        "image MB",
+        "slow rollback",
+        "of it: images",
+        "fast rollback",
+        "image write",
+        "CRIU restore"
+    );
+    let scratch = scratch_dir()?;
+    for &mb in sizes {
+        let sb: SandboxInfo = client
+            .create(&CreateSandbox {
+                memory: Some(format!("{}M", mb * 3 + 1024)),
+                ..Default::default()
+            })
+            .await?;
+        let result = async {
+            let py: SessionInfo = client
+                .start_session(&sb.id, &start_session("python3"))
+                .await?;
+            run(
+                client,
+                &sb.id,
+                &py.id,
+                &format!("import os; data = bytearray(os.urandom(1 << 20)) * {mb}; tick = 0"),
+            )
+            .await?;
+            let body = CheckpointBody {
+                processes: true,
+                huge_pages: Some(true),
+            };
+            let t = Instant::now();
+            let ck: CheckpointInfo = client.checkpoint_body(&sb.id, &body).await?;
+            let listed = wait_durable(client, &sb.id, &ck.id).await?;
+            let write_ms = t.elapsed().as_secs_f64() * 1e3;
+            let expect = format!("0 {}", mb << 20);
+            let (mut slow, mut images, mut fast) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..reps {
+                kill_all(client, &sb.id).await?;
+                let t = Instant::now();
+                let r: RollbackInfo = client.rollback(&sb.id, &ck.id).await?;
+                slow.push(t.elapsed().as_secs_f64() * 1e3);
+                ensure!(
+                    r.note.contains("durable images"),
+                    "not a slow-path rollback: {}",
+                    r.note
+                );
+                images.push(r.restore.as_ref().map_or(0.0, |x| x.image_us as f64 / 1e3));
+                let got = run(client, &sb.id, &py.id, "print(tick, len(data))").await?;
+                ensure!(
+                    got.trim() == expect,
+                    "slow path restored {got:?}, expected {expect:?}"
+                );
+                run(client, &sb.id, &py.id, "tick = 1").await?;
+                let t = Instant::now();
+                client.rollback(&sb.id, &ck.id).await?;
+                fast.push(t.elapsed().as_secs_f64() * 1e3);
+                let got = run(client, &sb.id, &py.id, "print(tick, len(data))").await?;
+                ensure!(got.trim() == expect, "fast path restored {got:?}");
+            }
+            Ok::<_, anyhow::Error>((listed.image_bytes, slow, images, fast, write_ms))
+        }
+        .await;
+        client.remove(&sb.id).await?;
+        let (bytes, slow, images, fast, write_ms) = result?;
+        let criu = HostTree::start(
+            &format!(
+                "exec python3 -c \"import os, time; data = bytearray(os.urandom(1 << 20)) * {mb}; time.sleep(1e9)\""
+            ),
+            |pid| rss_mb(pid) as usize >= mb,
+        )
+        .and_then(|tree| criu_cycle(&tree, reps.min(3), &scratch));
+        let criu = match criu {
+            Ok((_, restore)) => format!("{restore:.1}"),
+            Err(e) => format!("failed: {e}"),
+        };
+        println!(
+            "{mb:>6} {:>12} {:>16} {:>12} {:>14} {:>12.1} {:>12}",
+            bytes >> 20,
+            ms(&slow),
+            ms(&images),
+            ms(&fast),
+            write_ms,
+            criu
+        );
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+
+    // Space over a trajectory.
+    let (mb, steps) = if quick { (32usize, 12usize) } else { (100, 50) };
+    println!("\nimage space over a {steps}-step trajectory: a python3 session holding {mb} MB; each step rewrites a few random pages (the bytes changed), then a process checkpoint:");
+    let sb: SandboxInfo = client
+        .create(&CreateSandbox {
+            memory: Some(format!("{}M", mb * 3 + 1024)),
+            ..Default::default()
+        })
+        .await?;
+    let result = async {
+        let py: SessionInfo = client.start_session(&sb.id, &start_session("python3")).await?;
+        run(
+            client,
+            &sb.id,
+            &py.id,
+            &format!("import os, random; random.seed(7); data = bytearray(os.urandom(1 << 20)) * {mb}"),
+        )
+        .await?;
+        let (mut changed, mut stored, mut new, mut first, mut ids) = (0u64, 0u64, 0u64, 0u64, Vec::new());
+        let body = CheckpointBody {
+            processes: true,
+            huge_pages: Some(true),
+        };
+        for step in 0..steps {
+            let pages = 16 + (step * 37) % 240;
+            run(
+                client,
+                &sb.id,
+                &py.id,
+                &format!("for _ in range({pages}):\n    i = random.randrange(len(data) // 4096) * 4096\n    data[i:i + 4096] = os.urandom(4096)"),
+            )
+            .await?;
+            let ck: CheckpointInfo = client.checkpoint_body(&sb.id, &body).await?;
+            let listed = wait_durable(client, &sb.id, &ck.id).await?;
+            stored += listed.image_bytes;
+            if step == 0 {
+                first = listed.image_new_bytes;
+            } else {
+                changed += pages as u64 * 4096;
+                new += listed.image_new_bytes;
+            }
+            ids.push(ck.id);
+        }
+        Ok::<_, anyhow::Error>((changed, stored, new, first))
+    }
+    .await;
+    client.remove(&sb.id).await?;
+    let (changed, stored, new, first) = result?;
+    println!(
+        "  first image (whole): {:.1} MB; then over {} steps: heap bytes changed {:.1} MB, new space the images took {:.1} MB ({:.2}x the bytes changed, {:.2} MB a step); without sharing all {steps} images would take {:.1} MB",
+        first as f64 / 1e6,
+        steps - 1,
+        changed as f64 / 1e6,
+        new as f64 / 1e6,
+        new as f64 / changed.max(1) as f64,
+        new as f64 / 1e6 / (steps - 1) as f64,
+        stored as f64 / 1e6,
+    );
+
+    // What background image writing costs the agent's next command.
+    let mb = if quick { 64 } else { 256 };
+    println!("\nthe agent's next command while a checkpoint's images are written ({mb} MB python3 process; the command hashes 32 MB):");
+    let sb: SandboxInfo = client
+        .create(&CreateSandbox {
+            memory: Some(format!("{}M", mb * 3 + 1024)),
+            ..Default::default()
+        })
+        .await?;
+    let result = async {
+        let py: SessionInfo = client.start_session(&sb.id, &start_session("python3")).await?;
+        run(
+            client,
+            &sb.id,
+            &py.id,
+            &format!("import os, hashlib, time; data = bytearray(os.urandom(1 << 20)) * {mb}; work = bytes(32 << 20)"),
+        )
+        .await?;
+        let cmd = "t = time.perf_counter(); hashlib.sha256(work).digest(); print((time.perf_counter() - t) * 1e3)";
+        let body = CheckpointBody {
+            processes: true,
+            huge_pages: Some(false),
+        };
+        let (mut during, mut idle) = (Vec::new(), Vec::new());
+        for i in 0..reps {
+            run(client, &sb.id, &py.id, &format!("data[{i} * 4096 * 64] = 1")).await?;
+            let ck: CheckpointInfo = client.checkpoint_body(&sb.id, &body).await?;
+            during.push(run(client, &sb.id, &py.id, cmd).await?.trim().parse::<f64>()?);
+            wait_durable(client, &sb.id, &ck.id).await?;
+            idle.push(run(client, &sb.id, &py.id, cmd).await?.trim().parse::<f64>()?);
+        }
+        Ok::<_, anyhow::Error>((during, idle))
+    }
+    .await;
+    client.remove(&sb.id).await?;
+    let (during, idle) = result?;
+    let (d, _) = stats(during.clone());
+    let (i, _) = stats(idle.clone());
+    println!(
+        "  right after the checkpoint (images being written): {}; once they are written: {}; ratio {:.2}x",
+        ms(&during),
+        ms(&idle),
+        d / i
+    );
+    println!("\nslow rollback = kill every process (templates too), then one API call: files rolled back, templates rebuilt from their images in blank copies of the sandbox's init (\"of it: images\": mapping and filling the memory with pread, registers, descriptors), processes forked from them with their pids; fast rollback = from the rebuilt templates. Image write = from the checkpoint call until the images are durable (background). CRIU restore: the same program on the host, images on tmpfs.");
+    Ok(0)
+}

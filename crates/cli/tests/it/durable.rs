@@ -242,3 +242,69 @@ fn images_share_unchanged_pages_with_the_previous_ones_and_stand_alone() {
     );
     d.stop_and_check(&[id]);
 }
+
+#[test]
+fn a_full_disk_leaves_the_checkpoint_warm_and_says_why() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let py = d.session(&id, "python3");
+    out(
+        &d,
+        &id,
+        &py,
+        "import os; data = bytearray(os.urandom(1 << 20)) * 16; x = 1",
+    );
+    // Fill the store, leaving a little room for the checkpoint's layers but not for the images.
+    let store = d.dir.join("store");
+    let df = std::process::Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(&store)
+        .output()
+        .unwrap();
+    let free: u64 = String::from_utf8_lossy(&df.stdout)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let filler = store.join("filler");
+    let status = std::process::Command::new("fallocate")
+        .args(["-l", &(free.saturating_sub(4 << 20)).to_string()])
+        .arg(&filler)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let c = checkpoint_processes(&d, &id);
+    eventually("the image write fails and says why", || {
+        d.json(&["checkpoints", &id, "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| {
+                x["id"] == c.as_str()
+                    && x["durable_error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("space"))
+            })
+    });
+    let left: Vec<_> = std::fs::read_dir(store.join("process-images"))
+        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "nothing half-written is left: {left:?}");
+    // Warm, all the same: the fast path works.
+    out(&d, &id, &py, "x = 2");
+    d.ok(&["rollback", &id, &c]);
+    assert_eq!(out(&d, &id, &py, "print(x)"), "1\n");
+    // With room again, the next checkpoint is durable.
+    std::fs::remove_file(&filler).unwrap();
+    let c2 = checkpoint_processes(&d, &id);
+    eventually("the next checkpoint is durable", || {
+        d.json(&["checkpoints", &id, "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["id"] == c2.as_str() && x["durable"] == true)
+    });
+    d.stop_and_check(&[id]);
+}

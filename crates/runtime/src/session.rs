@@ -456,13 +456,17 @@ impl SessionIo {
         }
     }
 
-    /// Takes whatever output is already in the pipes without waiting.
+    /// Takes whatever output is already in the pipes without waiting. With real `read(2)` calls on the
+    /// (non-blocking) pipes: tokio's `try_read` trusts the readiness its reactor last saw, and the reactor may
+    /// not yet have seen the output a command wrote just before its status line (the output was then lost, and
+    /// dropped as leftovers before the next command).
     fn drain_now(&mut self, res: &mut SessionOutput, max: usize) {
+        use std::os::fd::AsFd;
         let mut buf = [0u8; 65536];
-        while let Ok(n @ 1..) = self.out.try_read(&mut buf) {
+        while let Ok(n @ 1..) = rustix::io::read(self.out.as_fd(), &mut buf) {
             push_bounded(&mut res.stdout, &buf[..n], max, &mut res.stdout_truncated);
         }
-        while let Ok(n @ 1..) = self.err.try_read(&mut buf) {
+        while let Ok(n @ 1..) = rustix::io::read(self.err.as_fd(), &mut buf) {
             push_bounded(&mut res.stderr, &buf[..n], max, &mut res.stderr_truncated);
         }
     }

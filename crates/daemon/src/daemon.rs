@@ -223,6 +223,16 @@ impl Daemon {
             }
         });
         d.compact_wanted.notify_one();
+        // Templates grow after the checkpoint (the background huge-page collapse makes them full copies; the
+        // live processes rewrite shared pages): the budget is checked again every few seconds.
+        let weak = Arc::downgrade(&d);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let Some(d) = weak.upgrade() else { return };
+                d.enforce_template_budget().await;
+            }
+        });
         Ok(d)
     }
 
@@ -976,31 +986,53 @@ impl Daemon {
     }
 
     /// Evicts the least recently used process checkpoints' templates while all templates together hold more
-    /// memory (PSS) than the budget, or a sandbox holds more templates than allowed (they count against its
-    /// pids limit). An evicted checkpoint keeps its files; rolling back to it restarts the processes and says why.
+    /// memory (PSS) than the budget, a sandbox's templates hold more than half its memory limit (they are charged
+    /// to it: beyond that its own processes would meet the OOM killer), or a sandbox holds more templates than
+    /// allowed (they count against its pids limit). An evicted checkpoint keeps its files and its durable images
+    /// (written first); rolling back to it rebuilds the templates from them.
     pub async fn enforce_template_budget(&self) {
         let _one = self.budget_lock.lock().await;
         let sandboxes: Vec<Arc<Sandbox>> = self.live.read().await.values().cloned().collect();
         // (last used, sandbox, checkpoint, pss, processes)
         let mut entries = Vec::new();
         let mut per_sandbox: HashMap<String, usize> = HashMap::new();
+        let mut pss_of: HashMap<String, u64> = HashMap::new();
+        let mut limit_of: HashMap<String, u64> = HashMap::new();
         let mut total = 0u64;
         for sb in &sandboxes {
+            if sb.kept.lock().map_or(true, |k| k.is_empty()) {
+                continue;
+            }
             let costs = self.template_costs(sb).await;
             let Ok(kept) = sb.kept.lock().map(|k| k.clone()) else {
                 continue;
             };
+            if let Some(limit) = self
+                .store
+                .get(&sb.id)
+                .ok()
+                .flatten()
+                .and_then(|i| i.memory_bytes)
+            {
+                limit_of.insert(sb.id.clone(), limit / 2);
+            }
             for (cid, cost) in costs {
                 let Some(k) = kept.get(&cid) else { continue };
                 total += cost.pss;
                 *per_sandbox.entry(sb.id.clone()).or_default() += cost.processes;
+                *pss_of.entry(sb.id.clone()).or_default() += cost.pss;
                 entries.push((k.last_used, sb.clone(), cid, cost.pss, cost.processes));
             }
         }
         entries.sort_by_key(|e| e.0);
         for (_, sb, cid, pss, n) in entries {
             let count = per_sandbox.get(&sb.id).copied().unwrap_or(0);
-            if total <= self.config.template_budget && count <= self.config.max_templates {
+            let mine = pss_of.get(&sb.id).copied().unwrap_or(0);
+            let over_limit = limit_of.get(&sb.id).is_some_and(|l| mine > *l);
+            if total <= self.config.template_budget
+                && count <= self.config.max_templates
+                && !over_limit
+            {
                 continue;
             }
             let Some(keeper) = sb.keeper.lock().await.clone() else {
@@ -1033,6 +1065,7 @@ impl Daemon {
             tracing::info!("template pool: evicted the processes of checkpoint {cid} ({pss} bytes, {n} processes)");
             total = total.saturating_sub(pss);
             per_sandbox.insert(sb.id.clone(), count.saturating_sub(n));
+            pss_of.insert(sb.id.clone(), mine.saturating_sub(pss));
         }
     }
 

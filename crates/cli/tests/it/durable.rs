@@ -308,3 +308,51 @@ fn a_full_disk_leaves_the_checkpoint_warm_and_says_why() {
     });
     d.stop_and_check(&[id]);
 }
+
+#[test]
+fn templates_stay_within_half_the_sandbox_memory_and_evicted_ones_come_back_from_images() {
+    let d = TestDaemon::start();
+    let id = d.create(&["--memory", "600M"]);
+    let py = d.session(&id, "python3");
+    out(
+        &d,
+        &id,
+        &py,
+        "import os; data = bytearray(os.urandom(1 << 20)) * 64; n = 0",
+    );
+    // Collapsed into huge pages, every template becomes a full copy of the heap: without a cap, eight of them
+    // would exceed the sandbox's memory and the OOM killer would take the REPL.
+    let mut cks = Vec::new();
+    for i in 1..=8 {
+        out(&d, &id, &py, &format!("n = {i}; data[0] = {i}"));
+        cks.push(checkpoint_processes(&d, &id));
+        std::thread::sleep(std::time::Duration::from_millis(400));
+    }
+    eventually("templates within half the memory limit", || {
+        let list = d.json(&["checkpoints", &id, "--json"]);
+        let held: u64 = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["templates"]["pss"].as_u64())
+            .sum();
+        held <= 300 << 20
+            && list
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|c| c["durable"] == true)
+    });
+    assert_eq!(
+        out(&d, &id, &py, "print(n, data[0])"),
+        "8 8\n",
+        "the REPL survived"
+    );
+    let r = d.json(&["rollback", &id, &cks[0], "--json"]);
+    assert_eq!(r["processes_restarted"], false, "{r}");
+    assert_eq!(
+        out(&d, &id, &py, "print(n, data[0], len(data))"),
+        format!("1 1 {}\n", 64 << 20)
+    );
+    d.stop_and_check(&[id]);
+}

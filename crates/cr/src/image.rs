@@ -70,6 +70,12 @@ pub struct ProcessImage {
     pub gids: [u32; 3],
     /// Capability sets: inheritable, permitted, effective, bounding, ambient.
     pub caps: [u64; 5],
+    /// Supplementary groups.
+    #[serde(default)]
+    pub groups: Vec<u32>,
+    /// `prctl(PR_GET_DUMPABLE)` (a change of identity resets it; it decides who may look at the process).
+    #[serde(default)]
+    pub dumpable: u64,
     /// Resource limits: (resource, soft, hard).
     pub rlimits: Vec<(u32, u64, u64)>,
     /// Descriptors.
@@ -706,6 +712,8 @@ pub fn describe(t: &mut Tracee) -> Result<ProcessImage> {
     t.checked_syscall("prctl(PR_GET_TID_ADDRESS)", libc::SYS_prctl, &[40, a])?;
     let tid_address = u64::from_ne_bytes(t.read_mem(a, 8)?[..8].try_into().unwrap_or_default());
     let robust_list = robust_list_of(pid).map_err(io("get_robust_list"))?;
+    // PR_GET_DUMPABLE (3).
+    let dumpable = t.checked_syscall("prctl(PR_GET_DUMPABLE)", libc::SYS_prctl, &[3])? as u64;
 
     let mut rlimits = Vec::new();
     for res in 0..16u32 {
@@ -764,6 +772,12 @@ pub fn describe(t: &mut Tracee) -> Result<ProcessImage> {
         uids: ids(&status, "Uid:"),
         gids: ids(&status, "Gid:"),
         caps: cap_sets(&status),
+        dumpable,
+        groups: status_field(&status, "Groups:")
+            .unwrap_or("")
+            .split_whitespace()
+            .filter_map(|g| g.parse().ok())
+            .collect(),
         rlimits,
         fds,
         page_bytes: written,

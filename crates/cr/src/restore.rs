@@ -63,9 +63,11 @@ pub fn restore(
             })
             .unwrap_or_default()
     };
-    if ids("Uid:") != img.uids.to_vec() || ids("Gid:") != img.gids.to_vec() {
+    let same_ids = ids("Uid:") == img.uids.to_vec() && ids("Gid:") == img.gids.to_vec();
+    // Another identity is taken at the end (the restore itself needs root's privileges); only from root.
+    if !same_ids && (ids("Uid:") != vec![0, 0, 0] || ids("Gid:") != vec![0, 0, 0]) {
         return Err(fail(format!(
-            "credentials differ (image uids {:?} gids {:?}; changing them is not supported yet)",
+            "credentials differ (image uids {:?} gids {:?}) and this process is not root",
             img.uids, img.gids
         )));
     }
@@ -444,6 +446,52 @@ pub fn restore(
     if let Some((area, size, sig)) = img.rseq {
         t.checked_syscall("rseq", libc::SYS_rseq, &[area, size as u64, 0, sig as u64])?;
     }
+    let have = if same_ids {
+        have
+    } else {
+        // The bounding set first (dropping needs CAP_SETPCAP, which root loses below), then groups, gids and
+        // uids (which drops root's capabilities as for any process doing it).
+        for cap in 0..64u64 {
+            if have[3] & !img.caps[3] & (1 << cap) != 0 {
+                t.checked_syscall("prctl(PR_CAPBSET_DROP)", libc::SYS_prctl, &[24, cap])?;
+            }
+        }
+        let groups: Vec<u8> = img.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
+        let p = t.write_scratch(&groups)?;
+        t.checked_syscall(
+            "setgroups",
+            libc::SYS_setgroups,
+            &[img.groups.len() as u64, p],
+        )?;
+        let [r, e, s] = img.gids;
+        t.checked_syscall(
+            "setresgid",
+            libc::SYS_setresgid,
+            &[r as u64, e as u64, s as u64],
+        )?;
+        let [r, e, s] = img.uids;
+        t.checked_syscall(
+            "setresuid",
+            libc::SYS_setresuid,
+            &[r as u64, e as u64, s as u64],
+        )?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map_err(|e| fail(format!("status: {e}")))?;
+        let now = crate::image::cap_sets(&status);
+        if img.caps.iter().zip(now).any(|(want, h)| want & !h != 0) {
+            return Err(fail(format!(
+                "the image keeps capabilities across its change of identity (image {:x?}, here {now:x?}): not supported",
+                img.caps
+            )));
+        }
+        now
+    };
+    // PR_SET_DUMPABLE (4): as it was (a change of identity above reset it).
+    t.checked_syscall(
+        "prctl(PR_SET_DUMPABLE)",
+        libc::SYS_prctl,
+        &[4, img.dumpable.min(1)],
+    )?;
     lower_caps(t, &have, &img.caps)?;
     let xstate = hex::decode(&img.xstate).map_err(|e| fail(format!("extended state: {e}")))?;
     t.set_xstate(&xstate)?;

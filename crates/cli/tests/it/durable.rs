@@ -356,3 +356,48 @@ fn templates_stay_within_half_the_sandbox_memory_and_evicted_ones_come_back_from
     );
     d.stop_and_check(&[id]);
 }
+
+#[test]
+fn a_process_that_dropped_root_comes_back_from_its_image_with_its_identity() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let sh = d.session(&id, "bash");
+    let pid = out(
+        &d,
+        &id,
+        &sh,
+        "echo secret > /root/own; chmod 600 /root/own; exec 7</root/own\n\
+         setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all sleep 1000 </dev/null >/dev/null 2>&1 &\n\
+         exec 7<&-; sleep 0.3; echo $!",
+    );
+    let pid = pid.trim().to_string();
+    let look = |d: &TestDaemon| {
+        d.sh(
+            &id,
+            &format!("cat /proc/{pid}/comm /proc/{pid}/fd/7; grep -E '^(Uid|Gid|CapEff)' /proc/{pid}/status"),
+        )
+        .1
+    };
+    let want = look(&d);
+    assert!(want.contains("secret") && want.contains("65534"), "{want}");
+    let c = checkpoint_processes(&d, &id);
+    wait_durable(&d, &id, &c);
+    let _ = d.sh(&id, "kill -9 -1; true");
+    let r = d.json(&["rollback", &id, &c, "--json"]);
+    assert_eq!(r["processes_restarted"], false, "{r}");
+    assert!(
+        r["note"].as_str().unwrap().contains("durable images"),
+        "{r}"
+    );
+    assert_eq!(
+        look(&d),
+        want,
+        "same pid, file, uid, gid and (no) capabilities"
+    );
+    // And from the rebuilt template (an unprivileged one: its copy's pid comes through ns_last_pid).
+    d.sh(&id, &format!("kill {pid}"));
+    let r = d.json(&["rollback", &id, &c, "--json"]);
+    assert_eq!(r["processes_restarted"], false, "{r}");
+    assert_eq!(look(&d), want);
+    d.stop_and_check(&[id]);
+}

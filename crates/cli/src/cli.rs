@@ -66,6 +66,16 @@ pub enum Command {
     RmCheckpoint { checkpoint: String },
     /// List a sandbox's checkpoints.
     Checkpoints { id: String },
+    /// Pin a checkpoint: `gc` keeps it and every checkpoint it builds on.
+    Pin { checkpoint: String },
+    /// Unpin a checkpoint.
+    Unpin { checkpoint: String },
+    /// Delete every checkpoint that is neither pinned, nor a sandbox's head, nor an ancestor of one of those.
+    Gc {
+        /// Only list what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Freeze every process of a sandbox.
     Pause { id: String },
     /// Thaw a paused sandbox.

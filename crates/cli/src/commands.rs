@@ -277,6 +277,41 @@ async fn dispatch(
             )?;
             Ok(0)
         }
+        Command::Pin { checkpoint } => pin(client, &checkpoint, true, json).await,
+        Command::Unpin { checkpoint } => pin(client, &checkpoint, false, json).await,
+        Command::Gc { dry_run } => {
+            let r: deltabox_daemon::api::GcReport = client
+                .call(
+                    Method::POST,
+                    "/v1/gc",
+                    Some(&deltabox_daemon::api::GcBody { dry_run }),
+                )
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                for e in &r.removed {
+                    println!(
+                        "{}{} (sandbox {})",
+                        if dry_run { "would remove " } else { "removed " },
+                        e.id,
+                        e.sandbox_id
+                    );
+                }
+                for e in &r.refused {
+                    println!("kept: {e}");
+                }
+                println!(
+                    "{} checkpoint{} {}, {} kept; their images' own space: {} bytes",
+                    r.removed.len(),
+                    if r.removed.len() == 1 { "" } else { "s" },
+                    if dry_run { "would go" } else { "removed" },
+                    r.kept,
+                    r.image_bytes
+                );
+            }
+            Ok(0)
+        }
         Command::Pause { id } => lifecycle(client, &id, "pause", json).await,
         Command::Resume { id } => lifecycle(client, &id, "resume", json).await,
         Command::Demo => crate::demo::run(client).await,
@@ -439,4 +474,20 @@ async fn session(client: &Client, cmd: SessionCmd, json: bool) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// `pin` / `unpin`.
+async fn pin(client: &Client, checkpoint: &str, pinned: bool, json: bool) -> Result<i32> {
+    let path = format!("/v1/checkpoints/{}/pin", seg(checkpoint));
+    let method = if pinned { Method::POST } else { Method::DELETE };
+    client.call::<()>(method, &path, None::<&()>).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"checkpoint": checkpoint, "pinned": pinned})
+        );
+    } else {
+        println!("{checkpoint}");
+    }
+    Ok(0)
 }

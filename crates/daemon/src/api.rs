@@ -115,6 +115,9 @@ pub struct CheckpointInfo {
     /// Why its durable images could not be written, if they could not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub durable_error: Option<String>,
+    /// Kept by `gc`, with everything it builds on.
+    #[serde(default)]
+    pub pinned: bool,
     /// Memory content its images hold, bytes (listings only, once durable).
     #[serde(default)]
     pub image_bytes: u64,
@@ -319,4 +322,42 @@ pub struct Health {
 pub struct ForkBody {
     /// How many sandboxes (1..=64).
     pub n: usize,
+}
+
+/// `POST /v1/gc`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcBody {
+    /// Only say what would go.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// What `gc` removed (or, with `dry_run`, would remove).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GcReport {
+    /// Nothing was removed: this is what would go.
+    pub dry_run: bool,
+    /// Checkpoints collected, deepest first.
+    pub removed: Vec<GcEntry>,
+    /// Checkpoints kept (pinned, sandbox heads, and their ancestors).
+    pub kept: usize,
+    /// Disk their images took of their own (not shared with others), bytes.
+    pub image_bytes: u64,
+    /// Checkpoints that could not be removed, with why (a concurrent fork or checkpoint built on them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<String>,
+}
+
+/// One collected checkpoint.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GcEntry {
+    /// Id.
+    pub id: String,
+    /// Its sandbox.
+    pub sandbox_id: String,
+    /// Seconds since the epoch.
+    pub created_at: i64,
+    /// It held processes.
+    pub with_processes: bool,
 }

@@ -926,6 +926,7 @@ impl Daemon {
             base: cur.base,
             created_at: now(),
             processes,
+            pinned: false,
         };
         self.store.record_checkpoint(&row, &next)?;
         if processes && self.config.durable {
@@ -958,6 +959,7 @@ impl Daemon {
             templates: None,
             durable: false,
             durable_error: None,
+            pinned: false,
             image_bytes: 0,
             image_new_bytes: 0,
         })
@@ -1067,6 +1069,83 @@ impl Daemon {
             per_sandbox.insert(sb.id.clone(), count.saturating_sub(n));
             pss_of.insert(sb.id.clone(), mine.saturating_sub(pss));
         }
+    }
+
+    /// Pins (or unpins) a checkpoint: `gc` keeps pinned checkpoints and every checkpoint they build on.
+    pub async fn pin_checkpoint(&self, cid: &str, pinned: bool) -> Result<(), ApiError> {
+        if !valid_id(cid) || !self.store.set_pinned(cid, pinned)? {
+            return Err(ApiError::not_found(format!("no checkpoint {cid:?}")));
+        }
+        Ok(())
+    }
+
+    /// Deletes every checkpoint nothing keeps (with `dry_run`, only says which). Kept: pinned checkpoints; the
+    /// checkpoint each sandbox's current files build on (its head: every sandbox, running or not, forks
+    /// included); and every ancestor of a kept checkpoint. A collected checkpoint goes as with
+    /// `rm-checkpoint` — its templates, images and the layers only it used — deepest first, so no deletion is
+    /// refused for a later checkpoint still building on it.
+    pub async fn gc(&self, dry_run: bool) -> Result<api::GcReport, ApiError> {
+        let all = self.store.all_checkpoints()?;
+        let parent: HashMap<String, Option<String>> = all
+            .iter()
+            .map(|c| (c.id.clone(), c.parent.clone()))
+            .collect();
+        let mut roots: Vec<String> = all
+            .iter()
+            .filter(|c| c.pinned)
+            .map(|c| c.id.clone())
+            .collect();
+        for s in self.store.list()? {
+            if let Some(head) = self.store.fs_state(&s.id)?.and_then(|f| f.head) {
+                roots.push(head);
+            }
+        }
+        let mut kept = std::collections::HashSet::new();
+        for r in roots {
+            let mut cur = Some(r);
+            while let Some(c) = cur {
+                if !kept.insert(c.clone()) {
+                    break;
+                }
+                cur = parent.get(&c).cloned().flatten();
+            }
+        }
+        let depth = |c: &CheckpointRow| {
+            let mut n = 0usize;
+            let mut cur = c.parent.clone();
+            while let Some(p) = cur {
+                n += 1;
+                cur = parent.get(&p).cloned().flatten();
+            }
+            n
+        };
+        // Deepest first: a collected checkpoint's descendants are collected too (were one kept, so would it be).
+        let mut gone: Vec<&CheckpointRow> = all.iter().filter(|c| !kept.contains(&c.id)).collect();
+        gone.sort_by_key(|c| std::cmp::Reverse(depth(c)));
+        let mut report = api::GcReport {
+            dry_run,
+            kept: kept.len(),
+            ..Default::default()
+        };
+        for c in gone {
+            let images = deltabox_runtime::durable::ImagesMeta::read(&self.images_dir(&c.id))
+                .map(|m| m.bytes - m.shared.min(m.bytes))
+                .unwrap_or(0);
+            if !dry_run {
+                if let Err(e) = self.remove_checkpoint(&c.id).await {
+                    report.refused.push(format!("{}: {}", c.id, e.message));
+                    continue;
+                }
+            }
+            report.image_bytes += images;
+            report.removed.push(api::GcEntry {
+                id: c.id.clone(),
+                sandbox_id: c.sandbox_id.clone(),
+                created_at: c.created_at,
+                with_processes: c.processes,
+            });
+        }
+        Ok(report)
     }
 
     /// Where a process checkpoint's durable images live (see `deltabox_runtime::durable`).
@@ -1635,6 +1714,7 @@ impl Daemon {
                     templates: costs.get(&c.id).cloned(),
                     durable: c.processes
                         && deltabox_runtime::durable::complete(&self.images_dir(&c.id)),
+                    pinned: c.pinned,
                     durable_error: self
                         .durable_errors
                         .lock()

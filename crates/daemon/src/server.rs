@@ -58,6 +58,8 @@ pub fn router(d: Arc<Daemon>) -> Router {
             axum::routing::delete(remove_checkpoint),
         )
         .route("/v1/checkpoints/{id}/fork", post(fork))
+        .route("/v1/checkpoints/{id}/pin", post(pin).delete(unpin))
+        .route("/v1/gc", post(gc))
         .route("/v1/checkpoints/{id}/diff/{other}", get(diff))
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .route("/v1/sandboxes/{id}/exec/stream", post(exec_stream))
@@ -131,6 +133,23 @@ async fn fork(
     ApiJson(body): ApiJson<crate::api::ForkBody>,
 ) -> Result<impl IntoResponse, ApiError> {
     Ok((StatusCode::CREATED, Json(d.fork(&id, body.n).await?)))
+}
+
+async fn pin(State(d): D, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    d.pin_checkpoint(&id, true).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn unpin(State(d): D, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    d.pin_checkpoint(&id, false).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn gc(
+    State(d): D,
+    ApiJson(body): ApiJson<crate::api::GcBody>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(d.gc(body.dry_run).await?))
 }
 
 async fn remove_checkpoint(

@@ -93,6 +93,15 @@ impl Store {
                  COMMIT;",
             )?;
         }
+        if version < 4 {
+            // Step 4: pinned checkpoints survive `gc`.
+            conn.execute_batch(
+                "BEGIN;
+                 ALTER TABLE checkpoints ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0;
+                 PRAGMA user_version = 4;
+                 COMMIT;",
+            )?;
+        }
         let mut refs = HashMap::new();
         {
             let mut stmt = conn.prepare("SELECT chain FROM checkpoints")?;
@@ -257,6 +266,9 @@ pub struct CheckpointRow {
     /// Whether its processes were checkpointed too.
     #[serde(default)]
     pub processes: bool,
+    /// Kept by `gc`.
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 fn json<T: serde::Serialize>(v: &T) -> String {
@@ -332,7 +344,17 @@ impl Store {
             base: from_json(r.get(4)?),
             created_at: r.get(5)?,
             processes: r.get(6)?,
+            pinned: r.get(7)?,
         })
+    }
+
+    /// Pins or unpins checkpoint `id` (`gc` keeps pinned checkpoints and everything they need).
+    pub fn set_pinned(&self, id: &str, pinned: bool) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .prepare_cached("UPDATE checkpoints SET pinned = ?2 WHERE id = ?1")?
+            .execute(params![id, pinned])?
+            == 1)
     }
 
     /// Whether checkpoint `id` was taken with its processes.
@@ -349,7 +371,7 @@ impl Store {
     pub fn checkpoint(&self, id: &str) -> Result<Option<CheckpointRow>, StoreError> {
         Ok(self
             .conn()
-            .prepare_cached("SELECT id, sandbox_id, parent, chain, base, created_at, processes FROM checkpoints WHERE id = ?1")?
+            .prepare_cached("SELECT id, sandbox_id, parent, chain, base, created_at, processes, pinned FROM checkpoints WHERE id = ?1")?
             .query_row(params![id],
                 Self::checkpoint_row,
             )
@@ -360,7 +382,7 @@ impl Store {
     pub fn checkpoints_of(&self, sandbox: &str) -> Result<Vec<CheckpointRow>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT id, sandbox_id, parent, chain, base, created_at, processes FROM checkpoints WHERE sandbox_id = ?1 ORDER BY created_at, rowid",
+            "SELECT id, sandbox_id, parent, chain, base, created_at, processes, pinned FROM checkpoints WHERE sandbox_id = ?1 ORDER BY created_at, rowid",
         )?;
         let rows = stmt.query_map(params![sandbox], Self::checkpoint_row)?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -369,7 +391,7 @@ impl Store {
     /// Every checkpoint.
     pub fn all_checkpoints(&self) -> Result<Vec<CheckpointRow>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT id, sandbox_id, parent, chain, base, created_at, processes FROM checkpoints ORDER BY created_at, rowid")?;
+        let mut stmt = conn.prepare("SELECT id, sandbox_id, parent, chain, base, created_at, processes, pinned FROM checkpoints ORDER BY created_at, rowid")?;
         let rows = stmt.query_map([], Self::checkpoint_row)?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }

@@ -401,3 +401,55 @@ fn a_process_that_dropped_root_comes_back_from_its_image_with_its_identity() {
     assert_eq!(look(&d), want);
     d.stop_and_check(&[id]);
 }
+
+#[test]
+fn gc_keeps_pinned_checkpoints_heads_and_their_ancestors_and_dry_run_changes_nothing() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let py = d.session(&id, "python3");
+    out(&d, &id, &py, "n = 1");
+    let c1 = checkpoint_processes(&d, &id);
+    out(&d, &id, &py, "n = 2");
+    let c2 = checkpoint_processes(&d, &id);
+    wait_durable(&d, &id, &c2);
+    // Back to c1 and on from there: c2 is on a branch nothing uses any more.
+    d.ok(&["rollback", &id, &c1]);
+    out(&d, &id, &py, "n = 3");
+    let c3 = checkpoint_processes(&d, &id);
+    let c4 = checkpoint_processes(&d, &id);
+    let ids = |d: &TestDaemon| -> Vec<String> {
+        d.json(&["checkpoints", &id, "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let gc = |d: &TestDaemon, dry: bool| -> Vec<String> {
+        let mut args = vec!["gc", "--json"];
+        if dry {
+            args.push("--dry-run");
+        }
+        d.json(&args)["removed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(gc(&d, true), vec![c2.clone()], "only the abandoned branch would go");
+    assert_eq!(ids(&d).len(), 4, "a dry run changes nothing");
+    d.ok(&["pin", &c2]);
+    assert!(gc(&d, true).is_empty(), "pinned");
+    d.ok(&["unpin", &c2]);
+    let images = d.dir.join("store/process-images");
+    assert!(images.join(&c2).is_dir());
+    assert_eq!(gc(&d, false), vec![c2.clone()]);
+    assert_eq!(ids(&d), vec![c1.clone(), c3.clone(), c4.clone()]);
+    eventually("its images go", || !images.join(&c2).exists());
+    // What is kept still works.
+    d.ok(&["rollback", &id, &c3]);
+    assert_eq!(out(&d, &id, &py, "print(n)"), "3\n");
+    assert!(d.cli(&["pin", "c-000000000000"]).status.code() != Some(0), "unknown ids are refused");
+    d.stop_and_check(&[id]);
+}

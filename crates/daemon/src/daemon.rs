@@ -1132,6 +1132,19 @@ impl Daemon {
                 .map(|m| m.bytes - m.shared.min(m.bytes))
                 .unwrap_or(0);
             if !dry_run {
+                // Serialized with rollbacks of its sandbox (they hold this lock while they move its head), and
+                // checked again: one may have made it a head (or someone pinned it) since the plan was made.
+                let sb = self.live.read().await.get(&c.sandbox_id).cloned();
+                let _g = match &sb {
+                    Some(sb) => Some(sb.lifecycle.lock().await),
+                    None => None,
+                };
+                if self.still_kept(&c.id)? {
+                    report
+                        .refused
+                        .push(format!("{}: pinned or built on since gc started", c.id));
+                    continue;
+                }
                 if let Err(e) = self.remove_checkpoint(&c.id).await {
                     report.refused.push(format!("{}: {}", c.id, e.message));
                     continue;
@@ -1146,6 +1159,40 @@ impl Daemon {
             });
         }
         Ok(report)
+    }
+
+    /// Whether checkpoint `cid` is pinned, some sandbox's head, or an ancestor of one of those (see `gc`).
+    fn still_kept(&self, cid: &str) -> Result<bool, ApiError> {
+        let all = self.store.all_checkpoints()?;
+        let parent: HashMap<&str, Option<&str>> = all
+            .iter()
+            .map(|c| (c.id.as_str(), c.parent.as_deref()))
+            .collect();
+        let mut roots: Vec<String> = all
+            .iter()
+            .filter(|c| c.pinned)
+            .map(|c| c.id.clone())
+            .collect();
+        for s in self.store.list()? {
+            if let Some(head) = self.store.fs_state(&s.id)?.and_then(|f| f.head) {
+                roots.push(head);
+            }
+        }
+        for r in &roots {
+            let mut cur = Some(r.as_str());
+            let mut steps = 0;
+            while let Some(c) = cur {
+                if c == cid {
+                    return Ok(true);
+                }
+                steps += 1;
+                if steps > all.len() {
+                    break;
+                }
+                cur = parent.get(c).copied().flatten();
+            }
+        }
+        Ok(false)
     }
 
     /// Where a process checkpoint's durable images live (see `deltabox_runtime::durable`).

@@ -437,7 +437,11 @@ fn gc_keeps_pinned_checkpoints_heads_and_their_ancestors_and_dry_run_changes_not
             .map(|e| e["id"].as_str().unwrap().to_string())
             .collect()
     };
-    assert_eq!(gc(&d, true), vec![c2.clone()], "only the abandoned branch would go");
+    assert_eq!(
+        gc(&d, true),
+        vec![c2.clone()],
+        "only the abandoned branch would go"
+    );
     assert_eq!(ids(&d).len(), 4, "a dry run changes nothing");
     d.ok(&["pin", &c2]);
     assert!(gc(&d, true).is_empty(), "pinned");
@@ -450,6 +454,56 @@ fn gc_keeps_pinned_checkpoints_heads_and_their_ancestors_and_dry_run_changes_not
     // What is kept still works.
     d.ok(&["rollback", &id, &c3]);
     assert_eq!(out(&d, &id, &py, "print(n)"), "3\n");
-    assert!(d.cli(&["pin", "c-000000000000"]).status.code() != Some(0), "unknown ids are refused");
+    assert!(
+        d.cli(&["pin", "c-000000000000"]).status.code() != Some(0),
+        "unknown ids are refused"
+    );
+    d.stop_and_check(&[id]);
+}
+
+#[test]
+fn gc_racing_rollbacks_loses_nothing() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let py = d.session(&id, "python3");
+    out(&d, &id, &py, "n = 1");
+    let keep = checkpoint_processes(&d, &id);
+    d.ok(&["pin", &keep]);
+    // Side branches gc may collect at any moment, each rolled back to while it runs.
+    let mut side = Vec::new();
+    for i in 2..8 {
+        d.ok(&["rollback", &id, &keep]);
+        out(&d, &id, &py, &format!("n = {i}"));
+        side.push((i, checkpoint_processes(&d, &id)));
+    }
+    d.ok(&["rollback", &id, &keep]);
+    let mut gc = d.cli_spawn(&["gc"]);
+    let (mut ok, mut gone) = (0, 0);
+    for (i, c) in &side {
+        let r = d.cli(&["rollback", &id, c, "--json"]);
+        if r.status.success() {
+            ok += 1;
+            assert_eq!(
+                out(&d, &id, &py, "print(n)"),
+                format!("{i}\n"),
+                "rolled back to {c}"
+            );
+        } else {
+            gone += 1;
+            let err = String::from_utf8_lossy(&r.stderr);
+            assert!(
+                err.contains("no checkpoint") || err.contains("deleted"),
+                "{err}"
+            );
+        }
+    }
+    assert!(gc.wait().unwrap().success());
+    eprintln!("{ok} rollbacks won the race, {gone} found their checkpoint collected");
+    // Whatever won, the sandbox is whole: back to the pinned checkpoint, and gc again leaves nothing broken.
+    d.ok(&["rollback", &id, &keep]);
+    assert_eq!(out(&d, &id, &py, "print(n)"), "1\n");
+    let _ = d.ok(&["gc"]);
+    d.ok(&["rollback", &id, &keep]);
+    assert_eq!(out(&d, &id, &py, "print(n)"), "1\n");
     d.stop_and_check(&[id]);
 }

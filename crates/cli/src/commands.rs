@@ -265,13 +265,31 @@ async fn dispatch(
             print_list(
                 &list,
                 json,
-                &["CHECKPOINT", "PARENT", "DEPTH", "CREATED"],
+                &[
+                    "CHECKPOINT",
+                    "PARENT",
+                    "DEPTH",
+                    "CREATED",
+                    "PROCESSES",
+                    "PINNED",
+                ],
                 |c| {
+                    let processes = if !c.with_processes {
+                        "-".to_string()
+                    } else if c.durable {
+                        format!("durable ({:.1} MB new)", c.image_new_bytes as f64 / 1e6)
+                    } else if let Some(e) = &c.durable_error {
+                        format!("warm only: {e}")
+                    } else {
+                        "warm".to_string()
+                    };
                     vec![
                         c.id.clone(),
                         c.parent.clone().unwrap_or("-".into()),
                         c.depth.to_string(),
                         c.created_at.to_string(),
+                        processes,
+                        if c.pinned { "yes" } else { "-" }.to_string(),
                     ]
                 },
             )?;

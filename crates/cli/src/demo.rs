@@ -297,6 +297,36 @@ async fn trajectory(d: &mut Demo<'_>) -> Result<()> {
     for f in &forks {
         d.client.remove(&f.id).await?;
     }
+
+    d.say("the agent kills everything it can see (`kill -9 -1`), the checkpoint's templates included; its durable images (written in the background) bring the processes back");
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let list = d.client.list_checkpoints(&d.id).await?;
+        let ck = list.iter().find(|c| c.id == explored);
+        if let Some(ck) = ck.filter(|c| c.durable) {
+            println!(
+                "    -> checkpoint {} is durable: {:.1} MB of memory in its images, {:.1} MB of it new (the rest shared with the previous checkpoint's)",
+                ck.id,
+                ck.image_bytes as f64 / 1e6,
+                ck.image_new_bytes as f64 / 1e6
+            );
+            break;
+        }
+        if let Some(e) = ck.and_then(|c| c.durable_error.clone()) {
+            bail!("the checkpoint's images could not be written: {e}");
+        }
+        if Instant::now() > deadline {
+            bail!("the checkpoint's images were not written in time");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    d.exec(&["sh", "-c", "kill -9 -1; true"]).await?;
+    d.rollback(&explored).await?;
+    let r = d.session(&py.id, "sum(data), calc.mul(6, 7)").await?;
+    if !r.stdout.contains("(9999900000, 42)") {
+        bail!("the images should have restored the REPL's state");
+    }
+    d.session(&bash.id, "pwd").await?;
     let mut ms: Vec<f64> = d.checkpoints.iter().map(|c| c.2).collect();
     ms.sort_by(|a, b| a.total_cmp(b));
     println!(

@@ -66,6 +66,17 @@ pub enum Command {
     RmCheckpoint { checkpoint: String },
     /// List a sandbox's checkpoints.
     Checkpoints { id: String },
+    /// Write one checkpoint (its files, process images and sandbox settings) to a compressed,
+    /// content-addressed archive.
+    Export {
+        checkpoint: String,
+        /// The archive to write.
+        #[arg(short, long)]
+        output: std::path::PathBuf,
+    },
+    /// Recreate an exported checkpoint as a new (stopped) sandbox; prints the sandbox and the checkpoint to roll
+    /// back to.
+    Import { archive: std::path::PathBuf },
     /// Pin a checkpoint: `gc` keeps it and every checkpoint it builds on.
     Pin { checkpoint: String },
     /// Unpin a checkpoint.

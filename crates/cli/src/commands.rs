@@ -295,6 +295,43 @@ async fn dispatch(
             )?;
             Ok(0)
         }
+        Command::Export { checkpoint, output } => {
+            let path = absolute(&output)?;
+            let r = with_progress(
+                client,
+                &format!("/v1/checkpoints/{}/export", seg(&checkpoint)),
+                &path,
+                "exporting",
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                let mb = |k: &str| r[k].as_u64().unwrap_or(0) as f64 / 1e6;
+                println!(
+                    "{}: {:.1} MB of content, {:.1} MB unique, {:.1} MB compressed",
+                    path.display(),
+                    mb("content_bytes"),
+                    mb("blob_bytes"),
+                    mb("archive_bytes")
+                );
+            }
+            Ok(0)
+        }
+        Command::Import { archive } => {
+            let path = absolute(&archive)?;
+            let r = with_progress(client, "/v1/import", &path, "importing").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{} {}",
+                    r["sandbox_id"].as_str().unwrap_or(""),
+                    r["checkpoint"].as_str().unwrap_or("")
+                );
+            }
+            Ok(0)
+        }
         Command::Pin { checkpoint } => pin(client, &checkpoint, true, json).await,
         Command::Unpin { checkpoint } => pin(client, &checkpoint, false, json).await,
         Command::Gc { dry_run } => {
@@ -508,4 +545,63 @@ async fn pin(client: &Client, checkpoint: &str, pinned: bool, json: bool) -> Res
         println!("{checkpoint}");
     }
     Ok(0)
+}
+
+fn absolute(p: &std::path::Path) -> Result<std::path::PathBuf> {
+    Ok(if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    })
+}
+
+/// Runs a streamed archive operation, drawing its progress on stderr (when it is a terminal); returns its result.
+async fn with_progress(
+    client: &Client,
+    path: &str,
+    archive: &std::path::Path,
+    what: &str,
+) -> Result<serde_json::Value> {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    let mut result = None;
+    let mut error = None;
+    let body = deltabox_daemon::api::ArchiveBody {
+        path: archive.display().to_string(),
+    };
+    client
+        .stream(path, &body, |line| {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+                return;
+            };
+            if let Some(p) = v.get("progress") {
+                let (done, total) = (
+                    p["done"].as_u64().unwrap_or(0),
+                    p["total"].as_u64().unwrap_or(0),
+                );
+                if tty && total > 0 {
+                    let filled = (done * 30 / total) as usize;
+                    eprint!(
+                        "\r{what} [{}{}] {:3}% {:.1}/{:.1} MB",
+                        "#".repeat(filled),
+                        " ".repeat(30 - filled.min(30)),
+                        done * 100 / total,
+                        done as f64 / 1e6,
+                        total as f64 / 1e6
+                    );
+                }
+            } else if let Some(r) = v.get("result") {
+                result = Some(r.clone());
+            } else if let Some(e) = v.get("error") {
+                error = Some(e["message"].as_str().unwrap_or("failed").to_string());
+            }
+        })
+        .await?;
+    if tty {
+        eprintln!();
+    }
+    if let Some(e) = error {
+        bail!("{e}");
+    }
+    result.context("the daemon sent no result")
 }

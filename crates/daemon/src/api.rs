@@ -361,3 +361,22 @@ pub struct GcEntry {
     /// It held processes.
     pub with_processes: bool,
 }
+
+/// `POST /v1/checkpoints/{id}/export` and `POST /v1/import`: an archive path on the daemon's machine.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveBody {
+    /// Absolute path.
+    pub path: String,
+}
+
+/// What an import made.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ImportReport {
+    /// The new (stopped) sandbox.
+    pub sandbox_id: String,
+    /// The new checkpoint: roll back to it to start the sandbox.
+    pub checkpoint: String,
+    /// The archive held process images.
+    pub with_processes: bool,
+}

@@ -1161,6 +1161,199 @@ impl Daemon {
         Ok(report)
     }
 
+    /// Writes checkpoint `cid` (its files, its process images if durable, its sandbox's settings) to the archive
+    /// `out` on this machine (see [`crate::export`]); `progress(done, total)` in bytes.
+    pub async fn export(
+        &self,
+        cid: &str,
+        out: PathBuf,
+        progress: impl FnMut(u64, u64) + Send + 'static,
+    ) -> Result<crate::export::ExportReport, ApiError> {
+        let ck = if valid_id(cid) {
+            self.store.checkpoint(cid)?
+        } else {
+            None
+        }
+        .ok_or_else(|| ApiError::not_found(format!("no checkpoint {cid:?}")))?;
+        if !out.is_absolute() {
+            return Err(ApiError::invalid("the archive path must be absolute"));
+        }
+        let sandbox = self.record(&ck.sandbox_id)?;
+        // The chain as it is now, kept from GC while it is read.
+        let chain = {
+            let _g = self.layers_lock.lock().await;
+            let chain = self.current_chain(cid)?;
+            self.pin(&chain);
+            chain
+        };
+        let dirs: Vec<PathBuf> = chain
+            .iter()
+            .map(|l| self.layer_dir(l).join("diff"))
+            .collect();
+        let images = self.images_dir(cid);
+        let images =
+            (ck.processes && deltabox_runtime::durable::complete(&images)).then_some(images);
+        let manifest = crate::export::Manifest {
+            version: crate::export::VERSION,
+            host: deltabox_cr::image::HostKind::current(),
+            sandbox,
+            checkpoint: cid.to_string(),
+            created_at: ck.created_at,
+            base: ck.base.clone(),
+            layers: Vec::new(),
+            images: Vec::new(),
+            blob_bytes: 0,
+        };
+        let r = blocking(move || {
+            crate::export::export(manifest, &dirs, images.as_deref(), &out, progress)
+        })
+        .await;
+        self.unpin(&chain);
+        r?.map_err(|e| ApiError::conflict("export_failed", e))
+    }
+
+    /// Recreates an exported checkpoint from the archive `path` on this machine as a new sandbox (stopped: a
+    /// rollback to the checkpoint starts it, with its processes when the archive holds their images) and a new
+    /// checkpoint. Importing the same archive twice gives two independent copies. Refused, with nothing
+    /// recorded, for a corrupt or truncated archive, a kernel or CPU other than the one the process images were
+    /// taken on, or a base image this machine lacks.
+    pub async fn import(
+        &self,
+        path: PathBuf,
+        progress: impl FnMut(u64, u64) + Send + 'static,
+    ) -> Result<api::ImportReport, ApiError> {
+        if !path.is_absolute() {
+            return Err(ApiError::invalid("the archive path must be absolute"));
+        }
+        let scratch = self
+            .config
+            .store_dir()
+            .join(format!("import-{}", random_id("")));
+        let blobs = scratch.join("blobs");
+        let b = blobs.clone();
+        let unpacked = blocking(move || crate::export::unpack(&path, &b, progress)).await?;
+        let result = async {
+            let m = unpacked.map_err(ApiError::invalid)?;
+            if !m.images.is_empty() {
+                let here = deltabox_cr::image::HostKind::current();
+                if m.host.kernel != here.kernel {
+                    return Err(ApiError::conflict(
+                        "incompatible_host",
+                        format!(
+                            "the archive's processes were taken on kernel {}, this is {}",
+                            m.host.kernel, here.kernel
+                        ),
+                    ));
+                }
+                if m.host.cpu_flags != here.cpu_flags {
+                    return Err(ApiError::conflict(
+                        "incompatible_host",
+                        "the archive's processes were taken on a CPU with other features"
+                            .to_string(),
+                    ));
+                }
+            }
+            // The base image, as this machine has it (its layers live in this daemon's image store).
+            let images = self.images.clone();
+            let reference = m.sandbox.image.clone();
+            let image = blocking(move || images.resolve(Some(&reference))).await?;
+            let base = match image {
+                Ok(i) if i.digest == m.sandbox.image_digest => i.layers,
+                Ok(i) => {
+                    return Err(ApiError::conflict(
+                        "missing_base",
+                        format!(
+                            "the archive's base image {} is {} here, not {}",
+                            m.sandbox.image, i.digest, m.sandbox.image_digest
+                        ),
+                    ))
+                }
+                Err(e) => {
+                    return Err(ApiError::conflict(
+                        "missing_base",
+                        format!(
+                            "the archive's base image {} is not on this machine: {e}",
+                            m.sandbox.image
+                        ),
+                    ))
+                }
+            };
+            let _g = self.layers_lock.lock().await;
+            let mut chain = Vec::new();
+            let built = async {
+                for entries in &m.layers {
+                    let layer = self.new_layer()?;
+                    chain.push(layer.clone());
+                    let (dest, blobs, entries) = (
+                        self.layer_dir(&layer).join("diff"),
+                        blobs.clone(),
+                        entries.clone(),
+                    );
+                    blocking(move || crate::export::build_layer(&entries, &blobs, &dest))
+                        .await?
+                        .map_err(ApiError::internal)?;
+                }
+                Ok::<_, ApiError>(())
+            }
+            .await;
+            let undo = |chain: &[String]| {
+                for l in chain {
+                    let _ = std::fs::remove_dir_all(self.layer_dir(l));
+                }
+            };
+            if let Err(e) = built {
+                undo(&chain);
+                return Err(e);
+            }
+            let id = random_id("");
+            let cid = random_id("c-");
+            let images = self.images_dir(&cid);
+            let (files, b, dest) = (m.images.clone(), blobs.clone(), images.clone());
+            if let Err(e) = blocking(move || crate::export::build_images(&files, &b, &dest))
+                .await?
+                .map_err(ApiError::internal)
+            {
+                undo(&chain);
+                return Err(e);
+            }
+            let upper = self.new_layer()?;
+            let mut info = m.sandbox.clone();
+            info.id = id.clone();
+            info.status = "exited".into();
+            info.reason = Some(format!(
+                "imported (checkpoint {} of sandbox {}): roll back to {cid} to start it",
+                m.checkpoint, m.sandbox.id
+            ));
+            info.created_at = now();
+            self.store.insert(&info)?;
+            let row = CheckpointRow {
+                id: cid.clone(),
+                sandbox_id: id.clone(),
+                parent: None,
+                chain: chain.clone(),
+                base: base.clone(),
+                created_at: m.created_at,
+                processes: !m.images.is_empty(),
+                pinned: false,
+            };
+            let fs = FsState {
+                upper,
+                chain,
+                base: base.clone(),
+                head: Some(cid.clone()),
+            };
+            self.store.record_checkpoint(&row, &fs)?;
+            Ok(api::ImportReport {
+                sandbox_id: id,
+                checkpoint: cid,
+                with_processes: row.processes,
+            })
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&scratch);
+        result
+    }
+
     /// Whether checkpoint `cid` is pinned, some sandbox's head, or an ancestor of one of those (see `gc`).
     fn still_kept(&self, cid: &str) -> Result<bool, ApiError> {
         let all = self.store.all_checkpoints()?;

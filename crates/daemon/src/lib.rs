@@ -8,6 +8,7 @@ pub mod compaction;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod export;
 pub mod sandbox;
 pub mod server;
 pub mod store;

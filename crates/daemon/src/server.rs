@@ -60,6 +60,8 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/checkpoints/{id}/fork", post(fork))
         .route("/v1/checkpoints/{id}/pin", post(pin).delete(unpin))
         .route("/v1/gc", post(gc))
+        .route("/v1/checkpoints/{id}/export", post(export))
+        .route("/v1/import", post(import))
         .route("/v1/checkpoints/{id}/diff/{other}", get(diff))
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .route("/v1/sandboxes/{id}/exec/stream", post(exec_stream))
@@ -252,6 +254,61 @@ async fn exec_stream(
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(stream))
         .map_err(ApiError::internal)
+}
+
+/// Streams a long operation's progress as NDJSON lines (`{"progress": {"done": …, "total": …}}`, at most one a
+/// percent), then `{"result": …}` or `{"error": {"code": …, "message": …}}`.
+fn progress_stream<T: serde::Serialize + Send + 'static, F>(
+    op: impl FnOnce(Box<dyn FnMut(u64, u64) + Send>) -> F + Send + 'static,
+) -> Result<Response, ApiError>
+where
+    F: std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let line = |v: serde_json::Value| {
+        let mut b = serde_json::to_vec(&v).unwrap_or_default();
+        b.push(b'\n');
+        Bytes::from(b)
+    };
+    let ptx = tx.clone();
+    let mut last = u64::MAX;
+    let progress = Box::new(move |done: u64, total: u64| {
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
+        if pct != last {
+            last = pct;
+            let _ = ptx.try_send(line(
+                serde_json::json!({"progress": {"done": done, "total": total}}),
+            ));
+        }
+    });
+    tokio::spawn(async move {
+        let last = match op(progress).await {
+            Ok(r) => serde_json::json!({ "result": r }),
+            Err(e) => serde_json::json!({"error": {"code": e.code, "message": e.message}}),
+        };
+        let _ = tx.send(line(last)).await;
+    });
+    let stream =
+        tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>);
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .map_err(ApiError::internal)
+}
+
+async fn export(
+    State(d): D,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<crate::api::ArchiveBody>,
+) -> Result<Response, ApiError> {
+    progress_stream(move |p| async move { d.export(&id, body.path.into(), p).await })
+}
+
+async fn import(
+    State(d): D,
+    ApiJson(body): ApiJson<crate::api::ArchiveBody>,
+) -> Result<Response, ApiError> {
+    progress_stream(move |p| async move { d.import(body.path.into(), p).await })
 }
 
 async fn start_session(

@@ -507,3 +507,101 @@ fn gc_racing_rollbacks_loses_nothing() {
     assert_eq!(out(&d, &id, &py, "print(n)"), "1\n");
     d.stop_and_check(&[id]);
 }
+
+#[test]
+fn export_then_import_on_a_fresh_daemon_rolls_back_to_the_same_state_and_refuses_bad_archives() {
+    let src = TestDaemon::start();
+    let (id, py, sh) = setup(&src);
+    out(
+        &src,
+        &id,
+        &sh,
+        "ln -s f /work/l && mkfifo /work/q && rm -f /etc/motd",
+    );
+    let c = checkpoint_processes(&src, &id);
+    let want = observe(&src, &id, &py, &sh);
+    let extra = |d: &TestDaemon, id: &str| {
+        d.sh(
+            id,
+            "readlink /work/l; stat -c %F /work/q; ls /etc/motd 2>&1 | wc -l",
+        )
+        .1
+    };
+    let want_extra = extra(&src, &id);
+    wait_durable(&src, &id, &c);
+    let archive = src.dir.join("export.tar.gz");
+    let r = src.json(&["export", &c, "-o", archive.to_str().unwrap(), "--json"]);
+    assert!(r["archive_bytes"].as_u64().unwrap() > 0, "{r}");
+    assert!(
+        r["blob_bytes"].as_u64().unwrap() < r["content_bytes"].as_u64().unwrap(),
+        "content-addressed: the heap repeats 1 MiB twelve times: {r}"
+    );
+
+    let dst = TestDaemon::start();
+    let mut made = Vec::new();
+    for copy in 0..2 {
+        let r = dst.json(&["import", archive.to_str().unwrap(), "--json"]);
+        let (nid, nc) = (
+            r["sandbox_id"].as_str().unwrap().to_string(),
+            r["checkpoint"].as_str().unwrap().to_string(),
+        );
+        assert_eq!(r["with_processes"], true, "{r}");
+        let rb = dst.json(&["rollback", &nid, &nc, "--json"]);
+        assert_eq!(rb["processes_restarted"], false, "copy {copy}: {rb}");
+        // The same sessions (ids) come back in the new sandbox, with the same pids and state.
+        assert_eq!(observe(&dst, &nid, &py, &sh), want, "copy {copy}");
+        assert_eq!(
+            extra(&dst, &nid),
+            want_extra,
+            "copy {copy}: symlink, fifo, whiteout"
+        );
+        made.push(nid);
+    }
+    // The two imports are independent.
+    out(&dst, &made[0], &py, "x = -1");
+    assert!(out(&dst, &made[1], &py, "print(x)").starts_with("42"));
+
+    // A truncated archive and one with a flipped byte are refused, and leave nothing behind.
+    let before = dst.json(&["ls", "--json"]).as_array().unwrap().len();
+    let bytes = std::fs::read(&archive).unwrap();
+    let cut = dst.dir.join("cut.tar.gz");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let mut flipped = bytes.clone();
+    let i = flipped.len() * 2 / 3;
+    flipped[i] ^= 0x55;
+    let bad = dst.dir.join("flipped.tar.gz");
+    std::fs::write(&bad, &flipped).unwrap();
+    for a in [&cut, &bad] {
+        let o = dst.cli(&["import", a.to_str().unwrap()]);
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("corrupt") || err.contains("truncated"),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        dst.json(&["ls", "--json"]).as_array().unwrap().len(),
+        before
+    );
+    // An archive from another kernel is refused by name.
+    let other = dst.dir.join("other.tar.gz");
+    let script = format!(
+        "import tarfile, json, io\nsrc = tarfile.open({a:?})\ndst = tarfile.open({o:?}, 'w:gz')\nfor m in src:\n    data = src.extractfile(m).read()\n    if m.name == 'manifest.json':\n        j = json.loads(data); j['host']['kernel'] = '2.6.32-old'; data = json.dumps(j).encode(); m.size = len(data)\n    dst.addfile(m, io.BytesIO(data))\ndst.close()\n",
+        a = archive.display().to_string(),
+        o = other.display().to_string()
+    );
+    assert!(std::process::Command::new("python3")
+        .args(["-c", &script])
+        .status()
+        .unwrap()
+        .success());
+    let o = dst.cli(&["import", other.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("kernel 2.6.32-old"), "{err}");
+    made.push(id.clone());
+    src.stop_and_check(&[id]);
+    made.pop();
+    dst.stop_and_check(&made);
+}

@@ -117,6 +117,24 @@ async fn blocking_here<T: Send + 'static>(
     }
 }
 
+/// Runs the current (blocking-pool) thread at nice 19 until dropped.
+struct LowPriority;
+
+impl LowPriority {
+    fn here() -> LowPriority {
+        // SAFETY: setpriority(2) on our own thread id, plain integers.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
+        LowPriority
+    }
+}
+
+impl Drop for LowPriority {
+    fn drop(&mut self) {
+        // SAFETY: as above; back to normal for the next job the pool gives this thread.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 0) };
+    }
+}
+
 /// Where a rollback's processes come from.
 #[derive(Clone, Copy)]
 enum RollbackVia<'a> {
@@ -1490,6 +1508,8 @@ impl Daemon {
         let t = std::time::Instant::now();
         let meta = blocking(move || {
             let base = base.as_deref().zip(base_dir.as_deref());
+            // At the lowest priority: the agent's own work (and its next rollback) comes first.
+            let _nice = LowPriority::here();
             deltabox_runtime::durable::store(&dir, &described, mems, base)
         })
         .await

@@ -356,7 +356,7 @@ fn print_row(label: &str, pages: &str, s: &Samples, criu: Option<Result<(f64, f6
     );
 }
 
-fn fmt_pair((m, p): (f64, f64)) -> String {
+pub(crate) fn fmt_pair((m, p): (f64, f64)) -> String {
     format!("{m:.2} ({p:.2})")
 }
 

@@ -13,7 +13,7 @@ use deltabox_daemon::api::{
 };
 use deltabox_daemon::Client;
 
-use crate::bench_cr::{criu_cycle, rss_mb, run, scratch_dir, stats, HostTree};
+use crate::bench_cr::{criu_cycle, fmt_pair, rss_mb, run, scratch_dir, stats, HostTree};
 
 fn start_session(kind: &str) -> StartSession {
     StartSession {
@@ -54,8 +54,37 @@ async fn kill_all(c: &Client, id: &str) -> Result<()> {
 }
 
 fn ms(v: &[f64]) -> String {
-    let (m, p) = stats(v.to_vec());
-    format!("{m:.1} ({p:.1})")
+    fmt_pair(stats(v.to_vec()))
+}
+
+/// A sandbox with memory for `mb` MB three times over (the process, a template, a rebuilt one) and a python3
+/// session that ran `setup`; removed again if that fails.
+async fn python_sandbox(
+    client: &Client,
+    mb: usize,
+    setup: &str,
+) -> Result<(SandboxInfo, SessionInfo)> {
+    let sb: SandboxInfo = client
+        .create(&CreateSandbox {
+            memory: Some(format!("{}M", mb * 3 + 1024)),
+            ..Default::default()
+        })
+        .await?;
+    let py = async {
+        let py: SessionInfo = client
+            .start_session(&sb.id, &start_session("python3"))
+            .await?;
+        run(client, &sb.id, &py.id, setup).await?;
+        Ok::<_, anyhow::Error>(py)
+    }
+    .await;
+    match py {
+        Ok(py) => Ok((sb, py)),
+        Err(e) => {
+            let _ = client.remove(&sb.id).await;
+            Err(e)
+        }
+    }
 }
 
 /// Runs the benchmark.
@@ -84,23 +113,13 @@ pub async fn durable(client: &Client, quick: bool) -> Result<i32> {
     );
     let scratch = scratch_dir()?;
     for &mb in sizes {
-        let sb: SandboxInfo = client
-            .create(&CreateSandbox {
-                memory: Some(format!("{}M", mb * 3 + 1024)),
-                ..Default::default()
-            })
-            .await?;
+        let (sb, py) = python_sandbox(
+            client,
+            mb,
+            &format!("import os; data = bytearray(os.urandom(1 << 20)) * {mb}; tick = 0"),
+        )
+        .await?;
         let result = async {
-            let py: SessionInfo = client
-                .start_session(&sb.id, &start_session("python3"))
-                .await?;
-            run(
-                client,
-                &sb.id,
-                &py.id,
-                &format!("import os; data = bytearray(os.urandom(1 << 20)) * {mb}; tick = 0"),
-            )
-            .await?;
             let body = CheckpointBody {
                 processes: true,
                 huge_pages: Some(true),
@@ -173,22 +192,14 @@ pub async fn durable(client: &Client, quick: bool) -> Result<i32> {
     // Space over a trajectory.
     let (mb, steps) = if quick { (32usize, 12usize) } else { (100, 50) };
     println!("\nimage space over a {steps}-step trajectory: a python3 session holding {mb} MB; each step rewrites a few random pages (the bytes changed), then a process checkpoint:");
-    let sb: SandboxInfo = client
-        .create(&CreateSandbox {
-            memory: Some(format!("{}M", mb * 3 + 1024)),
-            ..Default::default()
-        })
-        .await?;
+    let (sb, py) = python_sandbox(
+        client,
+        mb,
+        &format!("import os, random; random.seed(7); data = bytearray(os.urandom(1 << 20)) * {mb}"),
+    )
+    .await?;
     let result = async {
-        let py: SessionInfo = client.start_session(&sb.id, &start_session("python3")).await?;
-        run(
-            client,
-            &sb.id,
-            &py.id,
-            &format!("import os, random; random.seed(7); data = bytearray(os.urandom(1 << 20)) * {mb}"),
-        )
-        .await?;
-        let (mut changed, mut stored, mut new, mut first, mut ids) = (0u64, 0u64, 0u64, 0u64, Vec::new());
+        let (mut changed, mut stored, mut new, mut first) = (0u64, 0u64, 0u64, 0u64);
         // Small pages: the templates share every unchanged page with the live process (collapsed ones would
         // each hold a full copy, and 50 of them would not fit the sandbox's memory limit).
         let body = CheckpointBody {
@@ -213,7 +224,6 @@ pub async fn durable(client: &Client, quick: bool) -> Result<i32> {
                 changed += pages as u64 * 4096;
                 new += listed.image_new_bytes;
             }
-            ids.push(ck.id);
         }
         Ok::<_, anyhow::Error>((changed, stored, new, first))
     }
@@ -234,21 +244,13 @@ pub async fn durable(client: &Client, quick: bool) -> Result<i32> {
     // What background image writing costs the agent's next command.
     let mb = if quick { 64 } else { 256 };
     println!("\nthe agent's next command while a checkpoint's images are written ({mb} MB python3 process; the command hashes 32 MB):");
-    let sb: SandboxInfo = client
-        .create(&CreateSandbox {
-            memory: Some(format!("{}M", mb * 3 + 1024)),
-            ..Default::default()
-        })
-        .await?;
+    let (sb, py) = python_sandbox(
+        client,
+        mb,
+        &format!("import os, hashlib, time; data = bytearray(os.urandom(1 << 20)) * {mb}; work = bytes(32 << 20)"),
+    )
+    .await?;
     let result = async {
-        let py: SessionInfo = client.start_session(&sb.id, &start_session("python3")).await?;
-        run(
-            client,
-            &sb.id,
-            &py.id,
-            &format!("import os, hashlib, time; data = bytearray(os.urandom(1 << 20)) * {mb}; work = bytes(32 << 20)"),
-        )
-        .await?;
         let cmd = "t = time.perf_counter(); hashlib.sha256(work).digest(); print((time.perf_counter() - t) * 1e3)";
         let body = CheckpointBody {
             processes: true,

@@ -11,7 +11,6 @@
 //! Refused (an error naming the process and why), rather than imaged wrongly: several threads, shared
 //! anonymous or System V memory, memfd mappings, mappings of deleted files.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -310,16 +309,17 @@ fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
-fn ids(status: &str, key: &str) -> [u32; 3] {
-    let v: Vec<u32> = status_field(status, key)
+/// Real, effective and saved ids from a `Uid:`/`Gid:` line of `/proc/PID/status`.
+/// An id that cannot be read is `u32::MAX` (nobody's: never mistaken for root).
+pub(crate) fn ids(status: &str, key: &str) -> [u32; 3] {
+    let mut v = status_field(status, key)
         .unwrap_or("")
         .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
+        .map(|x| x.parse().unwrap_or(u32::MAX));
     [
-        v.first().copied().unwrap_or(0),
-        v.get(1).copied().unwrap_or(0),
-        v.get(2).copied().unwrap_or(0),
+        v.next().unwrap_or(u32::MAX),
+        v.next().unwrap_or(u32::MAX),
+        v.next().unwrap_or(u32::MAX),
     ]
 }
 
@@ -344,54 +344,11 @@ const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
 
-/// Writes an image of the stopped single-threaded process `t` (a template, which never runs): its metadata is
-/// returned, its memory written to `pages` (from offset 0: the file should be empty).
-pub fn dump(t: &mut Tracee, pages: &mut std::fs::File) -> Result<ProcessImage> {
-    let img = describe(t)?;
-    let mem = open_mem(t.tgid().as_raw())?;
-    write_pages(&img, &mem, pages)?;
-    Ok(img)
-}
-
-/// The process's memory, for [`write_pages`]: the file stays bound to this process (a reused pid is another
+/// The process's memory, for [`ImageDir::store`]: the file stays bound to this process (a reused pid is another
 /// process, which it does not reach), and reads fail once the process is gone.
 pub fn open_mem(pid: i32) -> Result<std::fs::File> {
     std::fs::File::open(format!("/proc/{pid}/mem"))
         .map_err(|e| Error::Image(format!("process {pid}: open mem: {e}")))
-}
-
-/// Copies the pages `img` plans (see [`describe`]) from `mem` (see [`open_mem`]) into `pages`. Needs no
-/// ptrace: a template's memory does not change, so another thread or process can do this off the tracer.
-pub fn write_pages(
-    img: &ProcessImage,
-    mem: &std::fs::File,
-    pages: &mut std::fs::File,
-) -> Result<()> {
-    let mut buf = Vec::new();
-    let mut at = 0u64;
-    for run in img.vmas.iter().flat_map(|v| &v.pages) {
-        if run.offset != at {
-            return Err(Error::Image(format!(
-                "page runs out of order at {:#x}",
-                run.addr
-            )));
-        }
-        // At most 64 MiB at a time.
-        let total = run.pages * PAGE;
-        let mut done = 0;
-        while done < total {
-            let len = (total - done).min(READ_CHUNK);
-            buf.resize(len as usize, 0);
-            mem.read_exact_at(&mut buf, run.addr + done)
-                .map_err(|e| Error::Image(format!("read memory at {:#x}: {e}", run.addr + done)))?;
-            pages
-                .write_all(&buf)
-                .map_err(|e| Error::Image(format!("write pages: {e}")))?;
-            done += len;
-        }
-        at += total;
-    }
-    Ok(())
 }
 
 /// Most bytes read from a process's memory at once: the kernel holds the process's mmap lock for a whole read,
@@ -423,7 +380,8 @@ impl Base<'_> {
     }
 }
 
-/// [`write_pages`], sharing with `base` every page whose content equals the base's page at the same address
+/// Copies the pages `img` plans (see [`describe`]) from `mem` (see [`open_mem`]) into `pages`, sharing with
+/// `base` every page whose content equals the base's page at the same address
 /// (compared byte for byte, not by hash): the file is complete on its own, but only changed pages take new
 /// space. Without reflink support (or a base) everything is written.
 pub fn write_pages_dedup(
@@ -824,6 +782,13 @@ fn robust_list_of(pid: i32) -> std::io::Result<(u64, u64)> {
     Ok((head, len as u64))
 }
 
+/// Syncs a directory (after a rename into it, so the rename is durable). Best effort.
+pub fn sync_dir(dir: &std::path::Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
 /// Where an image's files live: `meta.json` and `pages.bin` in one directory, written under a temporary name and
 /// renamed into place (with everything synced first), so a directory that exists is complete.
 pub struct ImageDir;
@@ -871,9 +836,7 @@ impl ImageDir {
             f.sync_all().map_err(io("sync meta"))?;
             std::fs::rename(&tmp, dir).map_err(io("rename image into place"))?;
             if let Some(parent) = dir.parent() {
-                if let Ok(d) = std::fs::File::open(parent) {
-                    let _ = d.sync_all();
-                }
+                sync_dir(parent);
             }
             Ok(written)
         })();
@@ -917,17 +880,4 @@ impl ImageDir {
         }
         Ok((img, pages))
     }
-}
-
-/// Memory of an image by mapping kind, for reports: (anonymous bytes stored, file-backed bytes stored).
-pub fn stored_bytes(img: &ProcessImage) -> BTreeMap<&'static str, u64> {
-    let mut out = BTreeMap::new();
-    for v in &img.vmas {
-        let k = match v.kind {
-            VmaKind::File { .. } => "file copy-on-write",
-            _ => "anonymous",
-        };
-        *out.entry(k).or_insert(0) += v.pages.iter().map(|r| r.pages * PAGE).sum::<u64>();
-    }
-    out
 }

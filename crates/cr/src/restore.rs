@@ -51,21 +51,13 @@ pub fn restore(
     }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| fail(format!("status: {e}")))?;
-    let ids = |k: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(k))
-            .map(|v| {
-                v.split_whitespace()
-                    .take(3)
-                    .map(|x| x.parse().unwrap_or(u32::MAX))
-                    .collect::<Vec<u32>>()
-            })
-            .unwrap_or_default()
-    };
-    let same_ids = ids("Uid:") == img.uids.to_vec() && ids("Gid:") == img.gids.to_vec();
+    let (uids, gids) = (
+        crate::image::ids(&status, "Uid:"),
+        crate::image::ids(&status, "Gid:"),
+    );
+    let same_ids = uids == img.uids && gids == img.gids;
     // Another identity is taken at the end (the restore itself needs root's privileges); only from root.
-    if !same_ids && (ids("Uid:") != vec![0, 0, 0] || ids("Gid:") != vec![0, 0, 0]) {
+    if !same_ids && (uids != [0; 3] || gids != [0; 3]) {
         return Err(fail(format!(
             "credentials differ (image uids {:?} gids {:?}) and this process is not root",
             img.uids, img.gids
@@ -451,11 +443,7 @@ pub fn restore(
     } else {
         // The bounding set first (dropping needs CAP_SETPCAP, which root loses below), then groups, gids and
         // uids (which drops root's capabilities as for any process doing it).
-        for cap in 0..64u64 {
-            if have[3] & !img.caps[3] & (1 << cap) != 0 {
-                t.checked_syscall("prctl(PR_CAPBSET_DROP)", libc::SYS_prctl, &[24, cap])?;
-            }
-        }
+        drop_bounding(t, have[3], img.caps[3])?;
         let groups: Vec<u8> = img.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
         let p = t.write_scratch(&groups)?;
         t.checked_syscall(
@@ -498,18 +486,24 @@ pub fn restore(
     Ok(())
 }
 
+/// Drops from the bounding set every capability in `have` but not in `want` (`PR_CAPBSET_DROP`, which needs
+/// `CAP_SETPCAP`).
+fn drop_bounding(t: &mut Tracee, have: u64, want: u64) -> Result<()> {
+    for cap in 0..64u64 {
+        if have & !want & (1 << cap) != 0 {
+            t.checked_syscall("prctl(PR_CAPBSET_DROP)", libc::SYS_prctl, &[24, cap])?;
+        }
+    }
+    Ok(())
+}
+
 /// Lowers the process's capabilities from `have` to `want` (a subset): bounding set, ambient set, then
 /// inheritable, permitted and effective (`capset`), last because the others need `CAP_SETPCAP`.
 fn lower_caps(t: &mut Tracee, have: &[u64; 5], want: &[u64; 5]) -> Result<()> {
     if have == want {
         return Ok(());
     }
-    for cap in 0..64u64 {
-        if have[3] & !want[3] & (1 << cap) != 0 {
-            // PR_CAPBSET_DROP
-            t.checked_syscall("prctl(PR_CAPBSET_DROP)", libc::SYS_prctl, &[24, cap])?;
-        }
-    }
+    drop_bounding(t, have[3], want[3])?;
     if have[4] != want[4] {
         // PR_CAP_AMBIENT (47): CLEAR_ALL (4), then RAISE (2) each.
         t.checked_syscall(

@@ -135,6 +135,39 @@ impl Drop for LowPriority {
     }
 }
 
+/// Sessions for interpreters (sandbox pids `pids`) that got new pipes from the keeper: `fds` holds their ends,
+/// four per interpreter in that order (command, stdout, stderr, status); each session keeps the id `snapshot`
+/// gives its pid.
+async fn adopt_sessions(
+    handle: &deltabox_runtime::SandboxHandle,
+    pids: &[i32],
+    fds: Vec<std::os::fd::OwnedFd>,
+    snapshot: &[(String, i32, deltabox_runtime::SessionKind)],
+) -> Result<Vec<(String, Arc<Session>)>, ApiError> {
+    let mut fds = fds.into_iter();
+    let mut adopted = Vec::new();
+    for pid in pids {
+        let (Some(cmd), Some(out), Some(err), Some(status)) =
+            (fds.next(), fds.next(), fds.next(), fds.next())
+        else {
+            break;
+        };
+        let Some((sid, _, kind)) = snapshot.iter().find(|(_, p, _)| p == pid) else {
+            continue;
+        };
+        let exit = handle.track(*pid).await?;
+        let pipes = deltabox_runtime::session::SessionPipes {
+            cmd,
+            out,
+            err,
+            status,
+        };
+        let session = Session::adopt(handle, *kind, *pid, pipes, exit)?;
+        adopted.push((sid.clone(), Arc::new(session)));
+    }
+    Ok(adopted)
+}
+
 /// Where a rollback's processes come from.
 #[derive(Clone, Copy)]
 enum RollbackVia<'a> {
@@ -1108,26 +1141,7 @@ impl Daemon {
             .iter()
             .map(|c| (c.id.clone(), c.parent.clone()))
             .collect();
-        let mut roots: Vec<String> = all
-            .iter()
-            .filter(|c| c.pinned)
-            .map(|c| c.id.clone())
-            .collect();
-        for s in self.store.list()? {
-            if let Some(head) = self.store.fs_state(&s.id)?.and_then(|f| f.head) {
-                roots.push(head);
-            }
-        }
-        let mut kept = std::collections::HashSet::new();
-        for r in roots {
-            let mut cur = Some(r);
-            while let Some(c) = cur {
-                if !kept.insert(c.clone()) {
-                    break;
-                }
-                cur = parent.get(&c).cloned().flatten();
-            }
-        }
+        let kept = self.kept_checkpoints()?;
         let depth = |c: &CheckpointRow| {
             let mut n = 0usize;
             let mut cur = c.parent.clone();
@@ -1157,7 +1171,7 @@ impl Daemon {
                     Some(sb) => Some(sb.lifecycle.lock().await),
                     None => None,
                 };
-                if self.still_kept(&c.id)? {
+                if self.kept_checkpoints()?.contains(&c.id) {
                     report
                         .refused
                         .push(format!("{}: pinned or built on since gc started", c.id));
@@ -1372,8 +1386,8 @@ impl Daemon {
         result
     }
 
-    /// Whether checkpoint `cid` is pinned, some sandbox's head, or an ancestor of one of those (see `gc`).
-    fn still_kept(&self, cid: &str) -> Result<bool, ApiError> {
+    /// The checkpoints `gc` keeps: pinned ones, every sandbox's head, and every ancestor of those.
+    fn kept_checkpoints(&self) -> Result<std::collections::HashSet<String>, ApiError> {
         let all = self.store.all_checkpoints()?;
         let parent: HashMap<&str, Option<&str>> = all
             .iter()
@@ -1389,21 +1403,21 @@ impl Daemon {
                 roots.push(head);
             }
         }
-        for r in &roots {
-            let mut cur = Some(r.as_str());
-            let mut steps = 0;
+        let mut kept = std::collections::HashSet::new();
+        for r in roots {
+            let mut cur = Some(r);
             while let Some(c) = cur {
-                if c == cid {
-                    return Ok(true);
-                }
-                steps += 1;
-                if steps > all.len() {
+                if !kept.insert(c.clone()) {
                     break;
                 }
-                cur = parent.get(c).copied().flatten();
+                cur = parent
+                    .get(c.as_str())
+                    .copied()
+                    .flatten()
+                    .map(str::to_string);
             }
         }
-        Ok(false)
+        Ok(kept)
     }
 
     /// Where a process checkpoint's durable images live (see `deltabox_runtime::durable`).
@@ -1802,27 +1816,8 @@ impl Daemon {
                 report.sessions.len()
             )));
         }
-        let mut fds = fds.into_iter();
-        let mut sessions = branch.sessions.lock().await;
-        for pid in &report.sessions {
-            let (Some(cmd), Some(out), Some(err), Some(status)) =
-                (fds.next(), fds.next(), fds.next(), fds.next())
-            else {
-                break;
-            };
-            let Some((sid, _, kind)) = snapshot.iter().find(|(_, p, _)| p == pid) else {
-                continue;
-            };
-            let exit = branch.handle.track(*pid).await?;
-            let pipes = deltabox_runtime::session::SessionPipes {
-                cmd,
-                out,
-                err,
-                status,
-            };
-            let session = Session::adopt(&branch.handle, *kind, *pid, pipes, exit)?;
-            sessions.insert(sid.clone(), Arc::new(session));
-        }
+        let adopted = adopt_sessions(&branch.handle, &report.sessions, fds, &snapshot).await?;
+        branch.sessions.lock().await.extend(adopted);
         Ok(report.pids)
     }
 
@@ -2371,26 +2366,13 @@ impl Daemon {
         // Rebuilt from images: the interpreters have new pipes; their sessions start over on them, same ids.
         let mut adopted: Vec<(String, Arc<Session>)> = Vec::new();
         if let (RollbackVia::Images(_), Some(r)) = (via, report.as_ref()) {
-            let mut fds = std::mem::take(&mut pipes).into_iter();
-            for pid in &r.sessions {
-                let (Some(cmd), Some(out), Some(err), Some(status)) =
-                    (fds.next(), fds.next(), fds.next(), fds.next())
-                else {
-                    break;
-                };
-                let Some((sid, _, kind)) = snapshot.iter().find(|(_, p, _)| p == pid) else {
-                    continue;
-                };
-                let exit = sb.handle.track(*pid).await?;
-                let pipes = deltabox_runtime::session::SessionPipes {
-                    cmd,
-                    out,
-                    err,
-                    status,
-                };
-                let session = Session::adopt(&sb.handle, *kind, *pid, pipes, exit)?;
-                adopted.push((sid.clone(), Arc::new(session)));
-            }
+            adopted = adopt_sessions(
+                &sb.handle,
+                &r.sessions,
+                std::mem::take(&mut pipes),
+                &snapshot,
+            )
+            .await?;
             if let Ok(mut kept) = sb.kept.lock() {
                 kept.insert(
                     cid.to_string(),

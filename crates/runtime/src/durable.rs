@@ -70,12 +70,6 @@ pub fn complete(dir: &Path) -> bool {
     dir.join(IMAGES_META).is_file()
 }
 
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-}
-
 /// A checkpoint's images, described by the keeper (a few injected calls per template), to be written off it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Described {
@@ -155,10 +149,10 @@ pub fn store(
         std::fs::write(&path, text)
             .and_then(|()| std::fs::File::open(&path)?.sync_all())
             .map_err(|e| format!("write {}: {e}", path.display()))?;
-        sync_dir(&partial);
+        deltabox_cr::image::sync_dir(&partial);
         std::fs::rename(&partial, dir).map_err(|e| format!("rename images into place: {e}"))?;
         if let Some(parent) = dir.parent() {
-            sync_dir(parent);
+            deltabox_cr::image::sync_dir(parent);
         }
         Ok(meta)
     })();
@@ -242,9 +236,24 @@ pub(crate) fn rebuild(
     };
     // The session pipes the daemon still has, by the object each was in the images ("pipe:[ino]"): every
     // process holding one (the interpreter, its background jobs, bash's copy on 255) gets the session's end.
+    let images = meta
+        .processes
+        .iter()
+        .map(|p| {
+            ImageDir::meta(&dir.join(format!("p{}", p.ns_pid)))
+                .map_err(|e| format!("process {} from its image: {e}", p.ns_pid))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     let mut objects: std::collections::HashMap<String, usize> = Default::default();
     for (i, (pid, kind)) in reuse.iter().enumerate() {
-        let img = ImageDir::meta(&dir.join(format!("p{pid}"))).map_err(|e| e.to_string())?;
+        let Some(img) = meta
+            .processes
+            .iter()
+            .position(|p| p.ns_pid == *pid)
+            .map(|j| &images[j])
+        else {
+            return Err(format!("process {pid} from its image: no image of it"));
+        };
         for (slot, (n, _)) in session_fds(*kind).iter().enumerate() {
             for f in &img.fds {
                 if let FdImage::Other { fd, what } = f {
@@ -255,10 +264,9 @@ pub(crate) fn rebuild(
             }
         }
     }
-    for p in &meta.processes {
+    for (p, img) in meta.processes.iter().zip(&images) {
         let pdir = dir.join(format!("p{}", p.ns_pid));
         let what = |e: String| format!("process {} from its image: {e}", p.ns_pid);
-        let img = ImageDir::meta(&pdir).map_err(|e| what(e.to_string()))?;
 
         // A session interpreter whose session the daemon no longer has gets new pipes (made below).
         let fresh = sessions

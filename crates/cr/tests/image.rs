@@ -2,82 +2,16 @@
 //! killed, and rebuilt inside a blank process forks copies that carry on exactly like copies of the original.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::BufRead;
 use std::os::fd::{AsFd, OwnedFd};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use deltabox_cr::Template;
-use deltabox_sys::inject::{find_syscall_insn, thread_state, Tracee};
-use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag};
+use deltabox_sys::inject::{find_syscall_insn, Tracee};
 use nix::unistd::Pid;
 
-const T: Duration = Duration::from_secs(5);
-
-struct Proc {
-    child: Child,
-    pid: Pid,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-fn spawn(script: &str) -> Proc {
-    spawn_cmd("python3", &["-u", "-c", script])
-}
-
-fn spawn_cmd(prog: &str, args: &[&str]) -> Proc {
-    // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let mut child = Command::new(prog)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = Pid::from_raw(child.id() as i32);
-    let stdin = child.stdin.take().unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    Proc {
-        child,
-        pid,
-        stdin,
-        stdout,
-    }
-}
-
-impl Proc {
-    fn say(&mut self, s: &str) -> String {
-        writeln!(self.stdin, "{s}").unwrap();
-        let mut l = String::new();
-        self.stdout.read_line(&mut l).unwrap();
-        l.trim().to_string()
-    }
-}
-
-fn wait_state(pid: Pid, want: char) {
-    let deadline = Instant::now() + T;
-    while thread_state(pid) != Some(want) {
-        assert!(
-            Instant::now() < deadline,
-            "{pid} never reached state {want}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn checkpoint(pid: Pid) -> Template {
-    wait_state(pid, 'S');
-    let mut t = Tracee::seize(pid, pid, find_syscall_insn(pid).unwrap(), T).unwrap();
-    let tpl = Template::capture(&mut t, false).unwrap();
-    t.detach().unwrap();
-    tpl
-}
-
-fn kill_and_reap(pid: Pid) {
-    kill(pid, Signal::SIGKILL).unwrap();
-    waitpid(pid, Some(WaitPidFlag::__WALL)).unwrap();
-}
+mod common;
+use common::*;
 
 /// A blank process to rebuild an image in: a child of ours sleeping in `pause()`, seized.
 fn blank() -> Tracee {
@@ -112,7 +46,7 @@ fn a_template_rebuilt_from_its_image_forks_copies_that_carry_on() {
     let mut p = spawn(REPL);
     assert_eq!(p.say("x += 5; print(x)"), "5");
     let digest = p.say("print(hashlib.sha256(data).hexdigest())");
-    let mut tpl = checkpoint(p.pid);
+    let mut tpl = checkpoint(p.pid, false);
     // The live process goes on after the checkpoint and changes everything.
     assert_eq!(
         p.say("x += 100; data[:] = b''; print(x, len(data))"),
@@ -182,7 +116,7 @@ fn a_template_rebuilt_from_its_image_forks_copies_that_carry_on() {
 /// Checkpoints `p`, lets `after` change the live process, writes the template's image, kills template and
 /// process, and rebuilds the template from the image in a blank process (its pipes to us handed over).
 fn through_image(p: &mut Proc, after: &str) -> Template {
-    let mut tpl = checkpoint(p.pid);
+    let mut tpl = checkpoint(p.pid, false);
     if !after.is_empty() {
         p.say(after);
     }
@@ -255,7 +189,7 @@ fn shared_anonymous_memory_is_refused_by_name() {
         "import sys, mmap\nm = mmap.mmap(-1, 4096)\nfor line in sys.stdin:\n    exec(line)\n",
     );
     assert_eq!(p.say("print('up')"), "up");
-    let mut tpl = checkpoint(p.pid);
+    let mut tpl = checkpoint(p.pid, false);
     let dir = tempfile::tempdir().unwrap();
     let err = tpl
         .write_image(&dir.path().join("img"))
@@ -275,7 +209,7 @@ fn shared_anonymous_memory_is_refused_by_name() {
 fn a_truncated_or_corrupt_image_is_refused_and_the_blank_process_killed() {
     let mut p = spawn(REPL);
     assert_eq!(p.say("print(x)"), "0");
-    let mut tpl = checkpoint(p.pid);
+    let mut tpl = checkpoint(p.pid, false);
     let dir = tempfile::tempdir().unwrap();
     let img_dir = dir.path().join("img");
     tpl.write_image(&img_dir).unwrap();

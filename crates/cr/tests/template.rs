@@ -3,78 +3,17 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use deltabox_cr::Template;
-use deltabox_sys::inject::{find_syscall_insn, thread_state, Tracee};
+use deltabox_sys::inject::{find_syscall_insn, Tracee};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
 
-const T: Duration = Duration::from_secs(5);
-
-struct Proc {
-    child: Child,
-    pid: Pid,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-fn spawn(script: &str) -> Proc {
-    // Orphaned copies (a template's parent is killed on rollback) come to us, so that we can reap them.
-    // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let mut child = Command::new("python3")
-        .args(["-u", "-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = Pid::from_raw(child.id() as i32);
-    let stdin = child.stdin.take().unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    Proc {
-        child,
-        pid,
-        stdin,
-        stdout,
-    }
-}
-
-impl Proc {
-    fn say(&mut self, s: &str) -> String {
-        writeln!(self.stdin, "{s}").unwrap();
-        self.line()
-    }
-    fn line(&mut self) -> String {
-        let mut l = String::new();
-        self.stdout.read_line(&mut l).unwrap();
-        l.trim().to_string()
-    }
-}
-
-fn wait_blocked(pid: Pid) {
-    let deadline = Instant::now() + T;
-    while thread_state(pid) != Some('S') {
-        assert!(Instant::now() < deadline, "{pid} never blocked");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn checkpoint(pid: Pid, sibling: bool) -> Template {
-    wait_blocked(pid);
-    let mut t = Tracee::seize(pid, pid, find_syscall_insn(pid).unwrap(), T).unwrap();
-    let tpl = Template::capture(&mut t, sibling).unwrap();
-    t.detach().unwrap();
-    tpl
-}
-
-/// Kills `pid` and waits until it is reaped (it is our child, or was re-parented to us).
-fn kill_and_reap(pid: Pid) {
-    kill(pid, Signal::SIGKILL).unwrap();
-    waitpid(pid, Some(WaitPidFlag::__WALL)).unwrap();
-}
+mod common;
+use common::*;
 
 const ADDER: &str = "import sys\nx = 0\nfor line in sys.stdin:\n    x += int(line)\n    print(x)\n";
 

@@ -282,3 +282,19 @@ pub fn checkpoint_processes(d: &TestDaemon, id: &str) -> String {
     assert!(c["with_processes"].as_bool().unwrap(), "{c}");
     c["id"].as_str().unwrap().to_string()
 }
+
+/// Starts, from bash session `sh`, a `sleep 1000` that dropped root (`setpriv` to uid/gid 65534, no
+/// capabilities) while in `/root` (0700), holding the root-only file `/root/own` ("secret") open as descriptor
+/// 7; returns its pid.
+pub fn unprivileged_sleep(d: &TestDaemon, id: &str, sh: &str) -> String {
+    out(
+        d,
+        id,
+        sh,
+        "echo secret > /root/own; chmod 600 /root/own; exec 7</root/own\n\
+         setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all sleep 1000 </dev/null >/dev/null 2>&1 &\n\
+         exec 7<&-; sleep 0.3; echo $!",
+    )
+    .trim()
+    .to_string()
+}

@@ -299,13 +299,7 @@ fn a_full_disk_leaves_the_checkpoint_warm_and_says_why() {
     // With room again, the next checkpoint is durable.
     std::fs::remove_file(&filler).unwrap();
     let c2 = checkpoint_processes(&d, &id);
-    eventually("the next checkpoint is durable", || {
-        d.json(&["checkpoints", &id, "--json"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|x| x["id"] == c2.as_str() && x["durable"] == true)
-    });
+    wait_durable(&d, &id, &c2);
     d.stop_and_check(&[id]);
 }
 
@@ -362,15 +356,7 @@ fn a_process_that_dropped_root_comes_back_from_its_image_with_its_identity() {
     let d = TestDaemon::start();
     let id = d.create(&[]);
     let sh = d.session(&id, "bash");
-    let pid = out(
-        &d,
-        &id,
-        &sh,
-        "echo secret > /root/own; chmod 600 /root/own; exec 7</root/own\n\
-         setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all sleep 1000 </dev/null >/dev/null 2>&1 &\n\
-         exec 7<&-; sleep 0.3; echo $!",
-    );
-    let pid = pid.trim().to_string();
+    let pid = unprivileged_sleep(&d, &id, &sh);
     let look = |d: &TestDaemon| {
         d.sh(
             &id,

@@ -286,16 +286,7 @@ fn a_process_without_root_credentials_is_checkpointed_and_restored_but_refuses_t
     let d = TestDaemon::start();
     let id = d.create(&[]);
     let sh = d.session(&id, "bash");
-    // It dropped root while in /root (0700), holding a root-only file open.
-    let pid = out(
-        &d,
-        &id,
-        &sh,
-        "echo secret > /root/own; chmod 600 /root/own; exec 7</root/own\n\
-         setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all sleep 1000 </dev/null >/dev/null 2>&1 &\n\
-         exec 7<&-; sleep 0.3; echo $!",
-    );
-    let pid = pid.trim().to_string();
+    let pid = unprivileged_sleep(&d, &id, &sh);
     let alive = |d: &TestDaemon| {
         d.sh(&id, &format!("cat /proc/{pid}/comm; cat /proc/{pid}/fd/7"))
             .1

@@ -12,6 +12,7 @@
 
 pub mod error;
 pub mod image;
+pub mod pager;
 pub mod restore;
 pub mod template;
 

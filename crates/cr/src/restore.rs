@@ -24,17 +24,42 @@ pub type Opener<'a> = dyn FnMut(&Path, i32) -> std::io::Result<OwnedFd> + 'a;
 /// Highest address of user space on x86-64 (4-level paging).
 const USER_TOP: u64 = 0x7fff_ffff_f000;
 
+/// Private writable anonymous mappings with at least this much content are filled lazily (when asked).
+const LAZY_MIN: u64 = 1 << 20;
+
+/// Memory of a rebuilt process not copied in yet (lazy restore): its missing pages wait on `uffd` until a
+/// pager copies them from `pages`.
+#[derive(Debug)]
+pub struct LazyMemory {
+    pub uffd: deltabox_sys::uffd::Uffd,
+    /// The page runs still to copy: (address, bytes, offset in `pages`).
+    pub runs: Vec<(u64, u64, u64)>,
+    /// The mappings registered with `uffd` (start, length).
+    pub registered: Vec<(u64, u64)>,
+    pub pages: std::fs::File,
+}
+
+/// How to fill the memory of a rebuilt process.
+pub enum Fill<'a> {
+    /// Everything before the process runs.
+    Eager,
+    /// Large heaps on demand through a userfaultfd made from `dev` (`/dev/userfaultfd`, opened by us).
+    Lazy { dev: BorrowedFd<'a> },
+}
+
 /// Rebuilds `img` (memory content in `pages`) in the stopped process `t`. Paths are opened through `open`;
 /// descriptors the image lists as [`FdImage::Other`] (pipes, sockets …) must be in `given` by number. On
 /// success `t` holds the image's registers: detach it to let it run, or keep it stopped as a template. On
-/// failure the process is unusable and should be killed.
+/// failure the process is unusable and should be killed. With [`Fill::Lazy`], the memory left to copy is
+/// returned: until a pager has copied all of it, the process waits on each page it touches.
 pub fn restore(
     t: &mut Tracee,
     img: &ProcessImage,
     pages: &std::fs::File,
     open: &mut Opener<'_>,
     given: &[(i32, BorrowedFd<'_>)],
-) -> Result<()> {
+    fill: Fill<'_>,
+) -> Result<Option<LazyMemory>> {
     let pid = t.tgid().as_raw();
     let fail = |what: String| Error::Image(format!("restore into process {pid}: {what}"));
     let here = HostKind::current();
@@ -210,6 +235,18 @@ pub fn restore(
         to_install.push(p.into());
         to_install.len() - 1
     };
+    let dev_idx = match &fill {
+        Fill::Eager => None,
+        Fill::Lazy { dev } => {
+            to_install.push(
+                dev.try_clone_to_owned()
+                    .map_err(|e| fail(format!("dup /dev/userfaultfd: {e}")))?,
+            );
+            Some(to_install.len() - 1)
+        }
+    };
+    let mut lazy_runs: Vec<(u64, u64, u64)> = Vec::new();
+    let mut registered: Vec<(u64, u64)> = Vec::new();
 
     // The host's descriptors go; ours come in, parked above every number the image uses.
     t.checked_syscall(
@@ -280,7 +317,17 @@ pub fn restore(
                 0,
             ),
         };
-        let prot = if v.shared { v.prot as u64 } else { fill_prot };
+        let stored: u64 = v.pages.iter().map(|r| r.pages * PAGE).sum();
+        let lazy = dev_idx.is_some()
+            && matches!(v.kind, VmaKind::Anon)
+            && !v.shared
+            && v.prot & libc::PROT_WRITE as u32 != 0
+            && stored >= LAZY_MIN;
+        let prot = if v.shared || lazy {
+            v.prot as u64
+        } else {
+            fill_prot
+        };
         let r = t.checked_syscall(
             "mmap",
             libc::SYS_mmap,
@@ -289,14 +336,12 @@ pub fn restore(
         if r as u64 != v.start {
             return Err(fail(format!("mapping at {:#x} landed at {r:#x}", v.start)));
         }
-        // Large anonymous memory is filled in huge pages: a fault per 2 MiB instead of per 4 KiB (the fast path
-        // collapses such memory anyway). Best effort.
-        let stored: u64 = v.pages.iter().map(|r| r.pages * PAGE).sum();
-        if matches!(v.kind, VmaKind::Anon) && stored >= 4 << 20 {
-            let _ = t.syscall(
-                libc::SYS_madvise,
-                &[v.start, len, libc::MADV_HUGEPAGE as u64],
-            );
+        // Filled in small pages: a huge page fault may compact memory first (`defrag=madvise`), measured 6x
+        // slower here; templates get collapsed in the background anyway.
+        if lazy {
+            registered.push((v.start, len));
+            lazy_runs.extend(v.pages.iter().map(|r| (r.addr, r.pages * PAGE, r.offset)));
+            continue;
         }
         for run in &v.pages {
             let mut done = 0u64;
@@ -325,6 +370,27 @@ pub fn restore(
             )?;
         }
     }
+
+    // The lazy mappings are ours to serve from here on (they are at their final protection: faults are taken
+    // and copies made whatever it is).
+    let lazy = match dev_idx {
+        Some(i) if !registered.is_empty() => {
+            let uffd = deltabox_sys::uffd::Uffd::new_in(t, parked[i] as i32)?;
+            for &(start, len) in &registered {
+                uffd.register(start, len)
+                    .map_err(|e| fail(format!("register {start:#x}+{len:#x}: {e}")))?;
+            }
+            Some(LazyMemory {
+                uffd,
+                runs: lazy_runs,
+                registered,
+                pages: pages
+                    .try_clone()
+                    .map_err(|e| fail(format!("dup pages file: {e}")))?,
+            })
+        }
+        _ => None,
+    };
 
     // From here on, scratch space is below the image's own stack pointer.
     t.set_saved_regs(img.regs.to_raw()?);
@@ -483,7 +549,7 @@ pub fn restore(
     lower_caps(t, &have, &img.caps)?;
     let xstate = hex::decode(&img.xstate).map_err(|e| fail(format!("extended state: {e}")))?;
     t.set_xstate(&xstate)?;
-    Ok(())
+    Ok(lazy)
 }
 
 /// Drops from the bounding set every capability in `have` but not in `want` (`PR_CAPBSET_DROP`, which needs

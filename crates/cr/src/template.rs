@@ -469,11 +469,25 @@ impl Template {
     /// [`crate::restore::restore`]), which then *is* the template: stopped for good, its copies forked on
     /// rollback as from the original one.
     pub fn from_image(
-        mut host: Tracee,
+        host: Tracee,
         dir: &std::path::Path,
         open: &mut crate::restore::Opener<'_>,
         given: &[(i32, std::os::fd::BorrowedFd<'_>)],
     ) -> Result<Template> {
+        Template::from_image_filled(host, dir, open, given, crate::restore::Fill::Eager)
+            .map(|(t, _)| t)
+    }
+
+    /// [`Template::from_image`], filling memory as `fill` says: with [`crate::restore::Fill::Lazy`], what is
+    /// left to copy comes back, and the template and every copy forked from it wait on each missing page they
+    /// touch until a pager serves it.
+    pub fn from_image_filled(
+        mut host: Tracee,
+        dir: &std::path::Path,
+        open: &mut crate::restore::Opener<'_>,
+        given: &[(i32, std::os::fd::BorrowedFd<'_>)],
+        fill: crate::restore::Fill<'_>,
+    ) -> Result<(Template, Option<crate::restore::LazyMemory>)> {
         let pid = host.tgid();
         let rebuilt = crate::image::ImageDir::read(dir).and_then(|(img, pages)| {
             let identity = img.identity.ok_or_else(|| {
@@ -482,10 +496,10 @@ impl Template {
                     dir.display()
                 ))
             })?;
-            crate::restore::restore(&mut host, &img, &pages, open, given)?;
-            Ok(identity)
+            let lazy = crate::restore::restore(&mut host, &img, &pages, open, given, fill)?;
+            Ok((identity, lazy))
         });
-        let identity = match rebuilt {
+        let (identity, lazy) = match rebuilt {
             Ok(i) => i,
             Err(e) => {
                 // Possibly half-rebuilt: it must never run.
@@ -495,12 +509,15 @@ impl Template {
             }
         };
         let held = host.keep_stopped()?;
-        Ok(Template {
-            held,
-            identity,
-            timeout: Duration::from_secs(5),
-            alive: true,
-        })
+        Ok((
+            Template {
+                held,
+                identity,
+                timeout: Duration::from_secs(5),
+                alive: true,
+            },
+            lazy,
+        ))
     }
 }
 

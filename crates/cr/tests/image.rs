@@ -240,3 +240,93 @@ fn a_truncated_or_corrupt_image_is_refused_and_the_blank_process_killed() {
     assert!(tpl.is_alive());
     kill_and_reap(p.pid);
 }
+
+/// Lazy restore: the template is rebuilt without its heap, which a pager (a thread here, a process of the
+/// keeper's in the daemon) copies in on demand and in the background. Its copies, a fork inside a copy, and a
+/// page dropped with `MADV_DONTNEED` before the pager reached it all read exactly what they must.
+#[test]
+fn a_lazily_rebuilt_template_serves_every_page_right_to_its_copies_and_their_forks() {
+    use std::io::{Read, Write};
+    let mut p = spawn(REPL);
+    assert_eq!(p.say("x += 5; print(x)"), "5");
+    let digest = p.say("print(hashlib.sha256(data).hexdigest())");
+    let mut tpl = checkpoint(p.pid, false);
+    let dir = tempfile::tempdir().unwrap();
+    let img_dir = dir.path().join("img");
+    let img = tpl.write_image(&img_dir).unwrap();
+    let given: Vec<(i32, OwnedFd)> = img
+        .fds
+        .iter()
+        .filter(|f| matches!(f, deltabox_cr::image::FdImage::Other { .. }))
+        .map(|f| {
+            (
+                f.fd(),
+                deltabox_sys::pidfd::getfd(p.pid.as_raw(), f.fd()).unwrap(),
+            )
+        })
+        .collect();
+    drop(tpl);
+    let pid = p.pid;
+    kill_and_reap(pid);
+    let _ = p.child.try_wait();
+
+    let dev = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+        .unwrap();
+    let borrowed: Vec<_> = given.iter().map(|(n, f)| (*n, f.as_fd())).collect();
+    let t0 = Instant::now();
+    let (mut rebuilt, lazy) = Template::from_image_filled(
+        blank(),
+        &img_dir,
+        &mut open_on_host,
+        &borrowed,
+        deltabox_cr::restore::Fill::Lazy { dev: dev.as_fd() },
+    )
+    .unwrap();
+    eprintln!("template rebuilt lazily in {:?}", t0.elapsed());
+    let lazy = lazy.expect("the 24 MiB heap is left to the pager");
+    let left: u64 = lazy.runs.iter().map(|r| r.1).sum();
+    assert!(left >= 24 << 20, "{left} bytes left to copy");
+    let (mut ctl, pager_end) = std::os::unix::net::UnixStream::pair().unwrap();
+    let pager = std::thread::spawn(move || deltabox_cr::pager::serve(vec![lazy], pager_end.into()));
+
+    let copy = rebuilt.spawn(true).unwrap();
+    assert_eq!(copy.tgid(), pid);
+    copy.detach().unwrap();
+    // A page of the heap dropped at once (most likely before the pager copied it) reads zero, not the image.
+    let zeroed = p.say(
+        "import ctypes; a = ctypes.addressof((ctypes.c_char * len(data)).from_buffer(data)); \
+         pg = (a + (20 << 20) + 4095) & ~4095; ctypes.CDLL(None).madvise(ctypes.c_void_p(pg), 4096, 4); \
+         print(data[pg - a:pg - a + 4096].count(0))",
+    );
+    assert_eq!(zeroed, "4096");
+    assert_eq!(p.say("print(x)"), "5");
+    // A fork inside the copy sees the heap as the copy does (dropped page and all).
+    let want_after = p.say("print(hashlib.sha256(data).hexdigest())");
+    assert_ne!(want_after, digest);
+    assert_eq!(
+        p.say(
+            "r, w = os.pipe(); c = os.fork(); (os.write(w, hashlib.sha256(data).hexdigest().encode()), \
+             os._exit(0)) if c == 0 else None; os.waitpid(c, 0); print(os.read(r, 64).decode())"
+        ),
+        want_after
+    );
+    // Once the pager says everything is in, new copies carry the checkpoint's memory.
+    ctl.write_all(&[1]).unwrap();
+    let mut b = [0u8; 1];
+    ctl.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    ctl.read_exact(&mut b).unwrap();
+    kill_and_reap(pid);
+    let copy = rebuilt.spawn(true).unwrap();
+    copy.detach().unwrap();
+    assert_eq!(
+        p.say("print(x, hashlib.sha256(data).hexdigest())"),
+        format!("5 {digest}")
+    );
+    pager.join().unwrap().unwrap();
+    kill_and_reap(pid);
+    assert!(rebuilt.is_alive());
+}

@@ -15,5 +15,6 @@ pub mod pidfd;
 pub mod procfs;
 pub mod reflink;
 pub mod seccomp;
+pub mod uffd;
 
 pub use clone::{clone_process, CloneResult};

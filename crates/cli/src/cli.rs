@@ -52,7 +52,14 @@ pub enum Command {
         no_huge_pages: bool,
     },
     /// Roll a sandbox back to a checkpoint: files, and processes if it holds them (else they are restarted).
-    Rollback { id: String, checkpoint: String },
+    Rollback {
+        id: String,
+        checkpoint: String,
+        /// Processes rebuilt from durable images (their templates gone) get all their memory before they run,
+        /// instead of on demand.
+        #[arg(long)]
+        eager: bool,
+    },
     /// Fork a checkpoint into N new sandboxes (with its live processes, for a process checkpoint); prints their
     /// ids, one a line.
     Fork {

@@ -5,8 +5,8 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use base64::Engine;
 use deltabox_daemon::api::{
-    self, CheckpointInfo, CreateSandbox, ExecBody, ExecResult, RollbackInfo, SandboxInfo,
-    SessionInfo, SessionResult, StreamEvent,
+    self, CheckpointInfo, CreateSandbox, ExecBody, ExecResult, MemoryFill, RollbackBody,
+    RollbackInfo, SandboxInfo, SessionInfo, SessionResult, StreamEvent,
 };
 use deltabox_daemon::client::seg;
 use deltabox_daemon::Client;
@@ -193,8 +193,20 @@ async fn dispatch(
             }
             Ok(0)
         }
-        Command::Rollback { id, checkpoint } => {
-            let r: RollbackInfo = client.rollback(&id, &checkpoint).await?;
+        Command::Rollback {
+            id,
+            checkpoint,
+            eager,
+        } => {
+            let body = RollbackBody {
+                checkpoint,
+                memory: if eager {
+                    MemoryFill::Eager
+                } else {
+                    MemoryFill::Lazy
+                },
+            };
+            let r: RollbackInfo = client.rollback_body(&id, &body).await?;
             if json {
                 print_json(&r)?;
             } else {

@@ -147,6 +147,21 @@ pub struct CheckpointBody {
 pub struct RollbackBody {
     /// Checkpoint id.
     pub checkpoint: String,
+    /// How processes rebuilt from durable images get their memory (only when the templates are gone).
+    #[serde(default)]
+    pub memory: MemoryFill,
+}
+
+/// How a process rebuilt from its image gets its memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryFill {
+    /// Large heaps on demand: the rollback returns once the processes can run; a pager copies each page they
+    /// touch, and the rest in the background.
+    #[default]
+    Lazy,
+    /// Everything copied before the processes run.
+    Eager,
 }
 
 /// Result of a rollback.

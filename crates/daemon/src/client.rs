@@ -289,11 +289,21 @@ impl Client {
     pub async fn rollback(&self, id: &str, checkpoint: &str) -> Result<RollbackInfo, ClientError> {
         let body = RollbackBody {
             checkpoint: checkpoint.to_string(),
+            memory: Default::default(),
         };
+        self.rollback_body(id, &body).await
+    }
+
+    /// `POST /v1/sandboxes/{id}/rollback` with every option.
+    pub async fn rollback_body(
+        &self,
+        id: &str,
+        body: &RollbackBody,
+    ) -> Result<RollbackInfo, ClientError> {
         self.call(
             Method::POST,
             &format!("/v1/sandboxes/{}/rollback", seg(id)),
-            Some(&body),
+            Some(body),
         )
         .await
     }

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, RwLock};
 use crate::api::{
     self, CreateSandbox, ExecBody, ExecResult, SandboxInfo, SessionInfo, SessionResult,
 };
-use crate::api::{CheckpointInfo, RollbackInfo};
+use crate::api::{CheckpointInfo, MemoryFill, RollbackInfo};
 use crate::compaction::{MergeIndex, MergedLayer};
 use crate::error::{start_err, StartError};
 use crate::sandbox::Sandbox;
@@ -175,8 +175,8 @@ enum RollbackVia<'a> {
     Templates,
     /// Nowhere: files only (the note says why), processes killed.
     Files(&'a str),
-    /// The checkpoint's durable images in this directory (templates rebuilt first).
-    Images(&'a std::path::Path),
+    /// The checkpoint's durable images in this directory (templates rebuilt first, their memory filled so).
+    Images(&'a std::path::Path, MemoryFill),
 }
 
 /// Whether checkpoint `cid` was taken with its processes (recorded so that a rollback after a restart can say why
@@ -1991,6 +1991,16 @@ impl Daemon {
     /// Rolls a sandbox's files back to checkpoint `cid`. Until process checkpointing lands, its processes are
     /// restarted: sessions come back fresh.
     pub async fn rollback(self: &Arc<Self>, id: &str, cid: &str) -> Result<RollbackInfo, ApiError> {
+        self.rollback_filled(id, cid, MemoryFill::default()).await
+    }
+
+    /// [`Daemon::rollback`]; processes rebuilt from durable images get their memory as `fill` says.
+    pub async fn rollback_filled(
+        self: &Arc<Self>,
+        id: &str,
+        cid: &str,
+        fill: MemoryFill,
+    ) -> Result<RollbackInfo, ApiError> {
         let start = std::time::Instant::now();
         let info = self.record(id)?;
         let ck = if valid_id(cid) {
@@ -2035,7 +2045,7 @@ impl Daemon {
         if durable {
             if let Some(sb) = live.clone().filter(|sb| sb.handle.is_alive()) {
                 match self
-                    .rollback_processes(&sb, id, cid, start, RollbackVia::Images(&images))
+                    .rollback_processes(&sb, id, cid, start, RollbackVia::Images(&images, fill))
                     .await?
                 {
                     Ok(info) => return Ok(info),
@@ -2167,7 +2177,7 @@ impl Daemon {
         if durable && old.is_none() {
             if let Some(sb) = self.live.read().await.get(id).cloned() {
                 if let Ok(info) = self
-                    .rollback_processes(&sb, id, cid, start, RollbackVia::Images(&images))
+                    .rollback_processes(&sb, id, cid, start, RollbackVia::Images(&images, fill))
                     .await?
                 {
                     return Ok(info);
@@ -2222,13 +2232,13 @@ impl Daemon {
                 }
             }
             RollbackVia::Files(_) => Vec::new(),
-            RollbackVia::Images(dir) => match deltabox_runtime::durable::ImagesMeta::read(dir) {
+            RollbackVia::Images(dir, _) => match deltabox_runtime::durable::ImagesMeta::read(dir) {
                 Ok(m) => m.sessions,
                 Err(e) => return Ok(Err(e)),
             },
         };
         let keeper = match via {
-            RollbackVia::Images(_) => self.keeper_of(sb).await?,
+            RollbackVia::Images(..) => self.keeper_of(sb).await?,
             _ => sb
                 .keeper
                 .lock()
@@ -2292,7 +2302,7 @@ impl Daemon {
                 id: cid.to_string(),
                 switch,
             },
-            RollbackVia::Images(dir) => {
+            RollbackVia::Images(dir, fill) => {
                 // Sessions the daemon still has keep their pipes (every other copy of the interpreter speaks
                 // over them); the others (gone with a daemon restart) get new ones.
                 let (mut reuse, mut fresh) = (Vec::new(), Vec::new());
@@ -2320,6 +2330,7 @@ impl Daemon {
                     switch,
                     sessions: fresh,
                     reuse,
+                    lazy: fill == MemoryFill::Lazy,
                 }
             }
         };
@@ -2365,7 +2376,7 @@ impl Daemon {
         let restored: Vec<i32> = report.as_ref().map(|r| r.pids.clone()).unwrap_or_default();
         // Rebuilt from images: the interpreters have new pipes; their sessions start over on them, same ids.
         let mut adopted: Vec<(String, Arc<Session>)> = Vec::new();
-        if let (RollbackVia::Images(_), Some(r)) = (via, report.as_ref()) {
+        if let (RollbackVia::Images(..), Some(r)) = (via, report.as_ref()) {
             adopted = adopt_sessions(
                 &sb.handle,
                 &r.sessions,
@@ -2453,7 +2464,7 @@ impl Daemon {
                         "files and processes rolled back ({} process{} restored with their pids{})",
                         restored.len(),
                         if restored.len() == 1 { "" } else { "es" },
-                        if matches!(via, RollbackVia::Images(_)) {
+                        if matches!(via, RollbackVia::Images(..)) {
                             ", rebuilt from the checkpoint's durable images"
                         } else {
                             ""

@@ -181,7 +181,10 @@ async fn rollback(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<crate::api::RollbackBody>,
 ) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(d.rollback(&id, &body.checkpoint).await?))
+    Ok(Json(
+        d.rollback_filled(&id, &body.checkpoint, body.memory)
+            .await?,
+    ))
 }
 
 async fn exec(

@@ -204,17 +204,21 @@ pub(crate) struct Rebuilt {
     pub(crate) sessions: Vec<i32>,
     /// What could not be carried over.
     pub(crate) notes: Vec<String>,
+    /// Memory left for a pager to copy in (lazy fill).
+    pub(crate) lazy: Vec<deltabox_cr::restore::LazyMemory>,
 }
 
 /// Rebuilds every template of the images in `dir` in the sandbox of `init_pid`, whose root must already be on
 /// the checkpoint's files (paths in the images are opened there). Session interpreters (`sessions`) get new pipes.
-/// All or nothing: on failure the templates rebuilt so far are killed.
+/// With `lazy`, large heaps are left for a pager (started before anything forks the templates). All or nothing:
+/// on failure the templates rebuilt so far are killed.
 pub(crate) fn rebuild(
     init_pid: i32,
     dir: &Path,
     sessions: &[(i32, crate::SessionKind)],
     reuse: &[(i32, crate::SessionKind)],
     reuse_fds: Vec<OwnedFd>,
+    lazy: bool,
 ) -> Result<Rebuilt, String> {
     if reuse_fds.len() != reuse.len() * 4 {
         return Err(format!(
@@ -233,6 +237,25 @@ pub(crate) fn rebuild(
         pipes: Vec::new(),
         sessions: Vec::new(),
         notes: Vec::new(),
+        lazy: Vec::new(),
+    };
+    // The device (not the system call) so that faults the kernel takes for the process wait for the pager too.
+    let uffd_dev = if lazy {
+        match std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/userfaultfd")
+        {
+            Ok(f) => Some(f),
+            Err(e) => {
+                out.notes.push(format!(
+                    "memory filled before the processes ran (/dev/userfaultfd: {e})"
+                ));
+                None
+            }
+        }
+    } else {
+        None
     };
     // The session pipes the daemon still has, by the object each was in the images ("pipe:[ino]"): every
     // process holding one (the interpreter, its background jobs, bash's copy on 255) gets the session's end.
@@ -312,8 +335,14 @@ pub(crate) fn rebuild(
         let host = blank(init_pid).map_err(what)?;
         let mut open =
             |path: &Path, flags: i32| crate::generation::open_in_root(init_pid, path, flags);
-        let mut template = Template::from_image(host, &pdir, &mut open, &given)
-            .map_err(|e| what(e.to_string()))?;
+        let fill = match &uffd_dev {
+            Some(dev) => deltabox_cr::restore::Fill::Lazy { dev: dev.as_fd() },
+            None => deltabox_cr::restore::Fill::Eager,
+        };
+        let (mut template, lazy) =
+            Template::from_image_filled(host, &pdir, &mut open, &given, fill)
+                .map_err(|e| what(e.to_string()))?;
+        out.lazy.extend(lazy);
         if let Some(kind) = fresh {
             out.pipes.extend(
                 template

@@ -61,6 +61,10 @@ pub enum KeeperRequest {
         /// Session interpreters whose existing pipes the request carries (their ends, four each in this order:
         /// command, stdout, stderr, status): they keep speaking over them, as their other copies do.
         reuse: Vec<(i32, crate::SessionKind)>,
+        /// Large heaps copied in on demand and in the background (see `deltabox_cr::pager`), not before the
+        /// processes run.
+        #[serde(default)]
+        lazy: bool,
     },
     /// Drop the templates of these checkpoints.
     Forget { ids: Vec<String> },
@@ -191,6 +195,9 @@ pub struct RestoreReport {
     /// Rebuilding the templates from their images (slow path only).
     #[serde(default)]
     pub image_us: u64,
+    /// Of the images' memory, bytes left to a pager (lazy fill): copied in as touched and in the background.
+    #[serde(default)]
+    pub lazy_bytes: u64,
     /// Session interpreters that got new pipes (slow path only; see `KeeperRequest::RollbackImages`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sessions: Vec<i32>,
@@ -264,9 +271,11 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
     let mut collapser = Collapser::default();
     let mut teardown = Teardown::default();
     let mut restored_from: HashMap<i32, i32> = HashMap::new();
+    let mut pagers = crate::pagers::Pagers::default();
     while let Some((payload, received)) = deltabox_sys::fdpass::recv_frame(&sock)? {
         let req: KeeperRequest = serde_json::from_slice(&payload).map_err(std::io::Error::other)?;
         collapser.poll();
+        pagers.poll();
         // Collapsed after the reply: (templates, then the live processes they were taken from).
         let mut collapse_next: Vec<i32> = Vec::new();
         // Checkpoints whose templates' descriptors are read after the reply.
@@ -342,7 +351,11 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
                 },
             },
             KeeperRequest::DescribeImages { id, sessions } => match kept.get_mut(&id) {
-                Some(captured) => match crate::durable::describe(captured, sessions) {
+                // An image must hold every page: lazily restored memory must be all in first.
+                Some(captured) => match pagers
+                    .wait_all_in(Duration::from_secs(120))
+                    .and_then(|_| crate::durable::describe(captured, sessions))
+                {
                     Ok((described, mems)) => {
                         fds = mems;
                         KeeperReply::ImagesDescribed(described)
@@ -359,6 +372,7 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
                 switch,
                 sessions,
                 reuse,
+                lazy,
             } => {
                 let start = Instant::now();
                 let files = rollback(
@@ -374,8 +388,14 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
                     &mut [],
                 );
                 let t = Instant::now();
+                let mut lazy_bytes = 0;
                 let rebuilt = files.map_err(|e| e.0).and_then(|_| {
-                    crate::durable::rebuild(init_pid, &dir, &sessions, &reuse, received)
+                    let mut r =
+                        crate::durable::rebuild(init_pid, &dir, &sessions, &reuse, received, lazy)?;
+                    lazy_bytes = r.lazy.iter().flat_map(|l| &l.runs).map(|x| x.1).sum();
+                    // Before the templates are forked: a fork waits for the pager to take the copy's memory on.
+                    pagers.start(std::mem::take(&mut r.lazy))?;
+                    Ok(r)
                 });
                 let image_us = us(t);
                 match rebuilt {
@@ -403,6 +423,7 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
                         match done {
                             Ok(mut report) => {
                                 report.image_us = image_us;
+                                report.lazy_bytes = lazy_bytes;
                                 report.sessions = r.sessions;
                                 report.notes.extend(r.notes);
                                 report.total_us = us(start);

@@ -25,6 +25,7 @@ pub mod hardening;
 pub mod init;
 pub mod keeper;
 pub mod limits;
+mod pagers;
 pub mod protocol;
 pub mod rootfs;
 pub mod session;

@@ -91,6 +91,11 @@ fn the_slow_path_gives_the_same_processes_and_files_as_the_fast_path() {
         "{r}"
     );
     assert!(r["restore"]["image_us"].as_u64().unwrap() > 0, "{r}");
+    // By default the 12 MiB heap is copied in lazily, after the processes run.
+    assert!(
+        r["restore"]["lazy_bytes"].as_u64().unwrap() >= 12 << 20,
+        "{r}"
+    );
     assert_eq!(observe(&d, &id, &py, &sh), want, "slow path, same sessions");
     // The rebuilt templates are the checkpoint's templates now: the next rollback is a fast one again.
     mess_up(&d, &id, &py, &sh);
@@ -104,6 +109,44 @@ fn the_slow_path_gives_the_same_processes_and_files_as_the_fast_path() {
         want,
         "fast path from rebuilt templates"
     );
+    d.stop_and_check(&[id]);
+}
+
+/// Lazily restored processes are checkpointed while their memory is still being copied in: the new checkpoint's
+/// images wait for the pager and hold every page; an eager rollback gives the same state with nothing left lazy.
+#[test]
+fn a_checkpoint_of_lazily_restored_processes_holds_all_their_memory_and_eager_agrees() {
+    let d = TestDaemon::start();
+    let (id, py, sh) = setup(&d);
+    let c = checkpoint_processes(&d, &id);
+    let want = observe(&d, &id, &py, &sh);
+    wait_durable(&d, &id, &c);
+    let _ = d.sh(&id, "kill -9 -1; true");
+    let r = d.json(&["rollback", &id, &c, "--json"]);
+    assert!(r["restore"]["lazy_bytes"].as_u64().unwrap() > 0, "{r}");
+    // At once: most of the heap is not in yet.
+    let c2 = checkpoint_processes(&d, &id);
+    wait_durable(&d, &id, &c2);
+    mess_up(&d, &id, &py, &sh);
+    let _ = d.sh(&id, "kill -9 -1; true");
+    let r = d.json(&["rollback", &id, &c2, "--json"]);
+    assert!(
+        r["note"].as_str().unwrap().contains("durable images"),
+        "{r}"
+    );
+    assert_eq!(
+        observe(&d, &id, &py, &sh),
+        want,
+        "images of lazily restored processes"
+    );
+    let _ = d.sh(&id, "kill -9 -1; true");
+    let r = d.json(&["rollback", &id, &c, "--eager", "--json"]);
+    assert_eq!(r["restore"]["lazy_bytes"].as_u64().unwrap(), 0, "{r}");
+    assert!(
+        r["note"].as_str().unwrap().contains("durable images"),
+        "{r}"
+    );
+    assert_eq!(observe(&d, &id, &py, &sh), want, "eager");
     d.stop_and_check(&[id]);
 }
 

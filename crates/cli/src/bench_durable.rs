@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use deltabox_daemon::api::{
-    CheckpointBody, CheckpointInfo, CreateSandbox, ExecBody, RollbackInfo, SandboxInfo,
-    SessionInfo, StartSession,
+    CheckpointBody, CheckpointInfo, CreateSandbox, ExecBody, MemoryFill, RollbackBody,
+    RollbackInfo, SandboxInfo, SessionInfo, StartSession,
 };
 use deltabox_daemon::Client;
 
@@ -51,6 +51,16 @@ async fn kill_all(c: &Client, id: &str) -> Result<()> {
     };
     let _ = c.exec(id, &body).await;
     Ok(())
+}
+
+/// Slow-path rollback times of one size, ms.
+#[derive(Default)]
+struct Timings {
+    lazy: Vec<f64>,
+    lazy_next: Vec<f64>,
+    eager: Vec<f64>,
+    eager_next: Vec<f64>,
+    fast: Vec<f64>,
 }
 
 fn ms(v: &[f64]) -> String {
@@ -102,11 +112,13 @@ pub async fn durable(client: &Client, quick: bool) -> Result<i32> {
     );
     println!("\nslow-path rollback: a python3 session holding N MB (its templates killed, rebuilt from the checkpoint's images) beside the fast path and CRIU restoring the same program:");
     println!(
-        "{:>6} {:>12} {:>16} {:>12} {:>14} {:>12} {:>12}",
+        "{:>6} {:>9} {:>14} {:>14} {:>14} {:>14} {:>13} {:>12} {:>12}",
         "MB",
         "image MB",
-        "slow rollback",
-        "of it: images",
+        "slow lazy",
+        "next command",
+        "slow eager",
+        "next command",
         "fast rollback",
         "image write",
         "CRIU restore"
@@ -116,7 +128,7 @@ pub async fn durable(client: &Client, quick: bool) -> Result<i32> {
         let (sb, py) = python_sandbox(
             client,
             mb,
-            &format!("import os; data = bytearray(os.urandom(1 << 20)) * {mb}; tick = 0"),
+            &format!("import os, hashlib; data = bytearray(os.urandom(1 << 20)) * {mb}; tick = 0"),
         )
         .await?;
         let result = async {
@@ -129,43 +141,77 @@ pub async fn durable(client: &Client, quick: bool) -> Result<i32> {
             let listed = wait_durable(client, &sb.id, &ck.id).await?;
             let write_ms = t.elapsed().as_secs_f64() * 1e3;
             let expect = format!("0 {}", mb << 20);
-            let (mut slow, mut images, mut fast) = (Vec::new(), Vec::new(), Vec::new());
+            let digest = run(
+                client,
+                &sb.id,
+                &py.id,
+                "print(hashlib.sha256(data).hexdigest())",
+            )
+            .await?;
+            let mut t = Timings::default();
             for _ in 0..reps {
-                kill_all(client, &sb.id).await?;
-                let t = Instant::now();
-                let r: RollbackInfo = client.rollback(&sb.id, &ck.id).await?;
-                slow.push(t.elapsed().as_secs_f64() * 1e3);
-                ensure!(
-                    r.note.contains("durable images"),
-                    "not a slow-path rollback: {}",
-                    r.note
-                );
-                images.push(r.restore.as_ref().map_or(0.0, |x| x.image_us as f64 / 1e3));
-                let got = run(client, &sb.id, &py.id, "print(tick, len(data))").await?;
-                ensure!(
-                    got.trim() == expect,
-                    "slow path restored {got:?}, expected {expect:?}"
-                );
-                run(client, &sb.id, &py.id, "tick = 1").await?;
-                let t = Instant::now();
-                client.rollback(&sb.id, &ck.id).await?;
-                fast.push(t.elapsed().as_secs_f64() * 1e3);
-                let got = run(client, &sb.id, &py.id, "print(tick, len(data))").await?;
-                if got.trim() != expect {
-                    let body = ExecBody {
-                        argv: vec!["sh".into(), "-c".into(), "for p in /proc/[0-9]*; do echo $p $(cat $p/comm) $(grep State $p/status); ls -l $p/fd | tail -n +2; done".into()],
-                        ..Default::default()
+                for fill in [MemoryFill::Lazy, MemoryFill::Eager] {
+                    kill_all(client, &sb.id).await?;
+                    let body = RollbackBody {
+                        checkpoint: ck.id.clone(),
+                        memory: fill,
                     };
-                    let fds = client.exec(&sb.id, &body).await.map(|r| r.stdout).unwrap_or_default();
-                    let again = run(client, &sb.id, &py.id, "print(tick, len(data))").await.unwrap_or_default();
-                    anyhow::bail!("fast path restored {got:?} (again: {again:?}); processes:\n{fds}");
+                    let started = Instant::now();
+                    let r: RollbackInfo = client.rollback_body(&sb.id, &body).await?;
+                    let slow = started.elapsed().as_secs_f64() * 1e3;
+                    ensure!(
+                        r.note.contains("durable images"),
+                        "not a slow-path rollback: {}",
+                        r.note
+                    );
+                    let lazy = r.restore.as_ref().map_or(0, |x| x.lazy_bytes);
+                    ensure!(
+                        (fill == MemoryFill::Lazy) == (lazy > 0),
+                        "{fill:?} rollback left {lazy} bytes to copy lazily"
+                    );
+                    // The agent's next command (it reads a little of the heap).
+                    let started = Instant::now();
+                    let got = run(client, &sb.id, &py.id, "print(tick, len(data))").await?;
+                    let next = started.elapsed().as_secs_f64() * 1e3;
+                    ensure!(
+                        got.trim() == expect,
+                        "slow path ({fill:?}) restored {got:?}, expected {expect:?}"
+                    );
+                    // Every byte as it was (this reads the whole heap).
+                    let got = run(
+                        client,
+                        &sb.id,
+                        &py.id,
+                        "print(hashlib.sha256(data).hexdigest())",
+                    )
+                    .await?;
+                    ensure!(
+                        got.trim() == digest.trim(),
+                        "slow path ({fill:?}) restored other memory"
+                    );
+                    match fill {
+                        MemoryFill::Lazy => {
+                            t.lazy.push(slow);
+                            t.lazy_next.push(next);
+                        }
+                        MemoryFill::Eager => {
+                            t.eager.push(slow);
+                            t.eager_next.push(next);
+                        }
+                    }
                 }
+                run(client, &sb.id, &py.id, "tick = 1").await?;
+                let started = Instant::now();
+                client.rollback(&sb.id, &ck.id).await?;
+                t.fast.push(started.elapsed().as_secs_f64() * 1e3);
+                let got = run(client, &sb.id, &py.id, "print(tick, len(data))").await?;
+                ensure!(got.trim() == expect, "fast path restored {got:?}");
             }
-            Ok::<_, anyhow::Error>((listed.image_bytes, slow, images, fast, write_ms))
+            Ok::<_, anyhow::Error>((listed.image_bytes, t, write_ms))
         }
         .await;
         client.remove(&sb.id).await?;
-        let (bytes, slow, images, fast, write_ms) = result?;
+        let (bytes, t, write_ms) = result?;
         let criu = HostTree::start(
             &format!(
                 "exec python3 -c \"import os, time; data = bytearray(os.urandom(1 << 20)) * {mb}; time.sleep(1e9)\""
@@ -178,11 +224,13 @@ pub async fn durable(client: &Client, quick: bool) -> Result<i32> {
             Err(e) => format!("failed: {e}"),
         };
         println!(
-            "{mb:>6} {:>12} {:>16} {:>12} {:>14} {:>12.1} {:>12}",
+            "{mb:>6} {:>9} {:>14} {:>14} {:>14} {:>14} {:>13} {:>12.1} {:>12}",
             bytes >> 20,
-            ms(&slow),
-            ms(&images),
-            ms(&fast),
+            ms(&t.lazy),
+            ms(&t.lazy_next),
+            ms(&t.eager),
+            ms(&t.eager_next),
+            ms(&t.fast),
             write_ms,
             criu
         );
@@ -277,6 +325,6 @@ pub async fn durable(client: &Client, quick: bool) -> Result<i32> {
         ms(&idle),
         d / i
     );
-    println!("\nslow rollback = kill every process (templates too), then one API call: files rolled back, templates rebuilt from their images in blank copies of the sandbox's init (\"of it: images\": mapping and filling the memory with pread, registers, descriptors), processes forked from them with their pids; fast rollback = from the rebuilt templates. Image write = from the checkpoint call until the images are durable (background). CRIU restore: the same program on the host, images on tmpfs.");
+    println!("\nslow rollback = kill every process (templates too), then one API call: files rolled back, templates rebuilt from their images in blank copies of the sandbox's init (mappings, registers, descriptors by injected calls), processes forked from them with their pids. Eager: the memory is filled (pread) before they run; lazy: heaps of 1 MiB and more are left missing, a pager copies each page as it is touched and the rest in the background (the call returns before that). Next command: the agent's next session command (it reads a little of the heap), after the rollback. Each rollback is then checked by hashing the whole heap. Fast rollback = from the rebuilt templates. Image write = from the checkpoint call until the images are durable (background). CRIU restore: the same program on the host, images on tmpfs.");
     Ok(0)
 }

@@ -15,7 +15,7 @@ use deltabox_sys::uffd::{Copied, Event, Uffd, PAGE};
 use crate::restore::LazyMemory;
 
 /// Pages copied per background step (between two looks at the faults).
-const STEP: u64 = 1 << 20;
+const STEP: u64 = 128 << 10;
 /// Pages copied around a faulting one (the neighbours are usually next).
 const AROUND: u64 = 16 * PAGE;
 /// How long a fully copied process's context stays open, for a fork that raced the end of the copy.

@@ -199,6 +199,11 @@ impl HostTree {
         Ok(tree)
     }
 
+    /// The root process's pid.
+    pub(crate) fn pid(&self) -> i32 {
+        self.pid
+    }
+
     fn kill(&self) {
         // Every pid of the tree must be free (reaped) before CRIU can restore it.
         let pids = tree_pids(self.pid);

@@ -53,6 +53,51 @@ async fn kill_all(c: &Client, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// What tracking written pages (uffd WP-async + `PAGEMAP_SCAN`) would cost instead of comparing an image with its
+/// parent's: starting it registers and write-protects the process's memory, on the checkpoint's critical path
+/// (the process stopped) and again for every new process, which each rollback makes.
+async fn write_tracking(mb: usize, reps: usize) -> Result<()> {
+    println!("
+write tracking (uffd WP-async + PAGEMAP_SCAN), the alternative to comparing bytes: a python3 process on the host holding {mb} MB that rewrites 64 random bytes every 20 ms:");
+    let tree = HostTree::start(
+        &format!(
+            "exec python3 -c \"import os, random, time\ndata = bytearray(os.urandom(1 << 20)) * {mb}\nwhile True:\n    for _ in range(64): data[random.randrange(len(data))] = 1\n    time.sleep(0.02)\"",
+        ),
+        |pid| rss_mb(pid) as usize >= mb,
+    )?;
+    let pid = tree.pid();
+    let (starts, scans, found) = tokio::task::spawn_blocking(move || -> Result<_> {
+        use deltabox_sys::dirty::DirtyTracker;
+        use deltabox_sys::inject::{find_syscall_insn, Tracee};
+        let (mut starts, mut scans, mut found) = (Vec::new(), Vec::new(), Vec::new());
+        let p = nix::unistd::Pid::from_raw(pid);
+        for _ in 0..reps {
+            let mut t = Tracee::seize(p, p, find_syscall_insn(p)?, Duration::from_secs(5))?;
+            let started = Instant::now();
+            let mut tracker = DirtyTracker::start(&mut t)?;
+            starts.push(started.elapsed().as_secs_f64() * 1e3);
+            t.detach()?;
+            for _ in 0..5 {
+                std::thread::sleep(Duration::from_millis(50));
+                let started = Instant::now();
+                let w = tracker.take_written()?;
+                scans.push(started.elapsed().as_secs_f64() * 1e3);
+                found.push(DirtyTracker::bytes(&w) as f64 / 1024.0);
+            }
+        }
+        Ok((starts, scans, found))
+    })
+    .await??;
+    drop(tree);
+    println!(
+        "  start (register + write-protect everything, process stopped): {} ms; scan (pages written since the last, protected again): {} ms, finding {} KiB per 50 ms",
+        ms(&starts),
+        ms(&scans),
+        ms(&found)
+    );
+    Ok(())
+}
+
 /// Slow-path rollback times of one size, ms.
 #[derive(Default)]
 struct Timings {
@@ -248,6 +293,7 @@ pub async fn durable(client: &Client, quick: bool) -> Result<i32> {
     .await?;
     let result = async {
         let (mut changed, mut stored, mut new, mut first) = (0u64, 0u64, 0u64, 0u64);
+        let mut writes = Vec::new();
         // Small pages: the templates share every unchanged page with the live process (collapsed ones would
         // each hold a full copy, and 50 of them would not fit the sandbox's memory limit).
         let body = CheckpointBody {
@@ -263,8 +309,12 @@ pub async fn durable(client: &Client, quick: bool) -> Result<i32> {
                 &format!("for _ in range({pages}):\n    i = random.randrange(len(data) // 4096) * 4096\n    data[i:i + 4096] = os.urandom(4096)"),
             )
             .await?;
+            let started = Instant::now();
             let ck: CheckpointInfo = client.checkpoint_body(&sb.id, &body).await?;
             let listed = wait_durable(client, &sb.id, &ck.id).await?;
+            if step > 0 {
+                writes.push(started.elapsed().as_secs_f64() * 1e3);
+            }
             stored += listed.image_bytes;
             if step == 0 {
                 first = listed.image_new_bytes;
@@ -273,11 +323,11 @@ pub async fn durable(client: &Client, quick: bool) -> Result<i32> {
                 new += listed.image_new_bytes;
             }
         }
-        Ok::<_, anyhow::Error>((changed, stored, new, first))
+        Ok::<_, anyhow::Error>((changed, stored, new, first, writes))
     }
     .await;
     client.remove(&sb.id).await?;
-    let (changed, stored, new, first) = result?;
+    let (changed, stored, new, first, writes) = result?;
     println!(
         "  first image (whole): {:.1} MB; then over {} steps: heap bytes changed {:.1} MB, new space the images took {:.1} MB ({:.2}x the bytes changed, {:.2} MB a step); without sharing all {steps} images would take {:.1} MB",
         first as f64 / 1e6,
@@ -288,6 +338,11 @@ pub async fn durable(client: &Client, quick: bool) -> Result<i32> {
         new as f64 / 1e6 / (steps - 1) as f64,
         stored as f64 / 1e6,
     );
+    println!(
+        "  each later image written (read whole, compared with the parent's byte for byte, new pages stored, synced) in {} ms, in the background",
+        ms(&writes)
+    );
+    write_tracking(mb, reps).await?;
 
     // What background image writing costs the agent's next command.
     let mb = if quick { 64 } else { 256 };

@@ -363,12 +363,63 @@ pub struct PagesWritten {
     pub bytes: u64,
     /// Of those, bytes equal to the base image's at the same address, shared with it (reflink): no new space.
     pub shared: u64,
+    /// Of the shared bytes, those known unchanged by their frames ([`same_frames`]): neither read nor compared.
+    pub known_unchanged: u64,
 }
 
 /// A base image to deduplicate against: its description and its pages.
 pub struct Base<'a> {
     pub image: &'a ProcessImage,
     pub pages: &'a std::fs::File,
+    /// Address ranges known to hold the same bytes as the base at the same address (see [`same_frames`]):
+    /// shared without reading or comparing them. Sorted.
+    pub unchanged: &'a [(u64, u64)],
+}
+
+/// Address ranges among `runs` (address, bytes) where processes `a` and `b` map the very same physical pages —
+/// present in both with the same frame number — so their bytes are equal without reading them. A template forked
+/// from a process that was forked from the previous checkpoint's template shares every page nobody wrote since:
+/// this is the checkpoint's *unchanged* memory, known from two page-table reads instead of a byte comparison.
+/// Frame numbers need `CAP_SYS_ADMIN`; without them nothing is reported (everything gets compared).
+pub fn same_frames(a: i32, b: i32, runs: &[(u64, u64)]) -> std::io::Result<Vec<(u64, u64)>> {
+    const PFN: u64 = (1 << 55) - 1;
+    const CHUNK: u64 = 4096;
+    let pa = std::fs::File::open(format!("/proc/{a}/pagemap"))?;
+    let pb = std::fs::File::open(format!("/proc/{b}/pagemap"))?;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let (mut ba, mut bb) = (Vec::new(), Vec::new());
+    for &(start, len) in runs {
+        let mut page = start / PAGE;
+        let end = (start + len).div_ceil(PAGE);
+        while page < end {
+            let n = (end - page).min(CHUNK) as usize;
+            ba.resize(n * 8, 0);
+            bb.resize(n * 8, 0);
+            pa.read_exact_at(&mut ba, page * 8)?;
+            pb.read_exact_at(&mut bb, page * 8)?;
+            for i in 0..n {
+                let word = |b: &[u8]| {
+                    u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or_default())
+                };
+                let (ea, eb) = (word(&ba), word(&bb));
+                let same = ea >> 63 == 1 && eb >> 63 == 1 && ea & PFN != 0 && ea & PFN == eb & PFN;
+                if same {
+                    let addr = (page + i as u64) * PAGE;
+                    match out.last_mut() {
+                        Some(last) if last.1 == addr => last.1 = addr + PAGE,
+                        _ => out.push((addr, addr + PAGE)),
+                    }
+                }
+            }
+            page += n as u64;
+        }
+    }
+    Ok(out)
+}
+
+fn covered(ranges: &[(u64, u64)], start: u64, end: u64) -> bool {
+    let i = ranges.partition_point(|r| r.1 <= start);
+    ranges.get(i).is_some_and(|r| r.0 <= start && r.1 >= end)
 }
 
 impl Base<'_> {
@@ -414,67 +465,76 @@ pub fn write_pages_dedup(
             let len = (total - done).min(READ_CHUNK);
             buf.resize(len as usize, 0);
             let addr0 = run.addr + done;
-            mem.read_exact_at(&mut buf, addr0)
-                .map_err(|e| Error::Image(format!("read memory at {addr0:#x}: {e}")))?;
+            // Memory known unchanged since the base (same frames) is neither read nor compared.
+            let unchanged = |a: u64| {
+                base.as_ref()
+                    .is_some_and(|b| covered(b.unchanged, a, a + PAGE))
+            };
+            let skip_read = reflink
+                && base.as_ref().is_some_and(|b| {
+                    covered(b.unchanged, addr0, addr0 + len)
+                        && (0..len / PAGE).all(|k| b.offset_of(&runs, addr0 + k * PAGE).is_some())
+                });
+            if !skip_read {
+                mem.read_exact_at(&mut buf, addr0)
+                    .map_err(|e| Error::Image(format!("read memory at {addr0:#x}: {e}")))?;
+            }
+            // Whether the page at `a` (at `i` in `buf`) holds the base's bytes at offset `o`.
+            let equal = |a: u64, i: u64, o: u64, theirs: &mut [u8]| {
+                unchanged(a)
+                    || !skip_read
+                        && base
+                            .as_ref()
+                            .is_some_and(|b| b.pages.read_exact_at(theirs, o).is_ok())
+                        && theirs[..] == buf[i as usize..(i + PAGE) as usize]
+            };
             // Split into stretches that are shared (same bytes as the base, contiguous there) or new.
             let mut i = 0u64;
             while i < len {
                 let addr = addr0 + i;
-                let page = &buf[i as usize..(i + PAGE) as usize];
-                let same = |off: u64, theirs: &mut [u8]| {
-                    base.as_ref()
-                        .is_some_and(|b| b.pages.read_exact_at(theirs, off).is_ok())
-                        && &theirs[..] == page
-                };
                 let src = base.as_ref().and_then(|b| b.offset_of(&runs, addr));
                 let start = i;
-                if let Some(src0) = src.filter(|o| reflink && same(*o, &mut theirs)) {
+                if let Some(src0) = src.filter(|o| reflink && equal(addr, i, *o, &mut theirs)) {
                     i += PAGE;
                     while i < len {
                         let a = addr0 + i;
-                        let p = &buf[i as usize..(i + PAGE) as usize];
                         match base.as_ref().and_then(|b| b.offset_of(&runs, a)) {
-                            Some(o) if o == src0 + (i - start) => {
-                                let ok = base
-                                    .as_ref()
-                                    .is_some_and(|b| b.pages.read_exact_at(&mut theirs, o).is_ok())
-                                    && theirs[..] == *p;
-                                if !ok {
-                                    break;
-                                }
-                            }
+                            Some(o) if o == src0 + (i - start) && equal(a, i, o, &mut theirs) => {}
                             _ => break,
                         }
                         i += PAGE;
                     }
                     let n = i - start;
                     let dest = at + done + start;
-                    let shared = base.as_ref().is_some_and(|b| {
+                    if base.as_ref().is_some_and(|b| {
                         deltabox_sys::reflink::clone_range(pages, dest, b.pages, src0, n).is_ok()
-                    });
-                    if shared {
+                    }) {
                         out.shared += n;
-                    } else {
-                        // No reflinks here after all: from now on everything is written.
-                        reflink = false;
-                        pages
-                            .write_all_at(&buf[start as usize..i as usize], dest)
-                            .map_err(werr)?;
+                        if unchanged(addr) {
+                            out.known_unchanged += n;
+                        }
+                        continue;
                     }
+                    // No reflinks here after all: from now on everything is written (read first if skipped).
+                    reflink = false;
+                    if skip_read {
+                        mem.read_exact_at(&mut buf, addr0)
+                            .map_err(|e| Error::Image(format!("read memory at {addr0:#x}: {e}")))?;
+                        pages.write_all_at(&buf, at + done).map_err(werr)?;
+                        break;
+                    }
+                    pages
+                        .write_all_at(&buf[start as usize..i as usize], dest)
+                        .map_err(werr)?;
                 } else {
                     i += PAGE;
                     while i < len {
                         let a = addr0 + i;
-                        let p = &buf[i as usize..(i + PAGE) as usize];
                         let again = reflink
                             && base
                                 .as_ref()
                                 .and_then(|b| b.offset_of(&runs, a))
-                                .is_some_and(|o| {
-                                    base.as_ref().is_some_and(|b| {
-                                        b.pages.read_exact_at(&mut theirs, o).is_ok()
-                                    }) && theirs[..] == *p
-                                });
+                                .is_some_and(|o| equal(a, i, o, &mut theirs));
                         if again {
                             break;
                         }
@@ -803,7 +863,7 @@ impl ImageDir {
         let mut img = describe(t)?;
         img.identity = identity;
         let mem = open_mem(t.tgid().as_raw())?;
-        Self::store(&img, &mem, dir, None)?;
+        Self::store(&img, &mem, dir, None, &[])?;
         Ok(img)
     }
 
@@ -815,6 +875,7 @@ impl ImageDir {
         mem: &std::fs::File,
         dir: &std::path::Path,
         base: Option<&std::path::Path>,
+        unchanged: &[(u64, u64)],
     ) -> Result<PagesWritten> {
         let io = |what: &'static str| move |e: std::io::Error| Error::Image(format!("{what}: {e}"));
         let tmp = dir.with_extension("partial");
@@ -827,7 +888,11 @@ impl ImageDir {
                 img,
                 mem,
                 &pages,
-                base.as_ref().map(|(image, pages)| Base { image, pages }),
+                base.as_ref().map(|(image, pages)| Base {
+                    image,
+                    pages,
+                    unchanged,
+                }),
             )?;
             pages.sync_all().map_err(io("sync pages"))?;
             let meta = serde_json::to_vec(img).map_err(|e| Error::Image(format!("encode: {e}")))?;

@@ -125,6 +125,10 @@ pub struct CheckpointInfo {
     /// same addresses and shares its extents. This is the checkpoint's memory delta.
     #[serde(default)]
     pub image_new_bytes: u64,
+    /// Of the shared bytes, those the page tables showed unchanged since the previous durable checkpoint (the
+    /// very same physical pages in both checkpoints' templates): written without being read or compared.
+    #[serde(default)]
+    pub image_unchanged_bytes: u64,
 }
 
 /// `POST /v1/sandboxes/{id}/checkpoints` (the body is optional).

@@ -1013,6 +1013,7 @@ impl Daemon {
             pinned: false,
             image_bytes: 0,
             image_new_bytes: 0,
+            image_unchanged_bytes: 0,
         })
     }
 
@@ -1472,30 +1473,6 @@ impl Daemon {
             Some(s) => s,
             None => return Err("its templates were gone before they could be written".into()),
         };
-        let keeper = sb.keeper.lock().await.clone().ok_or("no keeper")?;
-        let req = KeeperRequest::DescribeImages {
-            id: cid.to_string(),
-            sessions,
-        };
-        let (described, mems) = match blocking(move || keeper.request_with_fds(&req))
-            .await
-            .map_err(|e| e.message.clone())?
-        {
-            Ok((KeeperReply::ImagesDescribed(d), fds)) => (d, fds),
-            Ok((KeeperReply::Failed { error }, _)) => return Err(error),
-            Ok((other, _)) => return Err(format!("unexpected keeper reply {other:?}")),
-            Err(e) => return Err(e.to_string()),
-        };
-        // Fault injection for tests: die in the middle of writing, as a crash or kill -9 would.
-        if self
-            .config
-            .state_dir
-            .join("fault-crash-during-images")
-            .exists()
-        {
-            let _ = std::fs::create_dir_all(dir.with_extension("partial").join("p1"));
-            std::process::abort();
-        }
         // Deduplicated against the nearest ancestor checkpoint that has images (pages equal to its pages at the
         // same address share its extents).
         let mut base = None;
@@ -1517,6 +1494,31 @@ impl Daemon {
                 .ok()
                 .flatten()
                 .and_then(|c| c.parent);
+        }
+        let keeper = sb.keeper.lock().await.clone().ok_or("no keeper")?;
+        let req = KeeperRequest::DescribeImages {
+            id: cid.to_string(),
+            sessions,
+            base: base.clone(),
+        };
+        let (described, mems) = match blocking(move || keeper.request_with_fds(&req))
+            .await
+            .map_err(|e| e.message.clone())?
+        {
+            Ok((KeeperReply::ImagesDescribed(d), fds)) => (d, fds),
+            Ok((KeeperReply::Failed { error }, _)) => return Err(error),
+            Ok((other, _)) => return Err(format!("unexpected keeper reply {other:?}")),
+            Err(e) => return Err(e.to_string()),
+        };
+        // Fault injection for tests: die in the middle of writing, as a crash or kill -9 would.
+        if self
+            .config
+            .state_dir
+            .join("fault-crash-during-images")
+            .exists()
+        {
+            let _ = std::fs::create_dir_all(dir.with_extension("partial").join("p1"));
+            std::process::abort();
         }
         let base_dir = base.as_ref().map(|b| self.images_dir(b));
         let t = std::time::Instant::now();
@@ -1964,6 +1966,7 @@ impl Daemon {
                     image_new_bytes: images
                         .as_ref()
                         .map_or(0, |m| m.bytes - m.shared.min(m.bytes)),
+                    image_unchanged_bytes: images.as_ref().map_or(0, |m| m.unchanged),
                     with_processes: c.processes,
                     processes: Vec::new(),
                     templates: costs.get(&c.id).cloned(),

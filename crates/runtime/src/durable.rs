@@ -42,6 +42,10 @@ pub struct ImagesMeta {
     /// The checkpoint whose images these were deduplicated against.
     #[serde(default)]
     pub base: Option<String>,
+    /// Of the shared bytes, those known unchanged since the base from the page tables (the same physical pages
+    /// in both checkpoints' templates): neither read nor compared.
+    #[serde(default)]
+    pub unchanged: u64,
 }
 
 /// One imaged process.
@@ -77,13 +81,24 @@ pub struct Described {
     pub meta: ImagesMeta,
     /// One per process, in `meta.processes` order.
     pub images: Vec<deltabox_cr::image::ProcessImage>,
+    /// The checkpoint `unchanged` is relative to.
+    #[serde(default)]
+    pub unchanged_base: Option<String>,
+    /// Per process (in order; empty when unknown): address ranges whose pages are the very pages of the same
+    /// process's template in `unchanged_base` (see [`deltabox_cr::image::same_frames`]).
+    #[serde(default)]
+    pub unchanged: Vec<Vec<(u64, u64)>>,
 }
 
 /// Describes the images of a checkpoint's templates; returns with them each template's memory
 /// ([`deltabox_cr::image::open_mem`]), in the same order, for [`store`].
+///
+/// With the templates of checkpoint `base` (`(id, templates)`), each process's memory unchanged since then is
+/// found from the page tables, so that the writer neither reads nor compares it.
 pub(crate) fn describe(
     captured: &mut [Captured],
     sessions: Vec<(String, i32, crate::SessionKind)>,
+    mut base: Option<(&str, &mut [Captured])>,
 ) -> Result<(Described, Vec<OwnedFd>), String> {
     let mut d = Described {
         meta: ImagesMeta {
@@ -91,6 +106,8 @@ pub(crate) fn describe(
             ..Default::default()
         },
         images: Vec::new(),
+        unchanged_base: base.as_ref().map(|(id, _)| id.to_string()),
+        unchanged: Vec::new(),
     };
     let mut mems = Vec::new();
     for c in captured.iter_mut() {
@@ -100,6 +117,29 @@ pub(crate) fn describe(
             .describe_image()
             .map_err(|e| format!("process {ns_pid}: {e}"))?;
         d.meta.bytes += img.page_bytes;
+        // Only a live template: a dead one's pid may be another process's by now.
+        let theirs = base.as_mut().and_then(|(_, b)| {
+            b.iter_mut()
+                .filter(|t| t.template.identity().ns_pid == ns_pid)
+                .find_map(|t| t.template.is_alive().then_some(t))
+        });
+        let unchanged = theirs
+            .and_then(|t| {
+                let runs: Vec<(u64, u64)> = img
+                    .vmas
+                    .iter()
+                    .flat_map(|v| &v.pages)
+                    .map(|r| (r.addr, r.pages * deltabox_cr::image::PAGE))
+                    .collect();
+                deltabox_cr::image::same_frames(
+                    c.template.pid().as_raw(),
+                    t.template.pid().as_raw(),
+                    &runs,
+                )
+                .ok()
+            })
+            .unwrap_or_default();
+        d.unchanged.push(unchanged);
         d.meta.processes.push(ImagedProcess {
             ns_pid,
             stopped: c.stopped,
@@ -120,6 +160,13 @@ pub fn store(
     mems: Vec<OwnedFd>,
     base: Option<(&str, &Path)>,
 ) -> Result<ImagesMeta, String> {
+    // Frame-level knowledge only holds against the checkpoint it was taken against.
+    let known = |i: usize| -> &[(u64, u64)] {
+        match (base, &d.unchanged_base) {
+            (Some((id, _)), Some(u)) if id == u => d.unchanged.get(i).map_or(&[], |v| v.as_slice()),
+            _ => &[],
+        }
+    };
     if complete(dir) {
         return ImagesMeta::read(dir);
     }
@@ -136,13 +183,14 @@ pub fn store(
     let result = (|| {
         let mut meta = d.meta.clone();
         meta.base = base.map(|(id, _)| id.to_string());
-        for ((img, p), mem) in d.images.iter().zip(&d.meta.processes).zip(mems) {
+        for (i, ((img, p), mem)) in d.images.iter().zip(&d.meta.processes).zip(mems).enumerate() {
             let mem = std::fs::File::from(mem);
             let name = format!("p{}", p.ns_pid);
             let theirs = base.map(|(_, b)| b.join(&name)).filter(|b| b.is_dir());
-            let w = ImageDir::store(img, &mem, &partial.join(&name), theirs.as_deref())
+            let w = ImageDir::store(img, &mem, &partial.join(&name), theirs.as_deref(), known(i))
                 .map_err(|e| format!("process {}: {e}", p.ns_pid))?;
             meta.shared += w.shared;
+            meta.unchanged += w.known_unchanged;
         }
         let text = serde_json::to_vec(&meta).map_err(|e| e.to_string())?;
         let path = partial.join(IMAGES_META);

@@ -48,6 +48,10 @@ pub enum KeeperRequest {
     DescribeImages {
         id: String,
         sessions: Vec<(String, i32, crate::SessionKind)>,
+        /// The checkpoint the images will be deduplicated against: memory unchanged since its templates is
+        /// found from the page tables.
+        #[serde(default)]
+        base: Option<String>,
     },
     /// Roll back to a checkpoint whose templates are gone, from its images in `dir`: the files first (as
     /// `RollbackFiles`), then its templates rebuilt from the images (kept as checkpoint `id` again), then its
@@ -350,18 +354,24 @@ pub fn run(sock: OwnedFd, init_pid: i32) -> std::io::Result<()> {
                     error: format!("no process checkpoint {id} is kept"),
                 },
             },
-            KeeperRequest::DescribeImages { id, sessions } => match kept.get_mut(&id) {
+            KeeperRequest::DescribeImages { id, sessions, base } => match kept.remove(&id) {
                 // An image must hold every page: lazily restored memory must be all in first.
-                Some(captured) => match pagers
-                    .wait_all_in(Duration::from_secs(120))
-                    .and_then(|_| crate::durable::describe(captured, sessions))
-                {
-                    Ok((described, mems)) => {
-                        fds = mems;
-                        KeeperReply::ImagesDescribed(described)
+                Some(mut captured) => {
+                    let base = base
+                        .as_deref()
+                        .and_then(|b| kept.get_mut(b).map(|t| (b, t.as_mut_slice())));
+                    let described = pagers
+                        .wait_all_in(Duration::from_secs(120))
+                        .and_then(|_| crate::durable::describe(&mut captured, sessions, base));
+                    kept.insert(id, captured);
+                    match described {
+                        Ok((described, mems)) => {
+                            fds = mems;
+                            KeeperReply::ImagesDescribed(described)
+                        }
+                        Err(error) => KeeperReply::Failed { error },
                     }
-                    Err(error) => KeeperReply::Failed { error },
-                },
+                }
                 None => KeeperReply::Failed {
                     error: format!("no process checkpoint {id} is kept"),
                 },

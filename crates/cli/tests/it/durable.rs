@@ -286,6 +286,75 @@ fn images_share_unchanged_pages_with_the_previous_ones_and_stand_alone() {
     d.stop_and_check(&[id]);
 }
 
+/// Memory the page tables show unchanged since the previous checkpoint (the same physical pages in both
+/// templates) is shared without being read: the images still hold exactly the right bytes, both of them.
+#[test]
+fn memory_unchanged_by_its_frames_is_shared_unread_and_both_images_restore_exactly() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let py = d.session(&id, "python3");
+    out(
+        &d,
+        &id,
+        &py,
+        "import os, hashlib; data = bytearray(os.urandom(1 << 20)) * 32",
+    );
+    let first = out(&d, &id, &py, "print(hashlib.sha256(data).hexdigest())");
+    // Small pages, so that the templates keep sharing frames with the live process.
+    let ck = |d: &TestDaemon| {
+        let c = d.json(&[
+            "checkpoint",
+            &id,
+            "--processes",
+            "--no-huge-pages",
+            "--json",
+        ]);
+        c["id"].as_str().unwrap().to_string()
+    };
+    let c1 = ck(&d);
+    wait_durable(&d, &id, &c1);
+    out(
+        &d,
+        &id,
+        &py,
+        "data[4096 * 100:4096 * 164] = os.urandom(4096 * 64); data[-5] = 7",
+    );
+    let second = out(&d, &id, &py, "print(hashlib.sha256(data).hexdigest())");
+    let c2 = ck(&d);
+    wait_durable(&d, &id, &c2);
+    let list = d.json(&["checkpoints", &id, "--json"]);
+    let get = |c: &str, k: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["id"] == c)
+            .unwrap()[k]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(
+        get(&c2, "image_unchanged_bytes") >= 24 << 20,
+        "most of the heap is known unchanged: {list}"
+    );
+    assert!(get(&c2, "image_new_bytes") < 8 << 20, "{list}");
+    assert_eq!(get(&c1, "image_unchanged_bytes"), 0, "{list}");
+    for (c, want) in [(&c2, &second), (&c1, &first), (&c2, &second)] {
+        out(&d, &id, &py, "data = b''");
+        let _ = d.sh(&id, "kill -9 -1; true");
+        let r = d.json(&["rollback", &id, c, "--json"]);
+        assert!(
+            r["note"].as_str().unwrap().contains("durable images"),
+            "{r}"
+        );
+        assert_eq!(
+            &out(&d, &id, &py, "print(hashlib.sha256(data).hexdigest())"),
+            want,
+            "{c}"
+        );
+    }
+    d.stop_and_check(&[id]);
+}
+
 #[test]
 fn a_full_disk_leaves_the_checkpoint_warm_and_says_why() {
     let d = TestDaemon::start();

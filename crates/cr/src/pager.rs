@@ -20,6 +20,10 @@ const STEP: u64 = 128 << 10;
 const AROUND: u64 = 16 * PAGE;
 /// How long a fully copied process's context stays open, for a fork that raced the end of the copy.
 const GRACE: Duration = Duration::from_secs(1);
+/// How long a memory whose copy failed (its sandbox out of memory, say) waits before the next try.
+const BACKOFF: Duration = Duration::from_millis(50);
+/// Sent on the control socket once every pages file is mapped: from then on the pager serves.
+pub const READY: u8 = 0xFF;
 
 /// A pages file mapped read-only: the source of every copy.
 struct Source {
@@ -124,6 +128,42 @@ struct Space {
     /// Faults to serve again once the layout change that made them fail is read.
     retry: Vec<u64>,
     gone: bool,
+    /// After a failed copy: no new try before this (the process waits; it never reads a wrong byte).
+    backoff: Option<Instant>,
+    /// The last failure, reported once.
+    failed: Option<String>,
+}
+
+impl Space {
+    fn new(uffd: Uffd, source: Rc<Source>, runs: Runs, registered: Runs) -> Space {
+        Space {
+            uffd,
+            source,
+            todo: runs.clone(),
+            runs,
+            registered,
+            done_at: None,
+            retry: Vec::new(),
+            gone: false,
+            backoff: None,
+            failed: None,
+        }
+    }
+
+    /// Notes a failure: the work is retried after [`BACKOFF`]; the pager never gives up on a live process (its
+    /// missing pages would read zero once our descriptor closed).
+    fn fail(&mut self, e: std::io::Error) {
+        let msg = e.to_string();
+        if self.failed.as_deref() != Some(msg.as_str()) {
+            eprintln!("deltabox pager: {msg} (retrying)");
+            self.failed = Some(msg);
+        }
+        self.backoff = Some(Instant::now() + BACKOFF);
+    }
+
+    fn waiting(&self, now: Instant) -> bool {
+        self.backoff.is_some_and(|t| now < t)
+    }
 }
 
 impl Space {
@@ -191,8 +231,9 @@ impl Space {
 }
 
 /// Serves `lazy` until every process is fully copied in (or gone). `control` (a stream socket to the keeper):
-/// each byte read asks for one byte back once nothing is left to copy. Returns when all is done or on an error
-/// that leaves processes unserved (they then wait on their missing pages until killed: never a wrong byte).
+/// [`READY`] is sent once serving starts; then each byte read asks for one byte back once nothing is left to
+/// copy. A failed copy (the sandbox at its memory limit, say) is retried, never given up while the process
+/// lives: its missing pages would read zero once our descriptor closed. Returns early only when it cannot start.
 pub fn serve(lazy: Vec<LazyMemory>, control: OwnedFd) -> std::io::Result<()> {
     let mut spaces = Vec::new();
     for l in lazy {
@@ -200,17 +241,9 @@ pub fn serve(lazy: Vec<LazyMemory>, control: OwnedFd) -> std::io::Result<()> {
         let mut runs = l.runs;
         runs.sort_unstable();
         let registered = l.registered.iter().map(|&(a, n)| (a, n, 0)).collect();
-        spaces.push(Space {
-            uffd: l.uffd,
-            source,
-            todo: runs.clone(),
-            runs,
-            registered,
-            done_at: None,
-            retry: Vec::new(),
-            gone: false,
-        });
+        spaces.push(Space::new(l.uffd, source, runs, registered));
     }
+    rustix::io::write(&control, &[READY])?;
     let mut asked = 0usize;
     let mut control_open = true;
     loop {
@@ -230,36 +263,55 @@ pub fn serve(lazy: Vec<LazyMemory>, control: OwnedFd) -> std::io::Result<()> {
                 revents: 0,
             });
         }
+        let now = Instant::now();
         let busy = spaces
             .iter()
-            .any(|s| !s.todo.is_empty() || !s.retry.is_empty());
-        let timeout = if busy { 0 } else { 100 };
+            .any(|s| !s.waiting(now) && (!s.todo.is_empty() || !s.retry.is_empty()));
+        let timeout = if busy {
+            0
+        } else if spaces.iter().any(|s| s.backoff.is_some()) {
+            BACKOFF.as_millis() as i32
+        } else {
+            100
+        };
         // SAFETY: poll(2) on `pfds.len()` pollfd structs we own.
         let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
-        if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return Err(std::io::Error::last_os_error());
+        if n < 0 {
+            // (EINTR, or no memory for the poll table: look again shortly; never leave the processes.)
+            std::thread::sleep(Duration::from_millis(1));
         }
         let mut born = Vec::new();
         for i in 0..spaces.len() {
             if pfds[i].revents == 0 {
                 continue;
             }
-            while let Some(ev) = spaces[i].uffd.read_event()? {
+            loop {
                 let s = &mut spaces[i];
+                let ev = match s.uffd.read_event() {
+                    Ok(Some(ev)) => ev,
+                    Ok(None) => break,
+                    Err(e) => {
+                        s.fail(e);
+                        break;
+                    }
+                };
                 match ev {
-                    Event::Fault { addr, .. } => s.serve_fault(addr)?,
-                    Event::Fork(uffd) => born.push(Space {
+                    Event::Fault { addr, .. } => {
+                        if s.waiting(Instant::now()) {
+                            s.retry.push(addr);
+                        } else if let Err(e) = s.serve_fault(addr) {
+                            s.retry.push(addr);
+                            s.fail(e);
+                        }
+                    }
+                    // What the parent had copied may not be in the child: it tries all of it (present pages
+                    // are skipped by the kernel).
+                    Event::Fork(uffd) => born.push(Space::new(
                         uffd,
-                        source: s.source.clone(),
-                        runs: s.runs.clone(),
-                        // What the parent had copied may not be in the child: try it all (present pages
-                        // are skipped by the kernel).
-                        todo: s.runs.clone(),
-                        registered: s.registered.clone(),
-                        done_at: None,
-                        retry: Vec::new(),
-                        gone: false,
-                    }),
+                        s.source.clone(),
+                        s.runs.clone(),
+                        s.registered.clone(),
+                    )),
                     Event::Remap { from, to, len } => {
                         remap(&mut s.runs, from, to, len);
                         remap(&mut s.todo, from, to, len);
@@ -285,18 +337,26 @@ pub fn serve(lazy: Vec<LazyMemory>, control: OwnedFd) -> std::io::Result<()> {
                 Ok(k) => asked += k,
             }
         }
-        for s in spaces.iter_mut() {
-            for addr in std::mem::take(&mut s.retry) {
-                s.serve_fault(addr)?;
+        let now = Instant::now();
+        for s in spaces.iter_mut().filter(|s| !s.waiting(now)) {
+            let retry = std::mem::take(&mut s.retry);
+            for (k, &addr) in retry.iter().enumerate() {
+                if let Err(e) = s.serve_fault(addr) {
+                    s.retry.extend_from_slice(&retry[k..]);
+                    s.fail(e);
+                    break;
+                }
             }
         }
         // Background copying, the running processes first (a new space is a fork: usually the live copy).
         if let Some(s) = spaces
             .iter_mut()
             .rev()
-            .find(|s| !s.todo.is_empty() && !s.gone)
+            .find(|s| !s.todo.is_empty() && !s.gone && !s.waiting(now))
         {
-            s.step()?;
+            if let Err(e) = s.step() {
+                s.fail(e);
+            }
         }
         let now = Instant::now();
         for s in spaces.iter_mut() {

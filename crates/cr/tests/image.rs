@@ -291,6 +291,9 @@ fn a_lazily_rebuilt_template_serves_every_page_right_to_its_copies_and_their_for
     assert!(left >= 24 << 20, "{left} bytes left to copy");
     let (mut ctl, pager_end) = std::os::unix::net::UnixStream::pair().unwrap();
     let pager = std::thread::spawn(move || deltabox_cr::pager::serve(vec![lazy], pager_end.into()));
+    let mut ready = [0u8; 1];
+    ctl.read_exact(&mut ready).unwrap();
+    assert_eq!(ready[0], deltabox_cr::pager::READY);
 
     let copy = rebuilt.spawn(true).unwrap();
     assert_eq!(copy.tgid(), pid);

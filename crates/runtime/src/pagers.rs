@@ -15,6 +15,9 @@ struct Pager {
     pid: Pid,
     /// Asks "tell me when everything is in" (one byte), answered with one byte; end of file once it is gone.
     control: OwnedFd,
+    /// Questions asked, answers read (an answer to an earlier question that timed out is not this one's).
+    asked: u64,
+    answered: u64,
 }
 
 /// The pagers the keeper started.
@@ -51,10 +54,23 @@ impl Pagers {
                 unsafe { libc::_exit(code) }
             }
             Ok(deltabox_sys::CloneResult::Parent(pid)) => {
-                self.running.push(Pager {
+                let pager = Pager {
                     pid: Pid::from_raw(pid.as_raw_nonzero().get()),
                     control: ours,
-                });
+                    asked: 0,
+                    answered: 0,
+                };
+                // It must be serving before anything forks or runs the processes.
+                let mut b = [0u8; 1];
+                let ready = wait_readable(&pager.control, Duration::from_secs(5))
+                    && rustix::io::read(&pager.control, &mut b) == Ok(1)
+                    && b[0] == deltabox_cr::pager::READY;
+                if !ready {
+                    let _ = nix::sys::signal::kill(pager.pid, nix::sys::signal::Signal::SIGKILL);
+                    let _ = waitpid(pager.pid, None);
+                    return Err("the pager for lazily restored memory did not start".into());
+                }
+                self.running.push(pager);
                 Ok(())
             }
             Err(e) => Err(format!("fork a pager: {e}")),
@@ -76,35 +92,49 @@ impl Pagers {
     pub(crate) fn wait_all_in(&mut self, timeout: Duration) -> Result<(), String> {
         self.poll();
         let deadline = Instant::now() + timeout;
-        for p in &self.running {
+        for p in self.running.iter_mut() {
             if rustix::io::write(&p.control, &[1]).is_err() {
                 continue; // gone
             }
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let mut pfd = libc::pollfd {
-                    fd: p.control.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: poll(2) on one pollfd we own.
-                let n = unsafe {
-                    libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32)
-                };
-                if n == 0 {
+            p.asked += 1;
+            while p.answered < p.asked {
+                if !wait_readable(
+                    &p.control,
+                    deadline.saturating_duration_since(Instant::now()),
+                ) {
                     return Err(format!(
                         "the memory of processes restored lazily is still being copied in after {timeout:?}"
                     ));
                 }
-                if n > 0 {
-                    let mut b = [0u8; 1];
-                    // One byte: all in; end of file: the pager is gone (done).
-                    let _ = rustix::io::read(&p.control, &mut b);
-                    break;
+                let mut b = [0u8; 64];
+                match rustix::io::read(&p.control, &mut b) {
+                    Ok(0) | Err(_) => break, // end of file: the pager is done and gone
+                    Ok(n) => p.answered += n as u64,
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// Whether `fd` becomes readable (data or end of file) within `timeout`.
+fn wait_readable(fd: &OwnedFd, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one pollfd we own.
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if n > 0 {
+            return true;
+        }
+        if n == 0 || Instant::now() >= deadline {
+            return false;
+        }
     }
 }
 

@@ -363,7 +363,11 @@ fn branch_init(
         }
         Err(_) => return Err("make the branch's init: garbled reply".into()),
     }
-    // Our only child besides the maker.
+    // The maker exits right after saying so, and (SIGCHLD ignored, as in the zygote) is reaped at once: a child
+    // leaving while `children` is read can make the read skip another one — the init ("died at once", seen
+    // under load). So it must be gone first.
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(maker), None);
+    // Our only child now.
     let me = std::process::id();
     let children = std::fs::read_to_string(format!("/proc/{me}/task/{me}/children"))
         .map_err(|e| format!("find the branch's init: {e}"))?;

@@ -2487,6 +2487,11 @@ impl Daemon {
     }
 
     async fn live(&self, id: &str) -> Result<Arc<Sandbox>, ApiError> {
+        self.live_sandbox(id).await
+    }
+
+    /// Running (or paused) sandbox `id`; `sandbox_not_running` for a known one that is not, `not_found` else.
+    pub(crate) async fn live_sandbox(&self, id: &str) -> Result<Arc<Sandbox>, ApiError> {
         if let Some(s) = self.live.read().await.get(id) {
             return Ok(s.clone());
         }

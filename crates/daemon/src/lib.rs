@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod export;
+pub mod files;
 pub mod sandbox;
 pub mod server;
 pub mod store;

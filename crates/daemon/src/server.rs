@@ -38,6 +38,22 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     }
 }
 
+/// Query-string extractor whose rejection is an [`ApiError`] (JSON, stable code) like every other error.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e| ApiError::invalid(e.body_text()))
+    }
+}
+
 type D = State<Arc<Daemon>>;
 
 /// The router.
@@ -77,6 +93,15 @@ pub fn router(d: Arc<Daemon>) -> Router {
             "/v1/sandboxes/{id}/sessions/{sid}/run",
             post(run_in_session),
         )
+        .route(
+            "/v1/sandboxes/{id}/files",
+            get(crate::files::read)
+                .put(crate::files::write)
+                .delete(crate::files::remove),
+        )
+        .route("/v1/sandboxes/{id}/files/list", get(crate::files::list))
+        .route("/v1/sandboxes/{id}/files/stat", get(crate::files::stat))
+        .route("/v1/sandboxes/{id}/files/mkdir", post(crate::files::mkdir))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(d)

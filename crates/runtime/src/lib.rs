@@ -19,6 +19,7 @@ pub mod durable;
 pub mod error;
 pub mod exec;
 pub mod fd_fixup;
+pub mod files;
 pub mod generation;
 pub mod handle;
 pub mod hardening;

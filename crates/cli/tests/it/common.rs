@@ -177,6 +177,50 @@ impl TestDaemon {
     }
 
     /// Stops the daemon and checks that nothing is left: no mounts under our state dir, no cgroups for `ids`.
+    /// One raw HTTP/1.1 request to the daemon's socket: (status, body). For what the CLI does not expose.
+    pub fn http(&self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&self.socket).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        // A refused upload may be answered (and the connection closed) before all of it is sent.
+        let _ = s.write_all(body);
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&raw[..split]).to_lowercase();
+        let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let mut rest = raw[split + 4..].to_vec();
+        if head.contains("transfer-encoding: chunked") {
+            let mut out = Vec::new();
+            loop {
+                let nl = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+                let n = usize::from_str_radix(std::str::from_utf8(&rest[..nl]).unwrap().trim(), 16)
+                    .unwrap();
+                if n == 0 {
+                    break;
+                }
+                out.extend_from_slice(&rest[nl + 2..nl + 2 + n]);
+                rest.drain(..nl + 2 + n + 2);
+            }
+            rest = out;
+        }
+        (status, rest)
+    }
+
+    /// [`TestDaemon::http`] with a JSON answer.
+    pub fn http_json(&self, method: &str, path: &str, body: &[u8]) -> (u16, serde_json::Value) {
+        let (status, b) = self.http(method, path, body);
+        let v = serde_json::from_slice(&b).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&b).into_owned())
+        });
+        (status, v)
+    }
+
     pub fn stop_and_check(mut self, ids: &[String]) {
         self.stop();
         assert_no_leaks(&self.dir, ids);

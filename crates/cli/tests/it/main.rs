@@ -9,6 +9,7 @@ mod checkpoints;
 mod daemon_lifecycle;
 mod deep_chain;
 mod durable;
+mod files;
 mod fork_live;
 mod images;
 mod isolation;

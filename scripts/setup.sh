@@ -3,6 +3,7 @@
 #   apt:       bubblewrap and btrfs-progs (benchmark baselines), xfsprogs (the layer store), python3, git, procps,
 #              util-linux
 #   crates.io: cargo-nextest (the test runner: one process per test, needed for namespace work)
+#   PyPI:      the Python SDK (sdk/python) with pytest, into a virtualenv at target/pyenv (python3-venv from apt)
 #   source:    CRIU >= 4.1 (scripts/setup-criu.sh; Debian 12's criu 3.17 fails on this kernel)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+python3 -c 'import venv, ensurepip' 2>/dev/null || {
+    echo "setup: installing python3-venv"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+}
+
 scripts/setup-criu.sh
 
 if ! command -v cargo >/dev/null 2>&1; then
@@ -38,4 +45,6 @@ grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null || { echo "se
 [ -e /proc/self/ns/user ] || { echo "setup: user namespaces are not available" >&2; exit 1; }
 
 cargo build --release --workspace --bins
-echo "setup: ok (binary: target/release/deltabox)"
+[ -x target/pyenv/bin/python ] || python3 -m venv target/pyenv
+target/pyenv/bin/pip install -q --disable-pip-version-check "./sdk/python[test]"
+echo "setup: ok (binary: target/release/deltabox; Python SDK: target/pyenv)"

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Sets everything up, then runs every test: unit and integration (real sandboxes, as root), then the demo and
+# Sets everything up, then runs every test: unit and integration (real sandboxes, as root), the Python SDK's, then the demo and
 # short benchmarks on a throw-away daemon (their figures are printed, never asserted).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 
 cargo nextest run --workspace --profile ci
+# The Python SDK against a real daemon of its own.
+target/pyenv/bin/python -m pytest -q sdk/python/tests
 
 state=$(mktemp -d /var/tmp/deltabox-check.XXXXXX)
 export DELTABOX_STATE_DIR="$state" DELTABOX_SOCKET="$state/api.sock" DELTABOX_STORE_SIZE=16G

@@ -1,0 +1,198 @@
+"""Every API call as data (method, path, body, how to read the answer), shared by the sync and async clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from urllib.parse import quote
+
+from . import models
+from ._transport import SLACK
+
+Identity = Callable[[Any], Any]
+
+
+@dataclass
+class Op:
+    method: str
+    path: str
+    json: Any = None
+    params: Optional[Dict[str, str]] = None
+    content: Optional[bytes] = None
+    raw: bool = False
+    timeout: Optional[float] = None
+    convert: Identity = lambda x: x
+
+
+def _seg(s: str) -> str:
+    return quote(str(s), safe="")
+
+
+def _ms(seconds: Optional[float]) -> Optional[int]:
+    return None if seconds is None else int(seconds * 1000)
+
+
+def _http_timeout(seconds: Optional[float]) -> Optional[float]:
+    return None if seconds is None else seconds + SLACK
+
+
+def create(image, memory, pids, cpus, network) -> Op:
+    body = {k: v for k, v in dict(image=image, memory=memory, pids=pids, cpus=cpus, network=network).items() if v is not None}
+    return Op("POST", "/v1/sandboxes", json=body)
+
+
+def info(sid: str) -> Op:
+    return Op("GET", f"/v1/sandboxes/{_seg(sid)}", convert=lambda d: models.build(models.SandboxInfo, d))
+
+
+def list_sandboxes() -> Op:
+    return Op("GET", "/v1/sandboxes", convert=lambda l: [models.build(models.SandboxInfo, d) for d in l])
+
+
+def kill(sid: str) -> Op:
+    return Op("DELETE", f"/v1/sandboxes/{_seg(sid)}")
+
+
+def pause(sid: str) -> Op:
+    return Op("POST", f"/v1/sandboxes/{_seg(sid)}/pause")
+
+
+def resume(sid: str) -> Op:
+    return Op("POST", f"/v1/sandboxes/{_seg(sid)}/resume")
+
+
+def _checkpoint(sid: str):
+    def conv(d):
+        c = models.build(models.Checkpoint, d)
+        c.sandbox_id = c.sandbox_id or sid
+        return c
+
+    return conv
+
+
+def checkpoint(sid: str, processes: bool) -> Op:
+    return Op("POST", f"/v1/sandboxes/{_seg(sid)}/checkpoints", json={"processes": processes}, convert=_checkpoint(sid))
+
+
+def checkpoints(sid: str) -> Op:
+    conv = _checkpoint(sid)
+    return Op("GET", f"/v1/sandboxes/{_seg(sid)}/checkpoints", convert=lambda l: [conv(d) for d in l])
+
+
+def _cid(checkpoint: Union[str, "models.Checkpoint"]) -> str:
+    return checkpoint.id if isinstance(checkpoint, models.Checkpoint) else str(checkpoint)
+
+
+def rollback(sid: str, checkpoint, memory: str) -> Op:
+    return Op(
+        "POST",
+        f"/v1/sandboxes/{_seg(sid)}/rollback",
+        json={"checkpoint": _cid(checkpoint), "memory": memory},
+        convert=lambda d: models.build(models.RollbackResult, d),
+    )
+
+
+def fork(checkpoint, n: int) -> Op:
+    return Op("POST", f"/v1/checkpoints/{_seg(_cid(checkpoint))}/fork", json={"n": n}, timeout=300)
+
+
+def delete_checkpoint(checkpoint) -> Op:
+    return Op("DELETE", f"/v1/checkpoints/{_seg(_cid(checkpoint))}")
+
+
+def pin(checkpoint, on: bool) -> Op:
+    return Op("POST" if on else "DELETE", f"/v1/checkpoints/{_seg(_cid(checkpoint))}/pin")
+
+
+def run(sid: str, cmd: Union[str, Sequence[str]], cwd, envs, timeout, stdin) -> Op:
+    argv: List[str] = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+    body: Dict[str, Any] = {"argv": argv}
+    if cwd is not None:
+        body["cwd"] = cwd
+    if envs:
+        body["env"] = dict(envs)
+    if stdin is not None:
+        body["stdin"] = stdin
+    if timeout is not None:
+        body["timeout_ms"] = _ms(timeout)
+    return Op(
+        "POST",
+        f"/v1/sandboxes/{_seg(sid)}/exec",
+        json=body,
+        timeout=_http_timeout(timeout),
+        convert=lambda d: models.build(models.CommandResult, d),
+    )
+
+
+def start_session(sid: str, kind: str, cwd, envs) -> Op:
+    body: Dict[str, Any] = {"kind": kind}
+    if cwd is not None:
+        body["cwd"] = cwd
+    if envs:
+        body["env"] = dict(envs)
+    return Op("POST", f"/v1/sandboxes/{_seg(sid)}/sessions", json=body)
+
+
+def list_sessions(sid: str) -> Op:
+    return Op("GET", f"/v1/sandboxes/{_seg(sid)}/sessions")
+
+
+def run_in_session(sid: str, session: str, code: str, timeout) -> Op:
+    body: Dict[str, Any] = {"command": code}
+    if timeout is not None:
+        body["timeout_ms"] = _ms(timeout)
+    return Op(
+        "POST",
+        f"/v1/sandboxes/{_seg(sid)}/sessions/{_seg(session)}/run",
+        json=body,
+        timeout=_http_timeout(timeout),
+        convert=lambda d: models.build(models.SessionResult, d),
+    )
+
+
+def stop_session(sid: str, session: str) -> Op:
+    return Op("DELETE", f"/v1/sandboxes/{_seg(sid)}/sessions/{_seg(session)}")
+
+
+def _files(sid: str, suffix: str = "") -> str:
+    return f"/v1/sandboxes/{_seg(sid)}/files{suffix}"
+
+
+def _entry(d):
+    return models.build(models.EntryInfo, d)
+
+
+def read(sid: str, path: str, fmt: str) -> Op:
+    if fmt not in ("text", "bytes"):
+        raise ValueError("format is 'text' or 'bytes'")
+    return Op(
+        "GET",
+        _files(sid),
+        params={"path": path},
+        raw=True,
+        convert=(lambda b: b.decode()) if fmt == "text" else (lambda b: b),
+    )
+
+
+def write(sid: str, path: str, data: Union[str, bytes], mode: Optional[int]) -> Op:
+    params = {"path": path}
+    if mode is not None:
+        params["mode"] = format(mode, "o")
+    content = data.encode() if isinstance(data, str) else bytes(data)
+    return Op("PUT", _files(sid), params=params, content=content, convert=_entry)
+
+
+def list_dir(sid: str, path: str) -> Op:
+    return Op("GET", _files(sid, "/list"), params={"path": path}, convert=lambda l: [_entry(d) for d in l])
+
+
+def stat(sid: str, path: str) -> Op:
+    return Op("GET", _files(sid, "/stat"), params={"path": path}, convert=_entry)
+
+
+def make_dir(sid: str, path: str) -> Op:
+    return Op("POST", _files(sid, "/mkdir"), params={"path": path}, convert=_entry)
+
+
+def remove(sid: str, path: str) -> Op:
+    return Op("DELETE", _files(sid), params={"path": path})

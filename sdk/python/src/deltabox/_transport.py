@@ -1,0 +1,88 @@
+"""HTTP to the daemon: its Unix socket by default, TCP with a bearer token when asked."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import httpx
+
+from .errors import DeltaBoxError, TimeoutError, from_response
+
+DEFAULT_SOCKET = "/run/deltabox/deltabox.sock"
+#: Extra seconds an HTTP request may take beyond the command's own timeout.
+SLACK = 30.0
+
+
+def _settings(socket: Optional[str], base_url: Optional[str], token: Optional[str]):
+    base_url = base_url or os.environ.get("DELTABOX_URL")
+    token = token or os.environ.get("DELTABOX_TOKEN")
+    socket = socket or os.environ.get("DELTABOX_SOCKET") or DEFAULT_SOCKET
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return socket, base_url, headers
+
+
+def _check(r: httpx.Response, raw: bool) -> Any:
+    if r.status_code >= 400:
+        try:
+            body: Any = r.json()
+        except ValueError:
+            body = r.text
+        raise from_response(r.status_code, body)
+    if raw:
+        return r.content
+    if r.status_code == 204 or not r.content:
+        return None
+    return r.json()
+
+
+class Api:
+    """Synchronous calls."""
+
+    def __init__(self, socket=None, base_url=None, token=None, timeout: float = 60.0):
+        socket, base_url, headers = _settings(socket, base_url, token)
+        transport = None if base_url else httpx.HTTPTransport(uds=socket)
+        self.timeout = timeout
+        self._http = httpx.Client(
+            base_url=base_url or "http://deltabox", transport=transport, headers=headers, timeout=timeout
+        )
+
+    def call(self, method: str, path: str, *, json=None, params=None, content=None, raw=False, timeout=None):
+        try:
+            r = self._http.request(
+                method, path, json=json, params=params, content=content, timeout=timeout or self.timeout
+            )
+        except httpx.TimeoutException as e:
+            raise TimeoutError(f"{method} {path}: {e}") from e
+        except httpx.HTTPError as e:
+            raise DeltaBoxError(f"cannot reach the DeltaBox daemon: {e}") from e
+        return _check(r, raw)
+
+    def close(self) -> None:
+        self._http.close()
+
+
+class AsyncApi:
+    """Asynchronous calls (the same, awaited)."""
+
+    def __init__(self, socket=None, base_url=None, token=None, timeout: float = 60.0):
+        socket, base_url, headers = _settings(socket, base_url, token)
+        transport = None if base_url else httpx.AsyncHTTPTransport(uds=socket)
+        self.timeout = timeout
+        self._http = httpx.AsyncClient(
+            base_url=base_url or "http://deltabox", transport=transport, headers=headers, timeout=timeout
+        )
+
+    async def call(self, method: str, path: str, *, json=None, params=None, content=None, raw=False, timeout=None):
+        try:
+            r = await self._http.request(
+                method, path, json=json, params=params, content=content, timeout=timeout or self.timeout
+            )
+        except httpx.TimeoutException as e:
+            raise TimeoutError(f"{method} {path}: {e}") from e
+        except httpx.HTTPError as e:
+            raise DeltaBoxError(f"cannot reach the DeltaBox daemon: {e}") from e
+        return _check(r, raw)
+
+    async def close(self) -> None:
+        await self._http.aclose()

@@ -1,0 +1,115 @@
+"""The SDK against a real daemon: the README's example, files, commands, sessions, checkpoint/rollback/fork,
+typed errors, and the async twin."""
+
+import asyncio
+
+import pytest
+
+from deltabox import (
+    AsyncSandbox,
+    Checkpoint,
+    CommandResult,
+    ConflictError,
+    DeltaBoxError,
+    InvalidRequestError,
+    NotFoundError,
+    Sandbox,
+)
+
+
+def test_the_readme_example_files_and_a_live_repl_come_back_and_fork(daemon):
+    with Sandbox.create() as sbx:
+        sbx.files.write("/app/app.py", "x = 1\n")
+        repl = sbx.sessions.start("python3")
+        r = repl.run("import sys; sys.path.insert(0, '/app'); import app; data = list(range(10**6))")
+        assert r.exit_code == 0, r
+        ck = sbx.checkpoint()
+        assert isinstance(ck, Checkpoint) and ck.with_processes
+        gone = sbx.commands.run("rm -rf /app && ls /app")
+        assert gone.exit_code != 0
+        rb = sbx.rollback(ck)
+        assert not rb.processes_restarted, rb
+        assert sbx.files.read("/app/app.py") == "x = 1\n"
+        assert repl.run("print(app.x, len(data), sum(data))").stdout == "1 1000000 499999500000\n"
+        branches = sbx.fork(ck, n=3)
+        try:
+            assert len(branches) == 3
+            for i, b in enumerate(branches):
+                b.files.write("/app/branch.txt", str(i))
+                s = b.sessions.get(repl.id)
+                assert s.run(f"data.append({i}); print(len(data), data[-1])").stdout == f"1000001 {i}\n"
+            # Each branch has its own future; the source is untouched.
+            assert [b.files.read("/app/branch.txt") for b in branches] == ["0", "1", "2"]
+            assert not sbx.files.exists("/app/branch.txt")
+            assert repl.run("print(len(data))").stdout == "1000000\n"
+        finally:
+            for b in branches:
+                b.kill()
+
+
+def test_commands_files_and_bytes(daemon):
+    with Sandbox.create() as sbx:
+        r = sbx.commands.run("echo out; echo err >&2; exit 3")
+        assert isinstance(r, CommandResult)
+        assert (r.stdout, r.stderr, r.exit_code) == ("out\n", "err\n", 3)
+        r = sbx.commands.run(["printenv", "GREETING"], envs={"GREETING": "hi"}, cwd="/tmp")
+        assert r.stdout == "hi\n"
+        assert sbx.commands.run("cat", stdin="piped").stdout == "piped"
+        r = sbx.commands.run("sleep 5", timeout=0.3)
+        assert r.timed_out
+        info = sbx.files.write("/w/bin.dat", b"\x00\xffabc", mode=0o600)
+        assert (info.type, info.size, info.mode) == ("file", 5, 0o600)
+        assert sbx.files.read("/w/bin.dat", format="bytes") == b"\x00\xffabc"
+        sbx.files.make_dir("/w/sub/dir")
+        assert [(e.name, e.type) for e in sbx.files.list("/w")] == [("bin.dat", "file"), ("sub", "dir")]
+        assert sbx.files.get_info("/w/sub").type == "dir"
+        sbx.files.remove("/w")
+        assert not sbx.files.exists("/w")
+
+
+def test_errors_are_typed_and_carry_the_daemons_code(daemon):
+    with Sandbox.create() as sbx:
+        with pytest.raises(NotFoundError) as e:
+            sbx.files.read("/no/such/file")
+        assert e.value.code == "file_not_found" and e.value.status == 404
+        with pytest.raises(InvalidRequestError) as e:
+            sbx.files.read("/../etc/passwd")
+        assert e.value.code == "invalid_path"
+        with pytest.raises(NotFoundError):
+            sbx.rollback("c-000000000000")
+        with pytest.raises(InvalidRequestError):
+            sbx.fork(sbx.checkpoint(), n=0)
+        with pytest.raises(InvalidRequestError):
+            sbx.fork(sbx.checkpoint(processes=False), n=10_000)
+        sbx.pause()
+        with pytest.raises(ConflictError) as e:
+            sbx.commands.run("true")
+        assert e.value.code == "sandbox_paused"
+        sbx.resume()
+        assert sbx.commands.run("echo back").stdout == "back\n"
+    with pytest.raises(NotFoundError):
+        Sandbox.connect("nosuchsandbox")
+    with pytest.raises(DeltaBoxError) as e:
+        Sandbox.create(socket="/nonexistent/deltabox.sock")
+    assert "cannot reach" in str(e.value)
+
+
+def test_the_async_twin(daemon):
+    async def main():
+        async with await AsyncSandbox.create() as sbx:
+            await sbx.files.write("/a.txt", "one")
+            repl = await sbx.sessions.start("python3")
+            await repl.run("v = 41")
+            ck = await sbx.checkpoint()
+            await repl.run("v = 0")
+            await sbx.files.write("/a.txt", "two")
+            await sbx.rollback(ck)
+            assert (await repl.run("print(v + 1)")).stdout == "42\n"
+            assert await sbx.files.read("/a.txt") == "one"
+            branches = await sbx.fork(ck, n=2)
+            outs = await asyncio.gather(*(b.commands.run("cat /a.txt") for b in branches))
+            assert [o.stdout for o in outs] == ["one", "one"]
+            for b in branches:
+                await b.kill()
+
+    asyncio.run(main())

@@ -19,6 +19,10 @@ cleanup() {
 }
 trap cleanup EXIT
 target/release/deltabox demo
+# The SDK's examples (they use the daemon the demo started); figures printed, not asserted.
+target/pyenv/bin/python examples/tree_search.py --quick
+target/pyenv/bin/python examples/rl_fanout.py --quick
+target/pyenv/bin/python examples/gym_env.py --quick
 target/release/deltabox bench runtime --iterations 10
 target/release/deltabox bench fs --quick
 target/release/deltabox bench cr --quick

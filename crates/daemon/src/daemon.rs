@@ -82,6 +82,8 @@ pub struct Daemon {
     durable_lock: tokio::sync::Mutex<()>,
     /// Why a checkpoint's durable images could not be written.
     durable_errors: std::sync::Mutex<HashMap<String, String>>,
+    /// Request counts and latencies (`GET /v1/metrics`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 fn now() -> i64 {
@@ -250,6 +252,7 @@ impl Daemon {
             evicted: Default::default(),
             durable_lock: Default::default(),
             durable_errors: Default::default(),
+            metrics: Default::default(),
         });
         d.recover();
         // Unreachable layers are deleted in the background, off every request's critical path; requests only
@@ -329,6 +332,25 @@ impl Daemon {
     }
 
     /// Health summary.
+    /// What the metrics' gauges show.
+    pub async fn gauges(&self) -> crate::metrics::Gauges {
+        let mut sandboxes = std::collections::BTreeMap::new();
+        for s in self.store.list().unwrap_or_default() {
+            *sandboxes.entry(s.status).or_insert(0) += 1;
+        }
+        let live = self.live.read().await;
+        let warm = live
+            .values()
+            .map(|sb| sb.kept.lock().map(|k| k.len()).unwrap_or(0))
+            .sum();
+        crate::metrics::Gauges {
+            sandboxes,
+            live: live.values().filter(|sb| sb.handle.is_alive()).count(),
+            checkpoints: self.store.all_checkpoints().map(|c| c.len()).unwrap_or(0),
+            warm,
+        }
+    }
+
     pub async fn health(&self) -> api::Health {
         api::Health {
             status: if self.zygote.is_alive() {

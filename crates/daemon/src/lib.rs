@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod error;
 pub mod export;
 pub mod files;
+pub mod metrics;
 pub mod sandbox;
 pub mod server;
 pub mod store;

@@ -102,7 +102,12 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/sandboxes/{id}/files/list", get(crate::files::list))
         .route("/v1/sandboxes/{id}/files/stat", get(crate::files::stat))
         .route("/v1/sandboxes/{id}/files/mkdir", post(crate::files::mkdir))
+        .route("/v1/metrics", get(crate::metrics::metrics))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(axum::middleware::from_fn_with_state(
+            d.clone(),
+            crate::metrics::track,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(d)
 }

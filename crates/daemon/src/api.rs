@@ -10,7 +10,7 @@ pub const DEFAULT_MAX_OUTPUT: usize = 1 << 20;
 pub const MAX_MAX_OUTPUT: usize = 64 << 20;
 
 /// `POST /v1/sandboxes`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandbox {
     /// `host` (default), a directory, an OCI layout directory, or an OCI/docker archive.
@@ -31,7 +31,7 @@ pub struct CreateSandbox {
 }
 
 /// A sandbox as listed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SandboxInfo {
     /// Id.
     pub id: String,
@@ -79,7 +79,7 @@ pub struct SandboxInfo {
 }
 
 /// A checkpoint.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CheckpointInfo {
     /// Id (`c-…`).
     pub id: String,
@@ -98,6 +98,7 @@ pub struct CheckpointInfo {
     pub duration_ms: f64,
     /// Phase timings of the generation switch (only when just taken).
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub switch: Option<deltabox_runtime::generation::SwitchReport>,
     /// Whether its processes were checkpointed too.
     #[serde(default)]
@@ -107,6 +108,7 @@ pub struct CheckpointInfo {
     pub processes: Vec<i32>,
     /// What its templates cost now, while they are held (listings only).
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub templates: Option<deltabox_runtime::keeper::TemplateCost>,
     /// Its processes' durable images are written (a process checkpoint is warm-ready when taken, durable-ready
     /// once this is true: rollback then works even after its templates are gone). Listings only.
@@ -132,7 +134,7 @@ pub struct CheckpointInfo {
 }
 
 /// `POST /v1/sandboxes/{id}/checkpoints` (the body is optional).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointBody {
     /// Also checkpoint every process (single-threaded ones only, for now), so that rollback restores them.
@@ -146,7 +148,7 @@ pub struct CheckpointBody {
 }
 
 /// `POST /v1/sandboxes/{id}/rollback`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RollbackBody {
     /// Checkpoint id.
@@ -157,7 +159,7 @@ pub struct RollbackBody {
 }
 
 /// How a process rebuilt from its image gets its memory.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum MemoryFill {
     /// Large heaps on demand: the rollback returns once the processes can run; a pager copies each page they
@@ -169,7 +171,7 @@ pub enum MemoryFill {
 }
 
 /// Result of a rollback.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RollbackInfo {
     /// Sandbox.
     pub sandbox_id: String,
@@ -182,6 +184,7 @@ pub struct RollbackInfo {
     pub restored: Vec<i32>,
     /// Phase timings of a process rollback.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub restore: Option<deltabox_runtime::keeper::RestoreReport>,
     /// What happened, for people.
     pub note: String,
@@ -190,7 +193,7 @@ pub struct RollbackInfo {
 }
 
 /// `POST /v1/sandboxes/{id}/exec` and `/exec/stream`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecBody {
     /// Program and arguments.
@@ -213,7 +216,7 @@ pub struct ExecBody {
 }
 
 /// Result of a one-shot command.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExecResult {
     /// stdout (UTF-8, invalid bytes replaced). Empty in the final event of a stream.
     pub stdout: String,
@@ -247,7 +250,7 @@ impl ExecResult {
 }
 
 /// One line of an `/exec/stream` response (NDJSON).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum StreamEvent {
     /// Output bytes, base64.
@@ -261,7 +264,7 @@ pub enum StreamEvent {
 }
 
 /// `POST /v1/sandboxes/{id}/sessions`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartSession {
     /// `bash` or `python3`.
@@ -275,7 +278,7 @@ pub struct StartSession {
 }
 
 /// A session as listed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SessionInfo {
     /// Id.
     pub id: String,
@@ -288,7 +291,7 @@ pub struct SessionInfo {
 }
 
 /// `POST /v1/sandboxes/{id}/sessions/{sid}/run`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunInSession {
     /// Command text (bash) or code (python3).
@@ -302,7 +305,7 @@ pub struct RunInSession {
 }
 
 /// Result of a session command.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SessionResult {
     /// stdout.
     pub stdout: String,
@@ -323,7 +326,7 @@ pub struct SessionResult {
 }
 
 /// `GET /v1/health`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Health {
     /// `ok`.
     pub status: String,
@@ -336,7 +339,7 @@ pub struct Health {
 }
 
 /// `POST /v1/checkpoints/{id}/fork`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ForkBody {
     /// How many sandboxes (1..=64).
@@ -344,7 +347,7 @@ pub struct ForkBody {
 }
 
 /// `POST /v1/gc`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GcBody {
     /// Only say what would go.
@@ -353,7 +356,7 @@ pub struct GcBody {
 }
 
 /// What `gc` removed (or, with `dry_run`, would remove).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GcReport {
     /// Nothing was removed: this is what would go.
     pub dry_run: bool,
@@ -369,7 +372,7 @@ pub struct GcReport {
 }
 
 /// One collected checkpoint.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GcEntry {
     /// Id.
     pub id: String,
@@ -382,7 +385,7 @@ pub struct GcEntry {
 }
 
 /// `POST /v1/checkpoints/{id}/export` and `POST /v1/import`: an archive path on the daemon's machine.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ArchiveBody {
     /// Absolute path.
@@ -390,7 +393,7 @@ pub struct ArchiveBody {
 }
 
 /// What an import made.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ImportReport {
     /// The new (stopped) sandbox.
     pub sandbox_id: String,

@@ -90,6 +90,20 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The body of every error response (for the API document).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// An error's stable code and message.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable (`not_found`, `invalid_request`, `invalid_path`, `sandbox_not_running` …).
+    pub code: String,
+    pub message: String,
+}
+
 /// Why the daemon could not start: what failed and the underlying error.
 #[derive(Debug, thiserror::Error)]
 #[error("{what}: {source}")]

@@ -92,6 +92,7 @@ async fn blocking<T: Send + 'static>(
 type D = State<Arc<Daemon>>;
 
 /// `GET /v1/sandboxes/{id}/files?path=` — the file's bytes.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files", tag = "files", params(("id" = String, Path, description = "sandbox id"), ("path" = String, Query, description = "absolute path in the sandbox")), responses((status = 200, description = "the file's bytes", content_type = "application/octet-stream", body = Vec<u8>), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody), (status = 413, description = "too large", body = crate::error::ErrorBody)))]
 pub async fn read(
     State(d): D,
     Path(id): Path<String>,
@@ -103,6 +104,7 @@ pub async fn read(
 }
 
 /// `PUT /v1/sandboxes/{id}/files?path=[&mode=]` — the body becomes the file (parents made as needed).
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/files", tag = "files", params(("id" = String, Path, description = "sandbox id"), ("path" = String, Query, description = "absolute path in the sandbox"), ("mode" = Option<String>, Query, description = "octal permission bits, default 644")), request_body(content = Vec<u8>, content_type = "application/octet-stream"), responses((status = 200, body = EntryInfo), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody), (status = 413, description = "too large", body = crate::error::ErrorBody)))]
 pub async fn write(
     State(d): D,
     Path(id): Path<String>,
@@ -134,6 +136,7 @@ pub async fn write(
 }
 
 /// `DELETE /v1/sandboxes/{id}/files?path=` — a file, a link, or a directory with everything in it.
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}/files", tag = "files", params(("id" = String, Path, description = "sandbox id"), ("path" = String, Query, description = "absolute path in the sandbox")), responses((status = 204, description = "removed"), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 pub async fn remove(
     State(d): D,
     Path(id): Path<String>,
@@ -146,6 +149,7 @@ pub async fn remove(
 }
 
 /// `GET /v1/sandboxes/{id}/files/list?path=` — a directory's entries.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/list", tag = "files", params(("id" = String, Path, description = "sandbox id"), ("path" = String, Query, description = "absolute path in the sandbox")), responses((status = 200, body = Vec<EntryInfo>), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 pub async fn list(
     State(d): D,
     Path(id): Path<String>,
@@ -156,6 +160,7 @@ pub async fn list(
 }
 
 /// `GET /v1/sandboxes/{id}/files/stat?path=` — what a path is.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/stat", tag = "files", params(("id" = String, Path, description = "sandbox id"), ("path" = String, Query, description = "absolute path in the sandbox")), responses((status = 200, body = EntryInfo), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 pub async fn stat(
     State(d): D,
     Path(id): Path<String>,
@@ -166,6 +171,7 @@ pub async fn stat(
 }
 
 /// `POST /v1/sandboxes/{id}/files/mkdir?path=` — a directory and its missing parents.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/mkdir", tag = "files", params(("id" = String, Path, description = "sandbox id"), ("path" = String, Query, description = "absolute path in the sandbox")), responses((status = 200, body = EntryInfo), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 pub async fn mkdir(
     State(d): D,
     Path(id): Path<String>,

@@ -120,6 +120,7 @@ pub async fn track(State(d): State<Arc<Daemon>>, req: Request, next: Next) -> Re
 }
 
 /// `GET /v1/metrics`.
+#[utoipa::path(get, path = "/v1/metrics", tag = "daemon", responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub async fn metrics(State(d): State<Arc<Daemon>>) -> impl IntoResponse {
     let mut out = String::new();
     d.metrics.render_requests(&mut out);

@@ -56,6 +56,35 @@ impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for
 
 type D = State<Arc<Daemon>>;
 
+/// The API document (OpenAPI 3.1), generated from the handlers' and types' annotations; served at
+/// `GET /v1/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "DeltaBox",
+        description = "Sandboxes for AI agents with millisecond checkpoint, rollback and fork of their files and live \
+                       processes. Served on a Unix socket (root only); on TCP every request needs \
+                       `Authorization: Bearer <token>`. Errors are `{\"error\": {\"code\", \"message\"}}` with a stable code."
+    ),
+    paths(
+        health, crate::metrics::metrics, list, create, info, remove, pause, resume, checkpoint, list_checkpoints,
+        rollback, fork, pin, unpin, gc, remove_checkpoint, diff, export, import, exec, exec_stream,
+        start_session, list_sessions, run_in_session, stop_session, crate::files::read, crate::files::write,
+        crate::files::remove, crate::files::list, crate::files::stat, crate::files::mkdir, openapi
+    ),
+    tags(
+        (name = "sandboxes"), (name = "checkpoints", description = "checkpoint, rollback, fork, the checkpoint tree"),
+        (name = "commands"), (name = "sessions", description = "long-lived interpreters (bash, python3)"),
+        (name = "files", description = "files as the sandbox's processes see them"), (name = "daemon")
+    )
+)]
+pub struct ApiDoc;
+
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "daemon", responses((status = 200, description = "this document", body = Object)))]
+async fn openapi() -> impl IntoResponse {
+    Json(<ApiDoc as utoipa::OpenApi>::openapi())
+}
+
 /// The router.
 pub fn router(d: Arc<Daemon>) -> Router {
     Router::new()
@@ -103,6 +132,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/sandboxes/{id}/files/stat", get(crate::files::stat))
         .route("/v1/sandboxes/{id}/files/mkdir", post(crate::files::mkdir))
         .route("/v1/metrics", get(crate::metrics::metrics))
+        .route("/v1/openapi.json", get(openapi))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(axum::middleware::from_fn_with_state(
             d.clone(),
@@ -112,14 +142,17 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .with_state(d)
 }
 
+#[utoipa::path(get, path = "/v1/health", tag = "daemon", responses((status = 200, body = crate::api::Health)))]
 async fn health(State(d): D) -> impl IntoResponse {
     Json(d.health().await)
 }
 
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes", responses((status = 200, body = Vec<crate::api::SandboxInfo>), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn list(State(d): D) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(d.list().await?))
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", request_body = CreateSandbox, responses((status = 201, body = crate::api::SandboxInfo), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn create(
     State(d): D,
     ApiJson(body): ApiJson<CreateSandbox>,
@@ -127,23 +160,28 @@ async fn create(
     Ok((StatusCode::CREATED, Json(d.create(body).await?)))
 }
 
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, description = "sandbox id")), responses((status = 200, body = crate::api::SandboxInfo), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn info(State(d): D, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(d.get(&id).await?))
 }
 
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, description = "sandbox id")), responses((status = 204, description = "removed"), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn remove(State(d): D, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
     d.remove(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", tag = "sandboxes", params(("id" = String, Path, description = "sandbox id")), responses((status = 200, body = crate::api::SandboxInfo), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn pause(State(d): D, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(d.pause(&id).await?))
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes", params(("id" = String, Path, description = "sandbox id")), responses((status = 200, body = crate::api::SandboxInfo), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn resume(State(d): D, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(d.resume(&id).await?))
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/checkpoints", tag = "checkpoints", params(("id" = String, Path, description = "sandbox id")), request_body(content = Option<crate::api::CheckpointBody>, description = "optional: no body checkpoints the files only"), responses((status = 201, body = crate::api::CheckpointInfo), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn checkpoint(
     State(d): D,
     Path(id): Path<String>,
@@ -159,6 +197,7 @@ async fn checkpoint(
     Ok((StatusCode::CREATED, Json(d.checkpoint(&id, &body).await?)))
 }
 
+#[utoipa::path(post, path = "/v1/checkpoints/{id}/fork", tag = "checkpoints", params(("id" = String, Path, description = "checkpoint id")), request_body = crate::api::ForkBody, responses((status = 201, description = "one sandbox per branch, all or none", body = Vec<crate::api::SandboxInfo>), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn fork(
     State(d): D,
     Path(id): Path<String>,
@@ -167,16 +206,19 @@ async fn fork(
     Ok((StatusCode::CREATED, Json(d.fork(&id, body.n).await?)))
 }
 
+#[utoipa::path(post, path = "/v1/checkpoints/{id}/pin", tag = "checkpoints", params(("id" = String, Path, description = "checkpoint id")), responses((status = 204, description = "pinned"), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn pin(State(d): D, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
     d.pin_checkpoint(&id, true).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(delete, path = "/v1/checkpoints/{id}/pin", tag = "checkpoints", params(("id" = String, Path, description = "checkpoint id")), responses((status = 204, description = "unpinned"), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn unpin(State(d): D, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
     d.pin_checkpoint(&id, false).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/v1/gc", tag = "checkpoints", request_body = crate::api::GcBody, responses((status = 200, body = crate::api::GcReport), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn gc(
     State(d): D,
     ApiJson(body): ApiJson<crate::api::GcBody>,
@@ -184,6 +226,7 @@ async fn gc(
     Ok(Json(d.gc(body.dry_run).await?))
 }
 
+#[utoipa::path(delete, path = "/v1/checkpoints/{id}", tag = "checkpoints", params(("id" = String, Path, description = "checkpoint id")), responses((status = 204, description = "deleted"), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn remove_checkpoint(
     State(d): D,
     Path(id): Path<String>,
@@ -192,6 +235,7 @@ async fn remove_checkpoint(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/v1/checkpoints/{id}/diff/{other}", tag = "checkpoints", params(("id" = String, Path, description = "checkpoint id"), ("other" = String, Path, description = "checkpoint id")), responses((status = 200, description = "files added, deleted and changed", body = Object), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn diff(
     State(d): D,
     Path((a, b)): Path<(String, String)>,
@@ -199,6 +243,7 @@ async fn diff(
     Ok(Json(d.diff(&a, &b).await?))
 }
 
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/checkpoints", tag = "checkpoints", params(("id" = String, Path, description = "sandbox id")), responses((status = 200, description = "the checkpoint tree: each with its parent", body = Vec<crate::api::CheckpointInfo>), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn list_checkpoints(
     State(d): D,
     Path(id): Path<String>,
@@ -206,6 +251,7 @@ async fn list_checkpoints(
     Ok(Json(d.list_checkpoints(&id).await?))
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/rollback", tag = "checkpoints", params(("id" = String, Path, description = "sandbox id")), request_body = crate::api::RollbackBody, responses((status = 200, body = crate::api::RollbackInfo), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn rollback(
     State(d): D,
     Path(id): Path<String>,
@@ -217,6 +263,7 @@ async fn rollback(
     ))
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "commands", params(("id" = String, Path, description = "sandbox id")), request_body = ExecBody, responses((status = 200, body = crate::api::ExecResult), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn exec(
     State(d): D,
     Path(id): Path<String>,
@@ -233,6 +280,7 @@ fn ndjson(ev: &StreamEvent) -> Bytes {
 
 /// Streams output as NDJSON lines (`stdout`/`stderr` with base64 data, then `exit` or `error`). If the client
 /// disconnects, the command's process group is killed.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec/stream", tag = "commands", params(("id" = String, Path, description = "sandbox id")), request_body = ExecBody, responses((status = 200, description = "NDJSON: output events as they come, then the exit", content_type = "application/x-ndjson", body = crate::api::StreamEvent), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn exec_stream(
     State(d): D,
     Path(id): Path<String>,
@@ -329,6 +377,7 @@ where
         .map_err(ApiError::internal)
 }
 
+#[utoipa::path(post, path = "/v1/checkpoints/{id}/export", tag = "checkpoints", params(("id" = String, Path, description = "checkpoint id")), request_body = crate::api::ArchiveBody, responses((status = 200, description = "NDJSON progress events, then the result", content_type = "application/x-ndjson", body = Object), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn export(
     State(d): D,
     Path(id): Path<String>,
@@ -337,6 +386,7 @@ async fn export(
     progress_stream(move |p| async move { d.export(&id, body.path.into(), p).await })
 }
 
+#[utoipa::path(post, path = "/v1/import", tag = "checkpoints", request_body = crate::api::ArchiveBody, responses((status = 200, description = "NDJSON progress events, then the result", content_type = "application/x-ndjson", body = Object), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn import(
     State(d): D,
     ApiJson(body): ApiJson<crate::api::ArchiveBody>,
@@ -344,6 +394,7 @@ async fn import(
     progress_stream(move |p| async move { d.import(body.path.into(), p).await })
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/sessions", tag = "sessions", params(("id" = String, Path, description = "sandbox id")), request_body = StartSession, responses((status = 201, body = crate::api::SessionInfo), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn start_session(
     State(d): D,
     Path(id): Path<String>,
@@ -352,10 +403,12 @@ async fn start_session(
     Ok((StatusCode::CREATED, Json(d.start_session(&id, body).await?)))
 }
 
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/sessions", tag = "sessions", params(("id" = String, Path, description = "sandbox id")), responses((status = 200, body = Vec<crate::api::SessionInfo>), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn list_sessions(State(d): D, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(d.list_sessions(&id).await?))
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/sessions/{sid}/run", tag = "sessions", params(("id" = String, Path, description = "sandbox id"), ("sid" = String, Path, description = "session id")), request_body = RunInSession, responses((status = 200, body = crate::api::SessionResult), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn run_in_session(
     State(d): D,
     Path((id, sid)): Path<(String, String)>,
@@ -364,6 +417,7 @@ async fn run_in_session(
     Ok(Json(d.run_in_session(&id, &sid, body).await?))
 }
 
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}/sessions/{sid}", tag = "sessions", params(("id" = String, Path, description = "sandbox id"), ("sid" = String, Path, description = "session id")), responses((status = 204, description = "stopped"), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn stop_session(
     State(d): D,
     Path((id, sid)): Path<(String, String)>,

@@ -45,7 +45,7 @@ impl FileError {
 }
 
 /// What a path is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum EntryType {
     File,
@@ -55,7 +55,7 @@ pub enum EntryType {
 }
 
 /// One file or directory.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EntryInfo {
     /// Last component.
     pub name: String,

@@ -25,14 +25,30 @@ impl Default for Limits {
     }
 }
 
+/// The kernel's largest pid range (`PID_MAX_LIMIT` on 64-bit).
+const MAX_PIDS: u64 = 4 << 20;
+/// Larger memory limits than any machine has.
+const MAX_MEMORY: u64 = 1 << 50;
+
 impl Limits {
     /// Rejects values the kernel would refuse or that could not run anything.
     pub fn validate(&self) -> Result<()> {
         if self.memory_bytes.is_some_and(|m| m < 16 << 20) {
             return Err(Error::Invalid("memory limit must be at least 16M".into()));
         }
+        // (Found by fuzzing the API: larger values made the cgroup write fail with ERANGE, a server error.)
+        if self.memory_bytes.is_some_and(|m| m > MAX_MEMORY) {
+            return Err(Error::Invalid(
+                "memory limit must be at most 1P (or max)".into(),
+            ));
+        }
         if self.pids.is_some_and(|p| p < 4) {
             return Err(Error::Invalid("pids limit must be at least 4".into()));
+        }
+        if self.pids.is_some_and(|p| p > MAX_PIDS) {
+            return Err(Error::Invalid(format!(
+                "pids limit must be at most {MAX_PIDS} (the kernel's pid range)"
+            )));
         }
         if let Some(c) = self.cpus {
             if !(c.is_finite() && (0.01..=1024.0).contains(&c)) {

@@ -54,6 +54,8 @@ fn bad_commands_and_limits_are_refused() {
         vec!["--memory", "lots"],
         vec!["--memory", "1k"],
         vec!["--pids", "1"],
+        vec!["--pids", "9223372036854775808"],
+        vec!["--memory", "9999999P"],
         vec!["--cpus=-2"],
         vec!["--network", "bridge"],
     ] {

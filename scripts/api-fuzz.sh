@@ -21,9 +21,23 @@ for _ in $(seq 300); do
     [ -s "$state/token" ] && curl -sf -o /dev/null -H "Authorization: Bearer $(cat "$state/token")" "http://127.0.0.1:$port/v1/health" && break
     sleep 0.1
 done
-# One sandbox with a checkpoint, so that some generated requests meet real objects too.
-target/release/deltabox create >/dev/null
-target/pyenv/bin/schemathesis run "http://127.0.0.1:$port/v1/openapi.json" \
+# A sandbox with a bash session, a file and a process checkpoint: the sandbox-scoped operations get their ids
+# (as do diff and pin), so generated requests reach the real work and not just "not found".
+export DBX_SANDBOX DBX_SESSION DBX_CHECKPOINT
+DBX_SANDBOX=$(target/release/deltabox create)
+DBX_SESSION=$(target/release/deltabox session start "$DBX_SANDBOX" bash)
+target/release/deltabox exec "$DBX_SANDBOX" -- sh -c 'mkdir -p /work && echo hello > /work/f'
+DBX_CHECKPOINT=$(target/release/deltabox checkpoint "$DBX_SANDBOX" --processes)
+cat > "$state/schemathesis.toml" <<'TOML'
+request-timeout = 60.0
+[[operations]]
+include-path-regex = "^/v1/sandboxes/\\{id\\}/(files|exec|sessions|checkpoints|rollback)"
+parameters = { id = "${DBX_SANDBOX}", sid = "${DBX_SESSION}" }
+[[operations]]
+include-path-regex = "^/v1/checkpoints/\\{id\\}/(diff|pin)"
+parameters = { id = "${DBX_CHECKPOINT}", other = "${DBX_CHECKPOINT}" }
+TOML
+target/pyenv/bin/schemathesis --config-file "$state/schemathesis.toml" run "http://127.0.0.1:$port/v1/openapi.json" \
     -H "Authorization: Bearer $(cat "$state/token")" \
     --checks not_a_server_error \
     --phases examples,coverage,fuzzing \

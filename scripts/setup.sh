@@ -46,5 +46,5 @@ grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null || { echo "se
 
 cargo build --release --workspace --bins
 [ -x target/pyenv/bin/python ] || python3 -m venv target/pyenv
-target/pyenv/bin/pip install -q --disable-pip-version-check "./sdk/python[test]"
+target/pyenv/bin/pip install -q --disable-pip-version-check "./sdk/python[test]" schemathesis
 echo "setup: ok (binary: target/release/deltabox; Python SDK: target/pyenv)"

@@ -8,6 +8,11 @@ scripts/setup.sh
 cargo nextest run --workspace --profile ci
 # The Python SDK against a real daemon of its own.
 target/pyenv/bin/python -m pytest -q sdk/python/tests
+# The API document and its reference are current; schemathesis, fuzzing every operation from the served
+# document, finds no server error.
+target/release/deltabox openapi | diff -u docs/openapi.json - || { echo "docs/openapi.json is stale: target/release/deltabox openapi > docs/openapi.json" >&2; exit 1; }
+target/pyenv/bin/python scripts/api-doc.py docs/openapi.json | diff -u docs/api.md - || { echo "docs/api.md is stale: scripts/api-doc.py docs/openapi.json > docs/api.md" >&2; exit 1; }
+scripts/api-fuzz.sh 25
 
 state=$(mktemp -d /var/tmp/deltabox-check.XXXXXX)
 export DELTABOX_STATE_DIR="$state" DELTABOX_SOCKET="$state/api.sock" DELTABOX_STORE_SIZE=16G

@@ -102,6 +102,8 @@ pub enum Command {
     Daemon(DaemonArgs),
     /// The main job: an agent-like trajectory in a fresh sandbox, narrated.
     Demo,
+    /// Print the API's OpenAPI document (the one the daemon serves at /v1/openapi.json).
+    Openapi,
     /// Benchmarks (print numbers; never assert them).
     #[command(subcommand)]
     Bench(BenchCmd),

@@ -22,6 +22,11 @@ pub fn run(cli: Cli) -> Result<i32> {
         init_tracing();
         return crate::daemon_cmd::run_daemon(cli.socket, cli.state_dir, args);
     }
+    if let Command::Openapi = cli.command {
+        let doc = <deltabox_daemon::server::ApiDoc as utoipa::OpenApi>::openapi();
+        println!("{}", doc.to_pretty_json()?);
+        return Ok(0);
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -392,7 +397,7 @@ async fn dispatch(
         Command::Bench(BenchCmd::Runtime { iterations }) => {
             crate::bench::runtime(client, iterations, json).await
         }
-        Command::Daemon(_) => unreachable!("handled before connecting"),
+        Command::Daemon(_) | Command::Openapi => unreachable!("handled before connecting"),
     }
 }
 

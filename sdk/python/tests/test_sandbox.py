@@ -57,6 +57,12 @@ def test_commands_files_and_bytes(daemon):
         assert sbx.commands.run("cat", stdin="piped").stdout == "piped"
         r = sbx.commands.run("sleep 5", timeout=0.3)
         assert r.timed_out
+        # Streamed: each chunk as it comes, and the whole in the result.
+        seen = []
+        r = sbx.commands.run("for i in 1 2 3; do echo $i; sleep 0.05; done; echo oops >&2; exit 4",
+                             on_stdout=seen.append, on_stderr=seen.append)
+        assert "".join(seen).replace("oops\n", "") == "1\n2\n3\n" and "oops\n" in seen
+        assert (r.stdout, r.stderr, r.exit_code) == ("1\n2\n3\n", "oops\n", 4)
         info = sbx.files.write("/w/bin.dat", b"\x00\xffabc", mode=0o600)
         assert (info.type, info.size, info.mode) == ("file", 5, 0o600)
         assert sbx.files.read("/w/bin.dat", format="bytes") == b"\x00\xffabc"
@@ -109,6 +115,9 @@ def test_the_async_twin(daemon):
             branches = await sbx.fork(ck, n=2)
             outs = await asyncio.gather(*(b.commands.run("cat /a.txt") for b in branches))
             assert [o.stdout for o in outs] == ["one", "one"]
+            chunks = []
+            r = await sbx.commands.run("echo a; echo b", on_stdout=chunks.append)
+            assert "".join(chunks) == r.stdout == "a\nb\n"
             for b in branches:
                 await b.kill()
 

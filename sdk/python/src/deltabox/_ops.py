@@ -124,6 +124,31 @@ def run(sid: str, cmd: Union[str, Sequence[str]], cwd, envs, timeout, stdin) -> 
     )
 
 
+def stream_event(line: str, out: Dict[str, List[str]], on_stdout, on_stderr):
+    """Handles one NDJSON line of `/exec/stream`; returns the CommandResult at the end, else None."""
+    import base64
+    import json as _json
+
+    from .errors import DeltaBoxError
+
+    ev = _json.loads(line)
+    kind = ev.get("type")
+    if kind in ("stdout", "stderr"):
+        text = base64.b64decode(ev.get("data", "")).decode("utf-8", "replace")
+        out[kind].append(text)
+        cb = on_stdout if kind == "stdout" else on_stderr
+        if cb is not None:
+            cb(text)
+        return None
+    if kind == "exit":
+        res = models.build(models.CommandResult, ev)
+        res.stdout, res.stderr = "".join(out["stdout"]), "".join(out["stderr"])
+        return res
+    if kind == "error":
+        raise DeltaBoxError(ev.get("message", "command failed"), code=ev.get("code"))
+    return None
+
+
 def start_session(sid: str, kind: str, cwd, envs) -> Op:
     body: Dict[str, Any] = {"kind": kind}
     if cwd is not None:

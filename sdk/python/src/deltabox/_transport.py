@@ -58,6 +58,21 @@ class Api:
             raise DeltaBoxError(f"cannot reach the DeltaBox daemon: {e}") from e
         return _check(r, raw)
 
+    def stream_lines(self, method: str, path: str, *, json=None, timeout=None):
+        """The response's lines as they come (NDJSON endpoints)."""
+        try:
+            with self._http.stream(method, path, json=json, timeout=timeout or self.timeout) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    _check(r, False)
+                for line in r.iter_lines():
+                    if line:
+                        yield line
+        except httpx.TimeoutException as e:
+            raise TimeoutError(f"{method} {path}: {e}") from e
+        except httpx.HTTPError as e:
+            raise DeltaBoxError(f"cannot reach the DeltaBox daemon: {e}") from e
+
     def close(self) -> None:
         self._http.close()
 
@@ -83,6 +98,20 @@ class AsyncApi:
         except httpx.HTTPError as e:
             raise DeltaBoxError(f"cannot reach the DeltaBox daemon: {e}") from e
         return _check(r, raw)
+
+    async def stream_lines(self, method: str, path: str, *, json=None, timeout=None):
+        try:
+            async with self._http.stream(method, path, json=json, timeout=timeout or self.timeout) as r:
+                if r.status_code >= 400:
+                    await r.aread()
+                    _check(r, False)
+                async for line in r.aiter_lines():
+                    if line:
+                        yield line
+        except httpx.TimeoutException as e:
+            raise TimeoutError(f"{method} {path}: {e}") from e
+        except httpx.HTTPError as e:
+            raise DeltaBoxError(f"cannot reach the DeltaBox daemon: {e}") from e
 
     async def close(self) -> None:
         await self._http.aclose()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from . import _ops as ops
 from . import models
 from ._transport import AsyncApi
-from .errors import NotFoundError
+from .errors import DeltaBoxError, NotFoundError
 from .sandbox import CheckpointRef, _kw
 
 
@@ -23,8 +23,18 @@ class AsyncCommands:
         envs: Optional[Dict[str, str]] = None,
         timeout: Optional[float] = None,
         stdin: Optional[str] = None,
+        on_stdout: Optional[Callable[[str], None]] = None,
+        on_stderr: Optional[Callable[[str], None]] = None,
     ) -> models.CommandResult:
-        return await self._sbx._do(ops.run(self._sbx.sandbox_id, cmd, cwd, envs, timeout, stdin))
+        op = ops.run(self._sbx.sandbox_id, cmd, cwd, envs, timeout, stdin)
+        if on_stdout is None and on_stderr is None:
+            return await self._sbx._do(op)
+        out: Dict[str, List[str]] = {"stdout": [], "stderr": []}
+        async for line in self._sbx._api.stream_lines("POST", op.path + "/stream", json=op.json, timeout=op.timeout):
+            res = ops.stream_event(line, out, on_stdout, on_stderr)
+            if res is not None:
+                return res
+        raise DeltaBoxError("the output stream ended without the command's exit")
 
 
 class AsyncFiles:

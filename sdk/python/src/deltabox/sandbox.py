@@ -3,12 +3,12 @@ plus what E2B has not: millisecond `checkpoint()`, `rollback()` and `fork()` of 
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from . import _ops as ops
 from . import models
 from ._transport import Api
-from .errors import NotFoundError
+from .errors import DeltaBoxError, NotFoundError
 
 CheckpointRef = Union[str, models.Checkpoint]
 
@@ -27,10 +27,21 @@ class Commands:
         envs: Optional[Dict[str, str]] = None,
         timeout: Optional[float] = None,
         stdin: Optional[str] = None,
+        on_stdout: Optional[Callable[[str], None]] = None,
+        on_stderr: Optional[Callable[[str], None]] = None,
     ) -> models.CommandResult:
         """Runs `cmd` (a shell command line, or an argv list) to completion. A non-zero exit is a result, not an
-        error: check `exit_code`. `timeout` in seconds."""
-        return self._sbx._do(ops.run(self._sbx.sandbox_id, cmd, cwd, envs, timeout, stdin))
+        error: check `exit_code`. `timeout` in seconds. With `on_stdout`/`on_stderr`, output is streamed to them
+        as it comes (and still collected in the result)."""
+        op = ops.run(self._sbx.sandbox_id, cmd, cwd, envs, timeout, stdin)
+        if on_stdout is None and on_stderr is None:
+            return self._sbx._do(op)
+        out: Dict[str, List[str]] = {"stdout": [], "stderr": []}
+        for line in self._sbx._api.stream_lines("POST", op.path + "/stream", json=op.json, timeout=op.timeout):
+            res = ops.stream_event(line, out, on_stdout, on_stderr)
+            if res is not None:
+                return res
+        raise DeltaBoxError("the output stream ended without the command's exit")
 
 
 class Files:

@@ -235,7 +235,7 @@ async fn remove_checkpoint(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(get, path = "/v1/checkpoints/{id}/diff/{other}", tag = "checkpoints", params(("id" = String, Path, description = "checkpoint id"), ("other" = String, Path, description = "checkpoint id")), responses((status = 200, description = "files added, deleted and changed", body = Object), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/checkpoints/{id}/diff/{other}", tag = "checkpoints", params(("id" = String, Path, description = "checkpoint id"), ("other" = String, Path, description = "checkpoint id")), responses((status = 200, description = "files added, deleted and changed", body = deltabox_runtime::diff::DiffResult), (status = 400, description = "bad input", body = crate::error::ErrorBody), (status = 404, description = "unknown id", body = crate::error::ErrorBody), (status = 409, description = "does not fit the current state", body = crate::error::ErrorBody), (status = 500, description = "daemon failure", body = crate::error::ErrorBody)))]
 async fn diff(
     State(d): D,
     Path((a, b)): Path<(String, String)>,

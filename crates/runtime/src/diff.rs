@@ -26,7 +26,7 @@ pub struct DiffSpec {
 }
 
 /// Paths (absolute, as seen in the sandbox) by kind of change from A to B.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DiffResult {
     /// In B, not in A.
     pub added: Vec<String>,

@@ -73,6 +73,36 @@ def test_commands_files_and_bytes(daemon):
         assert not sbx.files.exists("/w")
 
 
+def test_the_checkpoint_tree_diff_pin_gc_export_and_import(daemon, tmp_path):
+    with Sandbox.create() as sbx:
+        sbx.files.write("/w/a", "1")
+        c1 = sbx.checkpoint(processes=False)
+        sbx.files.write("/w/b", "2")
+        sbx.files.write("/w/a", "changed")
+        c2 = sbx.checkpoint(processes=False)
+        d = sbx.diff(c1, c2)
+        assert (d.added, d.changed, d.deleted) == (["/w/b"], ["/w/a"], [])
+        assert [c.id for c in sbx.checkpoints()] == [c1.id, c2.id]
+        assert sbx.checkpoints()[1].parent == c1.id
+        sbx.pin(c1)
+        report = Sandbox.gc(dry_run=True)
+        assert report.dry_run and c1.id not in [e["id"] for e in report.removed]
+        archive = str(tmp_path / "c2.tar.gz")
+        seen = []
+        result = sbx.export(c2, archive, on_progress=lambda done, total: seen.append((done, total)))
+        assert seen and seen[-1][0] == seen[-1][1]
+        imported = Sandbox.import_archive(archive)
+        assert imported.checkpoint and imported.sandbox_id != sbx.sandbox_id
+        other = Sandbox.connect(imported.sandbox_id)
+        try:
+            other.rollback(imported.checkpoint)
+            assert other.files.read("/w/a") == "changed"
+        finally:
+            other.kill()
+            other.close()
+        sbx.unpin(c1)
+
+
 def test_errors_are_typed_and_carry_the_daemons_code(daemon):
     with Sandbox.create() as sbx:
         with pytest.raises(NotFoundError) as e:

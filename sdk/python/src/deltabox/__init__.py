@@ -21,7 +21,17 @@ from .errors import (
     ServerError,
     TimeoutError,
 )
-from .models import Checkpoint, CommandResult, EntryInfo, RollbackResult, SandboxInfo, SessionResult
+from .models import (
+    Checkpoint,
+    CommandResult,
+    Diff,
+    EntryInfo,
+    GcReport,
+    ImportResult,
+    RollbackResult,
+    SandboxInfo,
+    SessionResult,
+)
 from .sandbox import Sandbox, Session
 
 __all__ = [
@@ -31,6 +41,9 @@ __all__ = [
     "Checkpoint",
     "CommandResult",
     "ConflictError",
+    "Diff",
+    "GcReport",
+    "ImportResult",
     "DeltaBoxError",
     "EntryInfo",
     "InvalidRequestError",

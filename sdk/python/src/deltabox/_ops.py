@@ -104,6 +104,40 @@ def pin(checkpoint, on: bool) -> Op:
     return Op("POST" if on else "DELETE", f"/v1/checkpoints/{_seg(_cid(checkpoint))}/pin")
 
 
+def diff(a, b) -> Op:
+    return Op(
+        "GET",
+        f"/v1/checkpoints/{_seg(_cid(a))}/diff/{_seg(_cid(b))}",
+        convert=lambda d: models.build(models.Diff, d),
+    )
+
+
+def gc(dry_run: bool) -> Op:
+    return Op("POST", "/v1/gc", json={"dry_run": dry_run}, timeout=600, convert=lambda d: models.build(models.GcReport, d))
+
+
+def archive(path: str, checkpoint=None) -> Op:
+    """Export (with a checkpoint) or import: NDJSON progress lines, then `{"result": …}` or `{"error": …}`."""
+    target = f"/v1/checkpoints/{_seg(_cid(checkpoint))}/export" if checkpoint is not None else "/v1/import"
+    return Op("POST", target, json={"path": path}, timeout=3600)
+
+
+def archive_event(line: str, on_progress):
+    """One line of an export/import stream: the final result (a dict), or None after a progress report."""
+    import json as _json
+
+    from .errors import DeltaBoxError
+
+    ev = _json.loads(line)
+    if "progress" in ev:
+        if on_progress is not None:
+            on_progress(ev["progress"].get("done", 0), ev["progress"].get("total", 0))
+        return None
+    if "error" in ev:
+        raise DeltaBoxError(ev["error"].get("message", "failed"), code=ev["error"].get("code"))
+    return ev.get("result", {})
+
+
 def run(sid: str, cmd: Union[str, Sequence[str]], cwd, envs, timeout, stdin) -> Op:
     argv: List[str] = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
     body: Dict[str, Any] = {"argv": argv}

@@ -179,5 +179,22 @@ class AsyncSandbox:
     async def delete_checkpoint(self, checkpoint: CheckpointRef) -> None:
         await self._do(ops.delete_checkpoint(checkpoint))
 
+    async def diff(self, a: CheckpointRef, b: CheckpointRef) -> models.Diff:
+        return await self._do(ops.diff(a, b))
+
+    async def pin(self, checkpoint: CheckpointRef) -> None:
+        await self._do(ops.pin(checkpoint, True))
+
+    async def unpin(self, checkpoint: CheckpointRef) -> None:
+        await self._do(ops.pin(checkpoint, False))
+
+    async def export(self, checkpoint: CheckpointRef, path: str, on_progress=None) -> dict:
+        op = ops.archive(path, checkpoint)
+        async for line in self._api.stream_lines(op.method, op.path, json=op.json, timeout=op.timeout):
+            res = ops.archive_event(line, on_progress)
+            if res is not None:
+                return res
+        raise DeltaBoxError("the export ended without a result")
+
     def __repr__(self) -> str:
         return f"AsyncSandbox(sandbox_id={self.sandbox_id!r})"

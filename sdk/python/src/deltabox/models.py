@@ -103,5 +103,37 @@ class SandboxInfo:
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
 
+@dataclass
+class Diff:
+    """Paths (as the sandbox sees them) added, deleted and changed from one checkpoint to another."""
+
+    added: List[str] = field(default_factory=list)
+    deleted: List[str] = field(default_factory=list)
+    changed: List[str] = field(default_factory=list)
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class GcReport:
+    """What `gc` removed (or, with `dry_run`, would remove)."""
+
+    dry_run: bool = False
+    removed: List[Dict[str, Any]] = field(default_factory=list)
+    kept: int = 0
+    image_bytes: int = 0
+    refused: List[str] = field(default_factory=list)
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class ImportResult:
+    """An imported checkpoint: a new stopped sandbox; roll it back to the checkpoint to start it."""
+
+    sandbox_id: str = ""
+    checkpoint: str = ""
+    with_processes: bool = False
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+
 def build(cls, data):
     return _build(cls, data)

@@ -240,6 +240,43 @@ class Sandbox:
     def unpin(self, checkpoint: CheckpointRef) -> None:
         self._do(ops.pin(checkpoint, False))
 
+    def diff(self, a: CheckpointRef, b: CheckpointRef) -> models.Diff:
+        """What changed in the files from checkpoint `a` to checkpoint `b`."""
+        return self._do(ops.diff(a, b))
+
+    def export(self, checkpoint: CheckpointRef, path: str, on_progress: Optional[Callable[[int, int], None]] = None) -> dict:
+        """Writes `checkpoint` (files, process images, settings) as an archive at `path` on the daemon's machine."""
+        op = ops.archive(path, checkpoint)
+        for line in self._api.stream_lines(op.method, op.path, json=op.json, timeout=op.timeout):
+            res = ops.archive_event(line, on_progress)
+            if res is not None:
+                return res
+        raise DeltaBoxError("the export ended without a result")
+
+    @staticmethod
+    def import_archive(path: str, *, on_progress=None, socket=None, base_url=None, token=None) -> models.ImportResult:
+        """Recreates an exported checkpoint from `path` (on the daemon's machine) as a new, stopped sandbox."""
+        api = Api(socket, base_url, token)
+        try:
+            op = ops.archive(path)
+            for line in api.stream_lines(op.method, op.path, json=op.json, timeout=op.timeout):
+                res = ops.archive_event(line, on_progress)
+                if res is not None:
+                    return models.build(models.ImportResult, res)
+            raise DeltaBoxError("the import ended without a result")
+        finally:
+            api.close()
+
+    @staticmethod
+    def gc(*, dry_run: bool = False, socket=None, base_url=None, token=None) -> models.GcReport:
+        """Deletes every checkpoint nothing keeps (pinned ones, sandbox heads and their ancestors stay)."""
+        api = Api(socket, base_url, token)
+        try:
+            op = ops.gc(dry_run)
+            return op.convert(api.call(**_kw(op)))
+        finally:
+            api.close()
+
     def __repr__(self) -> str:
         return f"Sandbox(sandbox_id={self.sandbox_id!r})"
 

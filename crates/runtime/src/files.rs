@@ -36,6 +36,10 @@ impl FileError {
             Some(libc::ENOENT) => FileError::NotFound(path.into()),
             Some(libc::EISDIR) => FileError::IsDir(path.into()),
             Some(libc::ENOTDIR) => FileError::NotDir(path.into()),
+            // (Opening a FIFO without a reader, or a device with nothing behind it.)
+            Some(libc::ENXIO) | Some(libc::ENODEV) => {
+                FileError::BadPath(format!("{path}: not a regular file (a FIFO or a device)"))
+            }
             Some(libc::ELOOP) | Some(libc::EXDEV) => FileError::BadPath(format!(
                 "{path}: resolves through a link that leaves the sandbox's files"
             )),
@@ -105,6 +109,49 @@ pub fn relative(p: &str) -> Result<PathBuf, FileError> {
     })
 }
 
+/// Kernel filesystems (proc, sys, cgroup, debug, trace, security, bpf, devpts, configfs, fusectl,
+/// binfmt_misc, efivarfs, nsfs): their files act in *the opener's* context. Opened by the daemon they would read
+/// the host's state (`/proc/sys/kernel/hostname` gave the host's name) and write it with the daemon's
+/// privileges, so the file API refuses them; a command inside the sandbox reads its own.
+const KERNEL_FS: [i64; 13] = [
+    0x9fa0,
+    0x6265_6572,
+    0x0027_e0eb,
+    0x6367_7270,
+    0x6462_6720,
+    0x7472_6163,
+    0x7363_6673,
+    0xcafe_4a11,
+    0x1cd1,
+    0x6265_6570,
+    0x6573_5543,
+    0x4249_4e4d,
+    0x6e73_6673,
+];
+
+/// Refuses `fd` if it is on a kernel filesystem, or (with `regular`) not a regular file.
+fn plain(fd: &OwnedFd, shown: &str, regular: bool) -> Result<(), FileError> {
+    let fs = rustix::fs::fstatfs(fd).map_err(|e| FileError::io(shown, e.into()))?;
+    if KERNEL_FS.contains(&(fs.f_type as i64)) {
+        return Err(FileError::BadPath(format!(
+            "{shown}: on a kernel filesystem (proc, sys …), which the file API does not reach: run a command in the sandbox"
+        )));
+    }
+    if regular {
+        let st = rustix::fs::fstat(fd).map_err(|e| FileError::io(shown, e.into()))?;
+        let ft = rustix::fs::FileType::from_raw_mode(st.st_mode);
+        if ft == rustix::fs::FileType::Directory {
+            return Err(FileError::IsDir(shown.into()));
+        }
+        if ft != rustix::fs::FileType::RegularFile {
+            return Err(FileError::BadPath(format!(
+                "{shown}: not a regular file (a device, FIFO or socket)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn root(init_pid: i32) -> Result<OwnedFd, FileError> {
     rustix::fs::open(
         format!("/proc/{init_pid}/root").as_str(),
@@ -134,7 +181,15 @@ fn open_at(
 /// Reads file `path` (at most `limit` bytes; larger is [`FileError::TooLarge`]).
 pub fn read(init_pid: i32, path: &str, limit: u64) -> Result<Vec<u8>, FileError> {
     let rel = relative(path)?;
-    let fd = open_at(root(init_pid)?, &rel, OFlags::RDONLY, 0, path)?;
+    // Non-blocking: a FIFO must not hang the call (it is refused below anyway).
+    let fd = open_at(
+        root(init_pid)?,
+        &rel,
+        OFlags::RDONLY | OFlags::NONBLOCK,
+        0,
+        path,
+    )?;
+    plain(&fd, path, true)?;
     let mut f = std::fs::File::from(fd);
     let meta = f.metadata().map_err(|e| FileError::io(path, e))?;
     if meta.is_dir() {
@@ -164,13 +219,16 @@ pub fn write(init_pid: i32, path: &str, data: &[u8], mode: u32) -> Result<EntryI
     if let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
         mkdirs(&root, parent, path)?;
     }
+    // Opened without truncating, checked, then truncated: nothing changes on a file that is refused.
     let fd = open_at(
         &root,
         &rel,
-        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::NONBLOCK,
         mode & 0o7777,
         path,
     )?;
+    plain(&fd, path, true)?;
+    rustix::fs::ftruncate(&fd, 0).map_err(|e| FileError::io(path, e.into()))?;
     let mut f = std::fs::File::from(fd);
     f.write_all(data).map_err(|e| FileError::io(path, e))?;
     drop(f);
@@ -192,7 +250,10 @@ fn mkdirs(root: &OwnedFd, rel: &Path, shown: &str) -> Result<(), FileError> {
         at.push(c);
         let dir = open_at(root, &at, OFlags::PATH | OFlags::DIRECTORY, 0, shown);
         match dir {
-            Ok(_) => continue,
+            Ok(d) => {
+                plain(&d, shown, false)?;
+                continue;
+            }
             Err(FileError::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
@@ -309,6 +370,7 @@ pub fn remove(init_pid: i32, path: &str) -> Result<(), FileError> {
             path,
         )?,
     };
+    plain(&pfd, path, false)?;
     let name = rel.file_name().unwrap_or_default();
     remove_in(&pfd, Path::new(name), path)
 }

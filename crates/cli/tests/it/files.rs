@@ -162,6 +162,39 @@ fn paths_and_links_never_reach_the_host_and_bad_input_is_a_clear_4xx() {
         assert!((400..500).contains(&st), "{method} {url}: {st} {v}");
         assert!(v["error"]["code"].is_string(), "{method} {url}: {v}");
     }
+    // Kernel filesystems act in the opener's context (the daemon's: the host's hostname, host root's writes):
+    // refused. So are devices and FIFOs (a FIFO must not hang the call).
+    let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let adj = d.sh(&id, "cat /proc/1/oom_score_adj").1;
+    d.sh(&id, "mkfifo /w/fifo; ln -s /proc/1/oom_score_adj /w/adj");
+    for (method, p) in [
+        ("GET", "/proc/sys/kernel/hostname"),
+        ("GET", "/proc/1/environ"),
+        ("PUT", "/proc/1/oom_score_adj"),
+        ("PUT", "/w/adj"),
+        ("PUT", "/proc/newfile"),
+        ("DELETE", "/proc/1"),
+        ("GET", "/dev/null"),
+        ("PUT", "/dev/null"),
+        ("GET", "/w/fifo"),
+        ("PUT", "/w/fifo"),
+    ] {
+        let (st, v) = d.http_json(method, &format!("{base}?path={p}"), b"-1000");
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (400, Some("invalid_path")),
+            "{method} {p}: {v}"
+        );
+        assert!(
+            !v.to_string().contains(host_name.trim()) || host_name.trim().len() < 3,
+            "{v}"
+        );
+    }
+    assert_eq!(
+        d.sh(&id, "cat /proc/1/oom_score_adj").1,
+        adj,
+        "nothing was written"
+    );
     // An upload over the limit: 413, nothing written.
     let big = vec![b'a'; (256 << 20) + 1];
     let (st, v) = d.http_json("PUT", &format!("{base}?path=/big"), &big);

@@ -109,11 +109,11 @@ pub fn relative(p: &str) -> Result<PathBuf, FileError> {
     })
 }
 
-/// Kernel filesystems (proc, sys, cgroup, debug, trace, security, bpf, devpts, configfs, fusectl,
+/// Kernel filesystems (proc, sys, cgroup, debug, trace, security, bpf, configfs, fusectl,
 /// binfmt_misc, efivarfs, nsfs): their files act in *the opener's* context. Opened by the daemon they would read
 /// the host's state (`/proc/sys/kernel/hostname` gave the host's name) and write it with the daemon's
 /// privileges, so the file API refuses them; a command inside the sandbox reads its own.
-const KERNEL_FS: [i64; 13] = [
+const KERNEL_FS: [i64; 12] = [
     0x9fa0,
     0x6265_6572,
     0x0027_e0eb,
@@ -122,17 +122,21 @@ const KERNEL_FS: [i64; 13] = [
     0x7472_6163,
     0x7363_6673,
     0xcafe_4a11,
-    0x1cd1,
     0x6265_6570,
     0x6573_5543,
     0x4249_4e4d,
     0x6e73_6673,
 ];
 
+/// Whether `fd` is on a kernel filesystem ([`KERNEL_FS`]).
+pub(crate) fn on_kernel_fs(fd: &OwnedFd) -> std::io::Result<bool> {
+    let fs = rustix::fs::fstatfs(fd)?;
+    Ok(KERNEL_FS.contains(&(fs.f_type as i64)))
+}
+
 /// Refuses `fd` if it is on a kernel filesystem, or (with `regular`) not a regular file.
 fn plain(fd: &OwnedFd, shown: &str, regular: bool) -> Result<(), FileError> {
-    let fs = rustix::fs::fstatfs(fd).map_err(|e| FileError::io(shown, e.into()))?;
-    if KERNEL_FS.contains(&(fs.f_type as i64)) {
+    if on_kernel_fs(fd).map_err(|e| FileError::io(shown, e))? {
         return Err(FileError::BadPath(format!(
             "{shown}: on a kernel filesystem (proc, sys …), which the file API does not reach: run a command in the sandbox"
         )));

@@ -703,13 +703,22 @@ pub(crate) fn open_in_root(pid: i32, target: &Path, flags: i32) -> std::io::Resu
     } else {
         rel
     };
-    Ok(rustix::fs::openat2(
+    let fd = rustix::fs::openat2(
         &root,
         rel,
         OFlags::from_bits_retain(flags as u32 & !(libc::O_CLOEXEC as u32)) | OFlags::CLOEXEC,
         Mode::empty(),
         ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-    )?)
+    )?;
+    // Opened by us, a file of proc or sys would act in our context (the host's), not the sandbox's: never
+    // handed to a sandbox process.
+    if crate::files::on_kernel_fs(&fd)? {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("{}: on a kernel filesystem (proc, sys …)", target.display()),
+        ));
+    }
+    Ok(fd)
 }
 
 /// Re-opens descriptor `f` in `t` by path (same flags, offset and close-on-exec), over the same number: from then

@@ -355,6 +355,36 @@ fn memory_unchanged_by_its_frames_is_shared_unread_and_both_images_restore_exact
     d.stop_and_check(&[id]);
 }
 
+/// A process holding a file of /proc across a checkpoint: the fast path reopens it in the process's own context,
+/// and the slow path never hands it one opened by the keeper (it would read the host's state): that process
+/// cannot come back from its image, and the rollback says why (the files are rolled back).
+#[test]
+fn a_proc_file_is_never_reopened_in_the_hosts_context() {
+    let d = TestDaemon::start();
+    let id = d.create(&[]);
+    let sh = d.session(&id, "bash");
+    let mine = out(&d, &id, &sh, "cat /proc/sys/kernel/hostname");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_ne!(mine.trim(), host.trim());
+    out(&d, &id, &sh, "exec 7</proc/sys/kernel/hostname");
+    let c = checkpoint_processes(&d, &id);
+    let read7 = "cat <&7; exec 7</proc/sys/kernel/hostname";
+    out(&d, &id, &sh, "cd /tmp");
+    d.ok(&["rollback", &id, &c]);
+    assert_eq!(out(&d, &id, &sh, read7).trim(), mine.trim(), "fast path");
+    wait_durable(&d, &id, &c);
+    let _ = d.sh(&id, "kill -9 -1; true");
+    let r = d.json(&["rollback", &id, &c, "--json"]);
+    let msg = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("descriptor 7") && msg.contains("kernel filesystem"),
+        "{r}"
+    );
+    // The files were rolled back, and the sandbox goes on.
+    assert_eq!(d.sh(&id, "echo on").1, "on\n");
+    d.stop_and_check(&[id]);
+}
+
 #[test]
 fn a_full_disk_leaves_the_checkpoint_warm_and_says_why() {
     let d = TestDaemon::start();

@@ -2,6 +2,12 @@
 typed errors, and the async twin."""
 
 import asyncio
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +21,8 @@ from deltabox import (
     NotFoundError,
     Sandbox,
 )
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_the_readme_example_files_and_a_live_repl_come_back_and_fork(daemon):
@@ -125,9 +133,37 @@ def test_errors_are_typed_and_carry_the_daemons_code(daemon):
         assert sbx.commands.run("echo back").stdout == "back\n"
     with pytest.raises(NotFoundError):
         Sandbox.connect("nosuchsandbox")
-    with pytest.raises(DeltaBoxError) as e:
-        Sandbox.create(socket="/nonexistent/deltabox.sock")
-    assert "cannot reach" in str(e.value)
+    os.environ["DELTABOX_BIN"] = "/bin/false"  # no daemon to start: a clear error
+    try:
+        with pytest.raises(DeltaBoxError) as e:
+            Sandbox.create(socket="/nonexistent/deltabox.sock")
+        assert "cannot reach" in str(e.value)
+    finally:
+        del os.environ["DELTABOX_BIN"]
+
+
+def test_no_daemon_yet_the_sdk_starts_one_as_the_cli_does(daemon, tmp_path):
+    binary = str(ROOT / "target" / "release" / "deltabox")
+    state = tempfile.mkdtemp(prefix="deltabox-sdk-auto-", dir="/var/tmp")
+    socket = os.path.join(state, "api.sock")
+    saved = {k: os.environ.get(k) for k in ("DELTABOX_BIN", "DELTABOX_STATE_DIR", "DELTABOX_STORE_SIZE")}
+    os.environ.update(DELTABOX_BIN=binary, DELTABOX_STATE_DIR=state, DELTABOX_STORE_SIZE="2G")
+    try:
+        with Sandbox.create(socket=socket) as sbx:
+            assert sbx.commands.run("echo up").stdout == "up\n"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        subprocess.run(["pkill", "-TERM", "-f", f"deltabox --socket {socket}"])
+        for _ in range(100):
+            if subprocess.run(["pgrep", "-f", f"deltabox --socket {socket}"], stdout=subprocess.DEVNULL).returncode:
+                break
+            time.sleep(0.1)
+        subprocess.run(["umount", "-l", os.path.join(state, "store")], stderr=subprocess.DEVNULL)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_the_async_twin(daemon):

@@ -22,6 +22,22 @@ def _settings(socket: Optional[str], base_url: Optional[str], token: Optional[st
     return socket, base_url, headers
 
 
+def autostart(socket: Optional[str]) -> bool:
+    """Starts the local daemon the way the CLI does (`deltabox ls` starts one if none listens), when the
+    `deltabox` binary is on PATH (or named by DELTABOX_BIN). Returns whether it ran."""
+    import shutil
+    import subprocess
+
+    binary = os.environ.get("DELTABOX_BIN") or shutil.which("deltabox")
+    if not binary:
+        return False
+    env = dict(os.environ)
+    if socket:
+        env["DELTABOX_SOCKET"] = socket
+    r = subprocess.run([binary, "ls"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
+    return r.returncode == 0
+
+
 def _check(r: httpx.Response, raw: bool) -> Any:
     if r.status_code >= 400:
         try:
@@ -41,6 +57,8 @@ class Api:
 
     def __init__(self, socket=None, base_url=None, token=None, timeout: float = 60.0):
         socket, base_url, headers = _settings(socket, base_url, token)
+        if not base_url and not os.path.exists(socket):
+            autostart(socket)
         transport = None if base_url else httpx.HTTPTransport(uds=socket)
         self.timeout = timeout
         self._http = httpx.Client(
@@ -82,6 +100,8 @@ class AsyncApi:
 
     def __init__(self, socket=None, base_url=None, token=None, timeout: float = 60.0):
         socket, base_url, headers = _settings(socket, base_url, token)
+        if not base_url and not os.path.exists(socket):
+            autostart(socket)
         transport = None if base_url else httpx.AsyncHTTPTransport(uds=socket)
         self.timeout = timeout
         self._http = httpx.AsyncClient(

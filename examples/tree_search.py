@@ -20,6 +20,7 @@ import heapq
 import time
 
 import _task
+import llm
 from deltabox import Sandbox
 
 SETUP = "import sys; sys.path.insert(0, '/work'); evaluations = []"
@@ -93,6 +94,13 @@ class CopyReset:
         return int(self.repl.run(EVAL).stdout.split()[-1])
 
 
+def actions(src: str, passed: int):
+    """The candidate edits at a node: the fixed list, or an LLM's proposals (`llm.py`, when configured)."""
+    if llm.enabled():
+        return llm.propose(src, passed, _task.N_TESTS)
+    return [_task.EDITS[a] for a in _task.applicable(src)]
+
+
 def search(sbx: Sandbox, reset, budget: int):
     """Best-first: expand the most promising node (most tests passing, then shallowest) until `budget` children
     are made. Returns (nodes, seconds, best reward, depth of the first full solution or None)."""
@@ -103,15 +111,15 @@ def search(sbx: Sandbox, reset, budget: int):
     frontier = [(-reward, 0, 0, root)]
     made, best, solved_at, tie = 0, reward, None, 1
     while frontier and made < budget:
-        _, _, _, (src, path, handle) = heapq.heappop(frontier)
-        for a in _task.applicable(src):
+        r_node, _, _, (src, path, handle) = heapq.heappop(frontier)
+        for edit in actions(src, -r_node):
             if made >= budget:
                 break
             reset.restore(handle, path)
-            child_src = _task.apply(src, _task.EDITS[a])
+            child_src = _task.apply(src, edit)
             sbx.files.write("/work/calc.py", child_src)
             r = reset.evaluate()
-            child = (child_src, path + [a], reset.save(path + [a]))
+            child = (child_src, path + [edit[0]], reset.save(path + [edit[0]]))
             made += 1
             best = max(best, r)
             if r == _task.N_TESTS and solved_at is None:
@@ -142,7 +150,8 @@ def main():
     a = ap.parse_args()
     if a.quick:
         a.budget, a.deps_mb = 24, 16
-    print(f"tree search: best-first over {len(_task.EDITS)} candidate edits, {a.budget} nodes, workspace with {a.deps_mb} MB of dependencies")
+    source = "an LLM's proposals" if llm.enabled() else f"{len(_task.EDITS)} candidate edits"
+    print(f"tree search: best-first over {source}, {a.budget} nodes, workspace with {a.deps_mb} MB of dependencies")
     ours, *found = run(DeltaBoxReset, a.budget, a.deps_mb)
     theirs, *found_too = run(CopyReset, a.budget, a.deps_mb)
     print(f"  DeltaBox explores {ours / theirs:.1f}x the nodes per second of the copy-based reset")

@@ -2476,6 +2476,11 @@ impl Daemon {
         drop(dormant);
         drop(sessions);
         if let Some((msg, _)) = error {
+            // The files are rolled back but a process could not be rebuilt from its image: the caller restarts
+            // the processes instead, saying why (as when templates are gone).
+            if matches!(via, RollbackVia::Images(..)) {
+                return Ok(Err(msg));
+            }
             return Err(ApiError::conflict("rollback_failed", msg));
         }
         Ok(Ok(RollbackInfo {

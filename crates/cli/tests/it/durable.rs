@@ -357,7 +357,7 @@ fn memory_unchanged_by_its_frames_is_shared_unread_and_both_images_restore_exact
 
 /// A process holding a file of /proc across a checkpoint: the fast path reopens it in the process's own context,
 /// and the slow path never hands it one opened by the keeper (it would read the host's state): that process
-/// cannot come back from its image, and the rollback says why (the files are rolled back).
+/// cannot come back from its image: the rollback restarts the processes instead and says why.
 #[test]
 fn a_proc_file_is_never_reopened_in_the_hosts_context() {
     let d = TestDaemon::start();
@@ -375,13 +375,17 @@ fn a_proc_file_is_never_reopened_in_the_hosts_context() {
     wait_durable(&d, &id, &c);
     let _ = d.sh(&id, "kill -9 -1; true");
     let r = d.json(&["rollback", &id, &c, "--json"]);
-    let msg = r["error"]["message"].as_str().unwrap_or_default();
+    let note = r["note"].as_str().unwrap_or_default();
     assert!(
-        msg.contains("descriptor 7") && msg.contains("kernel filesystem"),
+        r["processes_restarted"] == true
+            && note.contains("descriptor 7")
+            && note.contains("kernel filesystem"),
         "{r}"
     );
-    // The files were rolled back, and the sandbox goes on.
+    // The files were rolled back and the processes restarted: sessions start fresh.
     assert_eq!(d.sh(&id, "echo on").1, "on\n");
+    let sh2 = d.session(&id, "bash");
+    assert_eq!(out(&d, &id, &sh2, "echo $((6 * 7))"), "42\n");
     d.stop_and_check(&[id]);
 }
 

@@ -497,7 +497,10 @@ fn large_small_page_processes_roll_back_with_their_teardown_deferred() {
             format!("(1, 209715200, 120, {})\n", pid.trim()),
             "round {round}"
         );
-        assert_eq!(procs(&d), before, "round {round}: no process left behind");
+        // (A holder's teardown runs after the answer, on a loaded machine for a moment after it.)
+        eventually(&format!("round {round}: no process left behind"), || {
+            procs(&d) == before
+        });
     }
     d.stop_and_check(&[id]);
 }

@@ -15,10 +15,6 @@ use crate::inject::{InjectError, Tracee};
 
 /// `_IOWR('f', 16, struct pm_scan_arg)` (`include/uapi/linux/fs.h`; not in `linux-raw-sys` yet).
 const PAGEMAP_SCAN: libc::c_ulong = 0xC060_6610;
-/// `UFFDIO_API` and `UFFDIO_REGISTER` (`include/uapi/linux/userfaultfd.h`).
-const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
-const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
-const UFFD_API: u64 = 0xAA;
 const UFFD_USER_MODE_ONLY: u64 = 1;
 const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
@@ -27,23 +23,6 @@ const PM_SCAN_WP_MATCHING: u64 = 1;
 const PM_SCAN_CHECK_WPASYNC: u64 = 2;
 const PAGE_IS_WRITTEN: u64 = 1 << 1;
 const PAGE_SIZE: u64 = 4096;
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioRegister {
-    start: u64,
-    len: u64,
-    mode: u64,
-    ioctls: u64,
-}
 
 #[repr(C)]
 #[derive(Default)]
@@ -133,15 +112,8 @@ impl DirtyTracker {
         let uffd = crate::pidfd::getfd(pid, r as i32);
         let _ = t.syscall(libc::SYS_close, &[r as u64]);
         let uffd = uffd.map_err(io("pidfd_getfd"))?;
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_API reads and writes a struct uffdio_api, which `api` is (repr(C), same layout).
-        if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
-            return Err(io("UFFDIO_API (WP_ASYNC)")(std::io::Error::last_os_error()));
-        }
+        crate::uffd::api(&uffd, UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED)
+            .map_err(io("UFFDIO_API (WP_ASYNC)"))?;
         let pagemap = File::open(format!("/proc/{pid}/pagemap")).map_err(io("open pagemap"))?;
         let mut tracker = DirtyTracker {
             pid,
@@ -169,14 +141,9 @@ impl DirtyTracker {
         self.tracked = now;
         let mut added = Vec::new();
         for &(start, end) in &new {
-            let mut reg = UffdioRegister {
-                start,
-                len: end - start,
-                mode: UFFDIO_REGISTER_MODE_WP,
-                ioctls: 0,
-            };
-            // SAFETY: UFFDIO_REGISTER reads and writes a struct uffdio_register, which `reg` is.
-            if unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } != 0 {
+            if crate::uffd::register(&self.uffd, start, end - start, UFFDIO_REGISTER_MODE_WP)
+                .is_err()
+            {
                 // A mapping write protection cannot apply to (or gone meanwhile): not tracked, so always
                 // reported as written.
                 self.tracked.retain(|r| *r != (start, end));

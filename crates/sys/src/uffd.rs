@@ -31,6 +31,35 @@ const EVENT_UNMAP: u8 = 0x16;
 /// Page size.
 pub const PAGE: u64 = 4096;
 
+/// `UFFDIO_API` on `fd` with `features` (also for the write-protect tracker, `crate::dirty`).
+pub(crate) fn api(fd: &impl AsRawFd, features: u64) -> std::io::Result<()> {
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API reads and writes a struct uffdio_api, which `api` is (repr(C), same layout).
+    if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
+        return Err(err("UFFDIO_API"));
+    }
+    Ok(())
+}
+
+/// `UFFDIO_REGISTER` of `[start, start+len)` on `fd` in `mode` (`MISSING` = 1, `WP` = 2).
+pub(crate) fn register(fd: &impl AsRawFd, start: u64, len: u64, mode: u64) -> std::io::Result<()> {
+    let mut r = UffdioRegister {
+        start,
+        len,
+        mode,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_REGISTER reads and writes a struct uffdio_register, which `r` is.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER, &mut r) } != 0 {
+        return Err(err("UFFDIO_REGISTER"));
+    }
+    Ok(())
+}
+
 #[repr(C)]
 #[derive(Default)]
 struct UffdioApi {
@@ -153,31 +182,13 @@ impl Uffd {
         let u = Uffd {
             fd: taken.map_err(io("pidfd_getfd (userfaultfd)"))?,
         };
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features: FEATURES,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_API reads and writes a struct uffdio_api, which `api` is (repr(C), same layout).
-        if unsafe { libc::ioctl(u.fd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
-            return Err(io("UFFDIO_API")(err("UFFDIO_API")));
-        }
+        api(&u.fd, FEATURES).map_err(io("UFFDIO_API"))?;
         Ok(u)
     }
 
     /// Missing pages of `[start, start+len)` (whole mappings) are ours to serve from now on.
     pub fn register(&self, start: u64, len: u64) -> std::io::Result<()> {
-        let mut r = UffdioRegister {
-            start,
-            len,
-            mode: UFFDIO_REGISTER_MODE_MISSING,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_REGISTER reads and writes a struct uffdio_register, which `r` is.
-        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut r) } != 0 {
-            return Err(err("UFFDIO_REGISTER"));
-        }
-        Ok(())
+        register(&self.fd, start, len, UFFDIO_REGISTER_MODE_MISSING)
     }
 
     /// Stops serving `[start, start+len)`: missing pages there are zero-filled by the kernel again.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Optional
 
@@ -38,6 +39,17 @@ def autostart(socket: Optional[str]) -> bool:
     return r.returncode == 0
 
 
+@contextlib.contextmanager
+def _transport_errors(method: str, path: str):
+    """httpx's failures as ours (sync and async code alike: the block may await)."""
+    try:
+        yield
+    except httpx.TimeoutException as e:
+        raise TimeoutError(f"{method} {path}: {e}") from e
+    except httpx.HTTPError as e:
+        raise DeltaBoxError(f"cannot reach the DeltaBox daemon: {e}") from e
+
+
 def _check(r: httpx.Response, raw: bool) -> Any:
     if r.status_code >= 400:
         try:
@@ -66,19 +78,15 @@ class Api:
         )
 
     def call(self, method: str, path: str, *, json=None, params=None, content=None, raw=False, timeout=None):
-        try:
+        with _transport_errors(method, path):
             r = self._http.request(
                 method, path, json=json, params=params, content=content, timeout=timeout or self.timeout
             )
-        except httpx.TimeoutException as e:
-            raise TimeoutError(f"{method} {path}: {e}") from e
-        except httpx.HTTPError as e:
-            raise DeltaBoxError(f"cannot reach the DeltaBox daemon: {e}") from e
         return _check(r, raw)
 
     def stream_lines(self, method: str, path: str, *, json=None, timeout=None):
         """The response's lines as they come (NDJSON endpoints)."""
-        try:
+        with _transport_errors(method, path):
             with self._http.stream(method, path, json=json, timeout=timeout or self.timeout) as r:
                 if r.status_code >= 400:
                     r.read()
@@ -86,10 +94,6 @@ class Api:
                 for line in r.iter_lines():
                     if line:
                         yield line
-        except httpx.TimeoutException as e:
-            raise TimeoutError(f"{method} {path}: {e}") from e
-        except httpx.HTTPError as e:
-            raise DeltaBoxError(f"cannot reach the DeltaBox daemon: {e}") from e
 
     def close(self) -> None:
         self._http.close()
@@ -109,18 +113,14 @@ class AsyncApi:
         )
 
     async def call(self, method: str, path: str, *, json=None, params=None, content=None, raw=False, timeout=None):
-        try:
+        with _transport_errors(method, path):
             r = await self._http.request(
                 method, path, json=json, params=params, content=content, timeout=timeout or self.timeout
             )
-        except httpx.TimeoutException as e:
-            raise TimeoutError(f"{method} {path}: {e}") from e
-        except httpx.HTTPError as e:
-            raise DeltaBoxError(f"cannot reach the DeltaBox daemon: {e}") from e
         return _check(r, raw)
 
     async def stream_lines(self, method: str, path: str, *, json=None, timeout=None):
-        try:
+        with _transport_errors(method, path):
             async with self._http.stream(method, path, json=json, timeout=timeout or self.timeout) as r:
                 if r.status_code >= 400:
                     await r.aread()
@@ -128,10 +128,6 @@ class AsyncApi:
                 async for line in r.aiter_lines():
                     if line:
                         yield line
-        except httpx.TimeoutException as e:
-            raise TimeoutError(f"{method} {path}: {e}") from e
-        except httpx.HTTPError as e:
-            raise DeltaBoxError(f"cannot reach the DeltaBox daemon: {e}") from e
 
     async def close(self) -> None:
         await self._http.aclose()

@@ -39,6 +39,21 @@ fn open_on_host(path: &std::path::Path, flags: i32) -> std::io::Result<OwnedFd> 
         .map(OwnedFd::from)
 }
 
+/// The descriptors an image cannot reopen by path (the pipes to us), taken from the live process `pid` to hand
+/// to its rebuilt copy.
+fn pipes_of(img: &deltabox_cr::image::ProcessImage, pid: Pid) -> Vec<(i32, OwnedFd)> {
+    img.fds
+        .iter()
+        .filter(|f| matches!(f, deltabox_cr::image::FdImage::Other { .. }))
+        .map(|f| {
+            (
+                f.fd(),
+                deltabox_sys::pidfd::getfd(pid.as_raw(), f.fd()).unwrap(),
+            )
+        })
+        .collect()
+}
+
 const REPL: &str = "import sys, hashlib, os\ndata = bytearray(os.urandom(1 << 20)) * 24\nx = 0\nfor line in sys.stdin:\n    exec(line)\n";
 
 #[test]
@@ -64,17 +79,7 @@ fn a_template_rebuilt_from_its_image_forks_copies_that_carry_on() {
     );
     assert!(img.page_bytes >= 24 << 20, "the heap is in the image");
     // The pipes to us cannot be reopened by path: take them from the live process to hand to the copy.
-    let given: Vec<(i32, OwnedFd)> = img
-        .fds
-        .iter()
-        .filter(|f| matches!(f, deltabox_cr::image::FdImage::Other { .. }))
-        .map(|f| {
-            (
-                f.fd(),
-                deltabox_sys::pidfd::getfd(p.pid.as_raw(), f.fd()).unwrap(),
-            )
-        })
-        .collect();
+    let given = pipes_of(&img, p.pid);
     assert!(given.len() >= 2, "stdin and stdout are pipes");
     // The template and the live process are gone: only the image is left.
     drop(tpl);
@@ -123,17 +128,7 @@ fn through_image(p: &mut Proc, after: &str) -> Template {
     let dir = tempfile::tempdir().unwrap();
     let img_dir = dir.path().join("img");
     let img = tpl.write_image(&img_dir).unwrap();
-    let given: Vec<(i32, OwnedFd)> = img
-        .fds
-        .iter()
-        .filter(|f| matches!(f, deltabox_cr::image::FdImage::Other { .. }))
-        .map(|f| {
-            (
-                f.fd(),
-                deltabox_sys::pidfd::getfd(p.pid.as_raw(), f.fd()).unwrap(),
-            )
-        })
-        .collect();
+    let given = pipes_of(&img, p.pid);
     drop(tpl);
     kill_and_reap(p.pid);
     let _ = p.child.try_wait();
@@ -254,17 +249,7 @@ fn a_lazily_rebuilt_template_serves_every_page_right_to_its_copies_and_their_for
     let dir = tempfile::tempdir().unwrap();
     let img_dir = dir.path().join("img");
     let img = tpl.write_image(&img_dir).unwrap();
-    let given: Vec<(i32, OwnedFd)> = img
-        .fds
-        .iter()
-        .filter(|f| matches!(f, deltabox_cr::image::FdImage::Other { .. }))
-        .map(|f| {
-            (
-                f.fd(),
-                deltabox_sys::pidfd::getfd(p.pid.as_raw(), f.fd()).unwrap(),
-            )
-        })
-        .collect();
+    let given = pipes_of(&img, p.pid);
     drop(tpl);
     let pid = p.pid;
     kill_and_reap(pid);
